@@ -1,0 +1,1 @@
+"""Shared helpers for the Llama-2 Chinese notebook series."""

@@ -1,0 +1,297 @@
+"""Build the tiny offline Llama-2 the course runs on a CPU (profile ``tiny``).
+
+Introduced in notebooks/00_overview.ipynb. The tiny model has Llama-2's architecture
+(``LlamaForCausalLM``) and a tokenizer built the way Llama-2's is (byte-fallback BPE, ``▁`` for
+spaces, the 256 ``<0xNN>`` byte pieces as ordinary vocabulary, ``<unk>``/``<s>``/``</s>`` at ids
+0/1/2, BOS added, Meta's chat template). It is pretrained for a minute on the small English
+corpus in ``data/pretrain_en.jsonl`` plus a little Chinese (``data/pretrain_zh.txt``), so that,
+like the article's Llama-2-chat, it reads a Chinese question but answers in English-like text.
+Lesson 05 then turns it to Chinese with LoRA.
+
+The build is deterministic (fixed seed, fixed data order) and cached under
+``<home>/tiny/<recipe hash>``; any change to the recipe, the corpus or this file gives a new hash
+and so a rebuild. Run ``python -m helpers.tiny`` to build it ahead of time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from helpers.config import DATA_DIR, home_dir
+
+# Meta's Llama-2 chat template, as shipped in meta-llama/Llama-2-7b-chat-hf's tokenizer_config.json.
+LLAMA2_CHAT_TEMPLATE = (
+    "{% if messages[0]['role'] == 'system' %}"
+    "{% set loop_messages = messages[1:] %}{% set system_message = messages[0]['content'] %}"
+    "{% else %}{% set loop_messages = messages %}{% set system_message = false %}{% endif %}"
+    "{% for message in loop_messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+    "{% endif %}"
+    "{% if loop.index0 == 0 and system_message != false %}"
+    "{% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}"
+    "{% else %}{% set content = message['content'] %}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ ' '  + content.strip() + ' ' + eos_token }}"
+    "{% endif %}{% endfor %}"
+)
+
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>"]  # ids 0, 1, 2 as in Llama-2
+BYTE_TOKENS = [f"<0x{i:02X}>" for i in range(256)]  # ids 3..258 as in Llama-2
+
+# Everything that decides the model's weights. Change any value and the cache key changes.
+RECIPE: dict = {
+    "version": 1,
+    "seed": 1234,
+    "tokenizer": {"vocab_size": 3000, "limit_alphabet": 900, "min_frequency": 2},
+    "model": {
+        "hidden_size": 192,
+        "intermediate_size": 512,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+        "max_position_embeddings": 1024,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+    },
+    "train": {
+        "steps": 360,
+        "batch_size": 16,
+        "lr": 3e-3,
+        "warmup": 30,
+        "weight_decay": 0.01,
+        "max_len": 128,
+        "zh_question_share": 0.3,
+        "system_prompt_share": 0.15,
+    },
+}
+
+CORPUS_FILES = ("pretrain_en.jsonl", "pretrain_zh.txt", "train_sft.csv")
+SYSTEM_PROMPTS = (
+    "You are a helpful assistant.",
+    "You are a helpful, respectful and honest assistant.",
+)
+
+
+def recipe_hash() -> str:
+    """Hash of the recipe, the corpus files and this builder's source: the cache key."""
+    h = hashlib.sha256(json.dumps(RECIPE, sort_keys=True).encode())
+    for name in CORPUS_FILES:
+        h.update(name.encode())
+        h.update((DATA_DIR / name).read_bytes())
+    h.update(Path(__file__).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def tiny_model_dir() -> Path:
+    """Folder of the tiny model for the current recipe (it may not be built yet)."""
+    return home_dir() / "tiny" / recipe_hash()
+
+
+def ensure_tiny_model(verbose: bool = True) -> Path:
+    """Return the tiny model's folder, building it first if this recipe has no cached build."""
+    target = tiny_model_dir()
+    if (target / "model.safetensors").exists() and (target / "tokenizer.json").exists():
+        return target
+    from filelock import FileLock
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if (target / "model.safetensors").exists():
+            return target
+        tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=target.parent))
+        try:
+            build_tiny_model(tmp, verbose=verbose)
+            os.replace(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+# --------------------------------------------------------------------------- corpus
+
+
+def _load_corpus() -> tuple[list[dict], list[str], list[str]]:
+    import csv
+
+    en = [json.loads(line) for line in (DATA_DIR / "pretrain_en.jsonl").read_text("utf-8").splitlines() if line]
+    zh = [line.strip() for line in (DATA_DIR / "pretrain_zh.txt").read_text("utf-8").splitlines() if line.strip()]
+    with open(DATA_DIR / "train_sft.csv", encoding="utf-8", newline="") as f:
+        sft = [row["text"] for row in csv.DictReader(f)]
+    return en, zh, sft
+
+
+def _tokenizer_training_text(en: list[dict], zh: list[str], sft: list[str]) -> list[str]:
+    # The tokenizer sees the Chinese SFT text too, as Llama-2's tokenizer saw some Chinese; the
+    # model's weights never see the SFT answers (that is lesson 05's job).
+    lines = [f"{d['question']} {d['answer']}" for d in en] + zh
+    for text in sft:
+        lines += [part for part in text.replace("<s>", "").replace("</s>", "").split("\n") if part]
+    lines += ["[INST] <<SYS>> <</SYS>> [/INST]"] * 20
+    return lines
+
+
+def build_tokenizer(lines: list[str]):
+    """Train a Llama-2-style byte-fallback BPE tokenizer on ``lines``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import LlamaTokenizer
+
+    cfg = RECIPE["tokenizer"]
+    trainer_tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    trainer_tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)
+    trainer = trainers.BpeTrainer(
+        vocab_size=cfg["vocab_size"] - len(BYTE_TOKENS),
+        min_frequency=cfg["min_frequency"],
+        limit_alphabet=cfg["limit_alphabet"],
+        special_tokens=SPECIAL_TOKENS,
+        show_progress=False,
+    )
+    trainer_tok.train_from_iterator(lines, trainer=trainer)
+    learned = json.loads(trainer_tok.to_str())["model"]
+    vocab: dict[str, int] = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + BYTE_TOKENS)}
+    for tok, _ in sorted(learned["vocab"].items(), key=lambda kv: kv[1]):
+        if tok not in vocab:
+            vocab[tok] = len(vocab)
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in learned["merges"]]
+    tok = LlamaTokenizer(vocab=vocab, merges=merges, legacy=False, add_prefix_space=True)
+    tok.chat_template = LLAMA2_CHAT_TEMPLATE
+    tok.model_max_length = RECIPE["model"]["max_position_embeddings"]
+    return tok
+
+
+def _chat_text(tok, user: str, answer: str, system: str | None) -> str:
+    messages = ([{"role": "system", "content": system}] if system else []) + [
+        {"role": "user", "content": user},
+        {"role": "assistant", "content": answer},
+    ]
+    return tok.apply_chat_template(messages, tokenize=False)
+
+
+def _training_texts(tok, en, zh, rng: random.Random) -> list[str]:
+    cfg = RECIPE["train"]
+    texts = []
+    for d in en:
+        system = rng.choice(SYSTEM_PROMPTS) if rng.random() < cfg["system_prompt_share"] else None
+        texts.append(_chat_text(tok, d["question"], d["answer"], system))
+    # Chinese questions answered in English: the behaviour the article saw in Llama-2-chat.
+    n_zh_q = int(len(en) * cfg["zh_question_share"])
+    for _ in range(n_zh_q):
+        question = rng.choice(zh).rstrip("。") + "？"
+        texts.append(_chat_text(tok, question, rng.choice(en)["answer"], None))
+    # A little plain Chinese text, so Chinese pieces are not foreign to the model.
+    texts += [tok.bos_token + line + tok.eos_token for line in zh]
+    rng.shuffle(texts)
+    return texts
+
+
+# --------------------------------------------------------------------------- build
+
+
+def build_tiny_model(out_dir: Path, verbose: bool = True) -> Path:
+    """Build tokenizer and model into ``out_dir`` (deterministic for a given recipe)."""
+    import torch
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    t0 = time.perf_counter()
+    seed = RECIPE["seed"]
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    en, zh, sft = _load_corpus()
+    tok = build_tokenizer(_tokenizer_training_text(en, zh, sft))
+
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=None,
+        tie_word_embeddings=False,
+        hidden_act="silu",
+        initializer_range=0.02,
+        **RECIPE["model"],
+    )
+    model = LlamaForCausalLM(config)
+    texts = _training_texts(tok, en, zh, rng)
+    ids = [tok(t, add_special_tokens=False)["input_ids"][: RECIPE["train"]["max_len"]] for t in texts]
+    losses = _pretrain(model, ids, rng)
+
+    model.generation_config = GenerationConfig(
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.unk_token_id,
+        do_sample=True,
+        temperature=0.6,
+        top_p=0.9,
+    )
+    out_dir = Path(out_dir)
+    model.save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
+    info = {
+        "recipe": RECIPE,
+        "recipe_hash": recipe_hash(),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "vocab_size": len(tok),
+        "train_sequences": len(ids),
+        "loss_first": losses[0],
+        "loss_last": sum(losses[-20:]) / len(losses[-20:]),
+        "build_seconds": round(time.perf_counter() - t0, 1),
+    }
+    (out_dir / "tiny_build.json").write_text(json.dumps(info, indent=1, ensure_ascii=False), "utf-8")
+    if verbose:
+        print(
+            f"tiny 模型已构建：{info['parameters'] / 1e6:.1f}M 参数，词表 {info['vocab_size']}，"
+            f"loss {info['loss_first']:.2f} → {info['loss_last']:.2f}，用时 {info['build_seconds']} 秒"
+        )
+    return out_dir
+
+
+def _pretrain(model, ids: list[list[int]], rng: random.Random) -> list[float]:
+    import torch
+
+    cfg = RECIPE["train"]
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"], betas=(0.9, 0.95))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / cfg["warmup"]) * max(0.05, 1 - s / cfg["steps"])
+    )
+    order = list(range(len(ids)))
+    losses: list[float] = []
+    pos = len(order)
+    model.train()
+    for _step in range(cfg["steps"]):
+        if pos + cfg["batch_size"] > len(order):
+            rng.shuffle(order)
+            pos = 0
+        batch = [ids[i] for i in order[pos : pos + cfg["batch_size"]]]
+        pos += cfg["batch_size"]
+        width = max(len(b) for b in batch)
+        input_ids = torch.zeros(len(batch), width, dtype=torch.long)
+        attention = torch.zeros(len(batch), width, dtype=torch.long)
+        for row, seq in enumerate(batch):
+            input_ids[row, : len(seq)] = torch.tensor(seq)
+            attention[row, : len(seq)] = 1
+        labels = input_ids.masked_fill(attention == 0, -100)
+        loss = model(input_ids=input_ids, attention_mask=attention, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    model.eval()
+    return losses
+
+
+def main() -> None:
+    start = time.perf_counter()
+    path = ensure_tiny_model()
+    print(f"tiny model ready: {path} ({time.perf_counter() - start:.1f}s)")
+
+
+if __name__ == "__main__":
+    main()

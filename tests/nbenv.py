@@ -1,0 +1,37 @@
+"""pytest plugin loaded before anything else (``-p tests.nbenv`` in pyproject.toml).
+
+It sets the offline and test variables *before* any notebook kernel starts: kernels inherit the
+environment of the pytest process, and HF_HUB_OFFLINE / TQDM_DISABLE are read at import time.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+OFFLINE_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "GRADIO_ANALYTICS_ENABLED": "False",
+    "DO_NOT_TRACK": "1",
+    "LLAMA_TUTORIAL_MODEL": "tiny",
+    "LLAMA_TUTORIAL_TEST": "1",
+    "MPLBACKEND": "Agg",
+    "TOKENIZERS_PARALLELISM": "false",
+    "PYTHONHASHSEED": "0",
+}
+
+for key, value in OFFLINE_ENV.items():
+    os.environ[key] = value
+# What the lessons make (adapters, answers, reports) goes to a fresh folder per test session,
+# so tests never touch a learner's outputs/ and lesson 06 can reuse lesson 05's adapter.
+os.environ.setdefault("LLAMA_TUTORIAL_OUTPUT", tempfile.mkdtemp(prefix="llama-tutorial-test-"))
+
+
+def pytest_configure(config):
+    # Build (or find in the cache) the tiny model once, before any test or kernel needs it.
+    from helpers.tiny import ensure_tiny_model
+
+    ensure_tiny_model(verbose=False)

@@ -1,0 +1,107 @@
+"""Every lesson notebook follows the series' conventions (see notebooks/00_overview.ipynb)."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import re
+
+import nbformat
+import pytest
+
+from helpers.config import REPO_ROOT
+from tests.notebook_conventions import COLAB_PREFIX, INSTALL_CELL
+
+NOTEBOOKS = sorted((REPO_ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+EXPECTED_LESSONS = ["00", "01", "02", "03", "04", "05", "06"]
+
+
+def _ids(paths):
+    return [p.name for p in paths]
+
+
+def test_the_series_is_complete():
+    assert [p.name[:2] for p in NOTEBOOKS] == EXPECTED_LESSONS
+
+
+@pytest.fixture(params=NOTEBOOKS, ids=_ids(NOTEBOOKS))
+def nb(request):
+    path = request.param
+    notebook = nbformat.read(path, as_version=4)
+    return type("Lesson", (), {"path": path, "cells": notebook.cells, "metadata": notebook.metadata, "node": notebook})
+
+
+def test_valid_nbformat(nb):
+    nbformat.validate(nb.node)
+
+
+def test_committed_without_outputs_or_widget_state(nb):
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            assert not cell.outputs, f"{nb.path.name}: a code cell has outputs"
+            assert cell.execution_count is None, f"{nb.path.name}: a code cell has an execution count"
+    assert "widgets" not in nb.metadata
+
+
+def test_first_cell_title_goal_time_and_badge(nb):
+    first = nb.cells[0]
+    assert first.cell_type == "markdown"
+    src = first.source
+    assert src.startswith("# "), "the first cell starts with the lesson title"
+    assert "T4" in src and "CPU" in src, "the first cell gives the time on a Colab T4 and on a CPU"
+    assert "目标" in src or "你将学到" in src
+    links = re.findall(r"\((https://colab\.research\.google\.com/github/[^)]+)\)", src)
+    assert links == [COLAB_PREFIX + "notebooks/" + nb.path.name], "the Colab badge must point at this file"
+
+
+def test_install_cell_is_the_guarded_one(nb):
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert code[0].source == INSTALL_CELL, "the first code cell is the shared Colab-only install cell"
+    tree = ast.parse(INSTALL_CELL)
+    guarded = [n for n in tree.body if isinstance(n, ast.If)]
+    assert guarded and "IN_COLAB" in ast.unparse(guarded[0].test)
+    # Nothing outside the guard installs anything.
+    outside = "\n".join(ast.unparse(n) for n in tree.body if not isinstance(n, ast.If))
+    assert "pip" not in outside
+    pip_calls = [ast.unparse(n) for n in ast.walk(guarded[0]) if isinstance(n, ast.Call) and "pip" in ast.unparse(n)]
+    assert pip_calls and not any("torch" in call for call in pip_calls), "never reinstall torch in Colab"
+
+
+def test_no_other_cell_installs_packages(nb):
+    for cell in nb.cells[1:]:
+        if cell.cell_type == "code" and cell.source != INSTALL_CELL:
+            assert not re.search(r"^\s*[!%]pip\b|pip\", \"install", cell.source, re.M), cell.source[:80]
+
+
+def test_colab_gpu_metadata(nb):
+    assert nb.metadata.get("accelerator") == "GPU"
+    assert nb.metadata.get("colab", {}).get("gpuType") == "T4"
+    assert nb.metadata.kernelspec.name == "python3"
+
+
+def _helper_imports(source: str):
+    source = "\n".join(line for line in source.splitlines() if not line.lstrip().startswith(("%", "!")))
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "helpers":
+            for alias in node.names:
+                yield node.module, alias.name
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.split(".")[0] == "helpers":
+                    yield alias.name, None
+
+
+def test_every_helpers_import_resolves(nb):
+    for cell in nb.cells:
+        if cell.cell_type != "code":
+            continue
+        for module, name in _helper_imports(cell.source):
+            mod = importlib.import_module(module)
+            if name is not None:
+                assert hasattr(mod, name) or importlib.util.find_spec(f"{module}.{name}"), f"{module}.{name}"
+
+
+def test_prose_is_chinese(nb):
+    prose = "".join(c.source for c in nb.cells if c.cell_type == "markdown")
+    han = len(re.findall(r"[\u4e00-\u9fff]", prose))
+    assert han > 200, f"{nb.path.name}: notebook prose is written in Simplified Chinese"
