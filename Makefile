@@ -54,3 +54,7 @@ notebooks: setup
 
 clean:
 	rm -rf build outputs .pytest_cache
+
+# Execute every lesson headless with the selected model; executed copies and HTML go to build/.
+run-all: setup
+	$(PY) .ci/run_all.py $(RUN_ALL_ARGS)

@@ -9,8 +9,8 @@ like the article's Llama-2-chat, it reads a Chinese question but answers in Engl
 Lesson 05 then turns it to Chinese with LoRA.
 
 The build is deterministic (fixed seed, fixed data order) and cached under
-``<home>/tiny/<recipe hash>``; any change to the recipe, the corpus or this file gives a new hash
-and so a rebuild. Run ``python -m helpers.tiny`` to build it ahead of time.
+``<home>/tiny/<recipe hash>``; any change to the recipe or the corpus gives a new hash and so a
+rebuild. Run ``python -m helpers.tiny`` to build it ahead of time.
 """
 
 from __future__ import annotations
@@ -48,9 +48,9 @@ BYTE_TOKENS = [f"<0x{i:02X}>" for i in range(256)]  # ids 3..258 as in Llama-2
 
 # Everything that decides the model's weights. Change any value and the cache key changes.
 RECIPE: dict = {
-    "version": 1,
+    "version": 3,
     "seed": 1234,
-    "tokenizer": {"vocab_size": 3000, "limit_alphabet": 900, "min_frequency": 2},
+    "tokenizer": {"vocab_size": 3000, "character_coverage": 0.9995},
     "model": {
         "hidden_size": 192,
         "intermediate_size": 512,
@@ -81,12 +81,14 @@ SYSTEM_PROMPTS = (
 
 
 def recipe_hash() -> str:
-    """Hash of the recipe, the corpus files and this builder's source: the cache key."""
+    """Hash of the recipe and the corpus files: the cache key.
+
+    Bump ``RECIPE["version"]`` whenever the build code changes what it produces.
+    """
     h = hashlib.sha256(json.dumps(RECIPE, sort_keys=True).encode())
     for name in CORPUS_FILES:
         h.update(name.encode())
         h.update((DATA_DIR / name).read_bytes())
-    h.update(Path(__file__).read_bytes())
     return h.hexdigest()[:16]
 
 
@@ -135,32 +137,61 @@ def _tokenizer_training_text(en: list[dict], zh: list[str], sft: list[str]) -> l
     for text in sft:
         lines += [part for part in text.replace("<s>", "").replace("</s>", "").split("\n") if part]
     lines += ["[INST] <<SYS>> <</SYS>> [/INST]"] * 20
-    return lines
+    # Newlines stay byte pieces (<0x0A>), as in Llama-2's vocabulary.
+    return [part for line in lines for part in line.split("\n") if part.strip()]
 
 
 def build_tokenizer(lines: list[str]):
-    """Train a Llama-2-style byte-fallback BPE tokenizer on ``lines``."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    """Train a Llama-2-style tokenizer on ``lines``.
+
+    Like Meta's, it is a SentencePiece BPE model with byte fallback (``<unk>``, ``<s>``, ``</s>``
+    at ids 0-2, the 256 ``<0xNN>`` byte pieces at ids 3-258, ``▁`` for spaces). SentencePiece
+    trains deterministically on one thread; its pieces and merges are then loaded into
+    transformers' ``LlamaTokenizer``, the class the real Llama-2 loads as.
+    """
+    import io
+
+    import sentencepiece as spm
     from transformers import LlamaTokenizer
 
     cfg = RECIPE["tokenizer"]
-    trainer_tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    trainer_tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)
-    trainer = trainers.BpeTrainer(
-        vocab_size=cfg["vocab_size"] - len(BYTE_TOKENS),
-        min_frequency=cfg["min_frequency"],
-        limit_alphabet=cfg["limit_alphabet"],
-        special_tokens=SPECIAL_TOKENS,
-        show_progress=False,
+    proto = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines),
+        model_writer=proto,
+        model_type="bpe",
+        vocab_size=cfg["vocab_size"],
+        character_coverage=cfg["character_coverage"],
+        byte_fallback=True,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        add_dummy_prefix=True,
+        remove_extra_whitespaces=False,
+        split_digits=True,
+        allow_whitespace_only_pieces=True,
+        normalization_rule_name="identity",
+        max_sentence_length=8192,
+        num_threads=1,
+        minloglevel=2,
     )
-    trainer_tok.train_from_iterator(lines, trainer=trainer)
-    learned = json.loads(trainer_tok.to_str())["model"]
-    vocab: dict[str, int] = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + BYTE_TOKENS)}
-    for tok, _ in sorted(learned["vocab"].items(), key=lambda kv: kv[1]):
-        if tok not in vocab:
-            vocab[tok] = len(vocab)
-    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in learned["merges"]]
-    tok = LlamaTokenizer(vocab=vocab, merges=merges, legacy=False, add_prefix_space=True)
+    sp = spm.SentencePieceProcessor(model_proto=proto.getvalue())
+    vocab = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())}
+    assert [sp.id_to_piece(i) for i in range(3)] == SPECIAL_TOKENS
+    assert [sp.id_to_piece(i) for i in range(3, 259)] == BYTE_TOKENS
+    # BPE merges in the order SentencePiece learned them (the rank of the merged piece), as
+    # transformers' own SentencePiece converter derives them.
+    merges = []
+    for piece, rank in vocab.items():
+        if rank < 3 + len(BYTE_TOKENS):
+            continue
+        for k in range(1, len(piece)):
+            left, right = piece[:k], piece[k:]
+            if left in vocab and right in vocab:
+                merges.append((rank, vocab[left], vocab[right], left, right))
+    merges = [(left, right) for *_, left, right in sorted(merges)]
+    tok = LlamaTokenizer(vocab=vocab, merges=merges, legacy=False, add_prefix_space=True, add_bos_token=True)
     tok.chat_template = LLAMA2_CHAT_TEMPLATE
     tok.model_max_length = RECIPE["model"]["max_position_embeddings"]
     return tok

@@ -108,6 +108,17 @@ def test_recipe_hash_follows_recipe(monkeypatch):
     assert tiny.recipe_hash() != before
 
 
+def test_recipe_hash_follows_corpus(monkeypatch, tmp_path):
+    before = tiny.recipe_hash()
+    for name in tiny.CORPUS_FILES:
+        (tmp_path / name).write_bytes((tiny.DATA_DIR / name).read_bytes())
+    monkeypatch.setattr(tiny, "DATA_DIR", tmp_path)
+    assert tiny.recipe_hash() == before
+    with open(tmp_path / "pretrain_zh.txt", "a", encoding="utf-8") as f:
+        f.write("新加的一行语料。\n")
+    assert tiny.recipe_hash() != before
+
+
 def test_build_is_deterministic(monkeypatch, tmp_path):
     quick = copy.deepcopy(tiny.RECIPE)
     quick["train"]["steps"] = 3
