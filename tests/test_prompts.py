@@ -1,0 +1,470 @@
+"""Prompt templates (helpers/prompts.py, notebooks/03_prompt_templates.ipynb), checked token by token."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+from transformers import AutoTokenizer
+
+from helpers.config import DATA_DIR, TutorialError
+from helpers.prompts import (
+    FORMATS,
+    IGNORE_INDEX,
+    SYSTEM_PROMPT_ARTICLE,
+    SYSTEM_PROMPT_CHINESE,
+    PromptFormatError,
+    build_prompt,
+    check_messages,
+    csv_text_to_messages,
+    encode,
+    encode_prompt,
+    messages_to_csv_text,
+    token_table,
+    truncate_history,
+)
+from helpers.tiny import ensure_tiny_model
+
+HYPOTHESIS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return AutoTokenizer.from_pretrained(ensure_tiny_model(verbose=False))
+
+
+def U(text):
+    return {"role": "user", "content": text}
+
+
+def A(text):
+    return {"role": "assistant", "content": text}
+
+
+def S(text):
+    return {"role": "system", "content": text}
+
+
+def read_rows(name):
+    with open(DATA_DIR / name, encoding="utf-8", newline="") as f:
+        return [row["text"] for row in csv.DictReader(f)]
+
+
+def label_runs(encoded):
+    """Contiguous runs of labelled token ids."""
+    runs, current = [], []
+    for tok_id, label in zip(encoded.input_ids, encoded.labels):
+        if label == IGNORE_INDEX:
+            if current:
+                runs.append(current)
+                current = []
+        else:
+            assert label == tok_id, "a label must be the token itself"
+            current.append(tok_id)
+    if current:
+        runs.append(current)
+    return runs
+
+
+# Answers whose first characters test the prompt/answer boundary.
+BOUNDARY_ANSWERS = [
+    "，好的，我来回答。",
+    "Hello world.",
+    "42 是答案。",
+    "3.14159",
+    "```python\nprint('你好')\n```",
+    "\n\n第二段开始。",
+    "  前面有两个空格",
+    "😀 表情开头",
+    "[INST] 看起来像模板 [/INST]",
+    "Human: 不是新的一轮",
+    "a",
+    "。",
+]
+
+CONVERSATIONS = [
+    [U("你好")],
+    [S("Be nice."), U("hi")],
+    [S(SYSTEM_PROMPT_ARTICLE), U("介绍一下长城。")],
+    [S(SYSTEM_PROMPT_CHINESE), U("What is 2+2?"), A("4"), U("  and 3+3? \n")],
+    [U("a"), A("\n\n```py\nprint(1)\n```"), U("b")],
+    [U("第一问"), A("第一答"), U("第二问"), A("第二答"), U("第三问")],
+    [S(""), U("empty system prompt")],
+    [S("  spaced system  "), U("  spaced question  "), A("  spaced answer  "), U("next")],
+    [U("q"), A("，以标点开头")],
+    [U("只有一问一答"), A("Answer in English 123.")],
+]
+
+
+# --------------------------------------------------------------------------- llama2 == chat_template
+
+
+@pytest.mark.parametrize("messages", CONVERSATIONS, ids=range(len(CONVERSATIONS)))
+def test_llama2_equals_apply_chat_template(tok, messages):
+    enc = encode(tok, messages, "llama2")
+    assert enc.text == tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert enc.text == build_prompt(messages, "llama2")
+    ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    assert enc.input_ids == list(ids)
+    assert encode_prompt(tok, messages, "llama2") == list(ids)
+
+
+TEXT = st.text(
+    alphabet=st.sampled_from(list("你好世界中文。，？！abcXYZ 019\n\t[]<>/:_-`'\"😀")), min_size=0, max_size=24
+)
+
+
+@HYPOTHESIS
+@given(
+    system=st.one_of(st.none(), TEXT),
+    turns=st.lists(st.tuples(TEXT, TEXT), min_size=0, max_size=3),
+    last=st.one_of(st.none(), TEXT),
+)
+def test_llama2_equals_apply_chat_template_property(tok, system, turns, last):
+    messages = ([S(system)] if system is not None else []) + [m for q, a in turns for m in (U(q), A(a))]
+    if last is not None or not turns:
+        messages.append(U(last or "?"))
+    assume(not any(s in m["content"] for m in messages for s in ("<s>", "</s>", "<unk>")))
+    enc = encode(tok, messages, "llama2")
+    ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    assert enc.input_ids == list(ids)
+
+
+# --------------------------------------------------------------------------- token-level structure
+
+
+def test_llama2_token_structure(tok):
+    bos, eos = tok.bos_token_id, tok.eos_token_id
+    messages = [S("你是助手。"), U("第一问"), A("第一答"), U("second question"), A("second answer"), U("第三问")]
+    enc = encode(tok, messages, "llama2")
+    ids = enc.input_ids
+    # Exactly one BOS per turn (user message), at the very start and right after each EOS.
+    assert ids.count(bos) == 3
+    assert ids[0] == bos and ids[1] != bos
+    bos_at = [i for i, t in enumerate(ids) if t == bos]
+    eos_at = [i for i, t in enumerate(ids) if t == eos]
+    assert len(eos_at) == 2, "one EOS after each answer, none after the open question"
+    assert bos_at[1:] == [i + 1 for i in eos_at]
+    assert ids[-1] != eos
+    assert tok.convert_ids_to_tokens(ids[-1]) == "]", "the generation prompt ends with [/INST]"
+    # The labels are the two answers plus their EOS, nothing else.
+    runs = label_runs(enc)
+    assert len(runs) == 2
+    for run, answer in zip(runs, ["第一答", "second answer"]):
+        assert run[-1] == eos
+        assert tok.decode(run, skip_special_tokens=True).strip() == answer
+    # Each run starts right after the "]" of [/INST] and ends with the EOS.
+    labelled = [i for i, lab in enumerate(enc.labels) if lab != IGNORE_INDEX]
+    starts = [i for i in labelled if i - 1 not in labelled]
+    assert [i for i in labelled if i + 1 not in labelled] == eos_at
+    assert tok.convert_ids_to_tokens([ids[i - 1] for i in starts]) == ["]", "]"]
+
+
+def test_human_assistant_token_structure(tok):
+    bos, eos = tok.bos_token_id, tok.eos_token_id
+    messages = [U("第一问"), A("第一答"), U("第二问")]
+    enc = encode(tok, messages, "human_assistant")
+    assert enc.text == "<s>Human: 第一问\n</s><s>Assistant: 第一答\n</s><s>Human: 第二问\n</s><s>Assistant:"
+    ids = enc.input_ids
+    # One BOS per message plus one for the open "Assistant:" turn; EOS closes every message.
+    assert ids.count(bos) == 4 and ids.count(eos) == 3
+    assert ids[0] == bos and ids[1] != bos
+    bos_at = [i for i, t in enumerate(ids) if t == bos]
+    assert bos_at[1:] == [i + 1 for i, t in enumerate(ids) if t == eos]
+    assert tok.decode(ids[bos_at[-1] + 1 :]) == "Assistant:", "the prompt stops before the answer's space"
+    runs = label_runs(enc)
+    assert len(runs) == 1 and runs[0][-1] == eos
+    assert tok.decode(runs[0], skip_special_tokens=True) == "第一答\n"
+
+
+def test_human_assistant_system_prompt_opens_first_human_turn(tok):
+    enc = encode(tok, [S("系统"), U("问"), A("答"), U("再问")], "human_assistant", add_generation_prompt=False)
+    assert enc.text == "<s>Human: 系统\n问\n</s><s>Assistant: 答\n</s><s>Human: 再问\n</s>"
+    assert enc.input_ids.count(tok.bos_token_id) == 3
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("answer", BOUNDARY_ANSWERS)
+def test_answer_boundary_is_exact(tok, fmt, answer):
+    history = [S("sys"), U("上一问"), A("上一答"), U("问题")]
+    full = encode(tok, history + [A(answer)], fmt, add_generation_prompt=False)
+    prompt = encode_prompt(tok, history, fmt)
+    # The generation prompt is a prefix of the training sequence, and the labels start exactly
+    # where it ends: the model is trained on precisely the tokens it is asked to produce.
+    assert full.input_ids[: len(prompt)] == prompt
+    assert full.labels[len(prompt) :] == full.input_ids[len(prompt) :]
+    first_answer_run = label_runs(full)[0]
+    assert full.labels[: len(prompt)].count(IGNORE_INDEX) == len(prompt) - len(first_answer_run)
+    assert full.input_ids[-1] == tok.eos_token_id and full.labels[-1] == tok.eos_token_id
+    expected = answer.strip() if fmt == "llama2" else answer + "\n"
+    decoded = tok.decode(full.input_ids[len(prompt) :], skip_special_tokens=True)
+    assert (decoded.strip() if fmt == "llama2" else decoded) == expected
+
+
+class NoOffsetsTokenizer:
+    """A tokenizer that cannot return offsets (like a pure-Python backend)."""
+
+    def __init__(self, tok):
+        self._tok = tok
+
+    def __getattr__(self, name):
+        return getattr(self._tok, name)
+
+    def __call__(self, text, **kwargs):
+        if kwargs.get("return_offsets_mapping"):
+            raise NotImplementedError("no offsets here")
+        return self._tok(text, **kwargs)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_labels_without_offsets_match(tok, fmt):
+    messages = [S("sys"), U("问"), A("，答"), U("Q2"), A("```\ncode\n```")]
+    with_offsets = encode(tok, messages, fmt, add_generation_prompt=False)
+    without = encode(NoOffsetsTokenizer(tok), messages, fmt, add_generation_prompt=False)
+    assert without == with_offsets
+    assert with_offsets.answer_token_count > 0
+
+
+def test_prompt_length(tok):
+    history = [U("问题")]
+    enc = encode(tok, history + [A("答案")], "llama2", add_generation_prompt=False)
+    assert enc.prompt_length == len(encode_prompt(tok, history, "llama2"))
+    open_question = encode(tok, history, "llama2")
+    assert open_question.answer_token_count == 0 and open_question.prompt_length == len(open_question.input_ids)
+
+
+# --------------------------------------------------------------------------- double BOS and literal specials
+
+
+def load_tiny_tokenizer(add_bos_token):
+    return AutoTokenizer.from_pretrained(ensure_tiny_model(verbose=False), add_bos_token=add_bos_token)
+
+
+@pytest.fixture(scope="module")
+def tok_adds_bos():
+    """The tiny tokenizer configured as Llama-2's ships (``"add_bos_token": true`` in its tokenizer_config)."""
+    return load_tiny_tokenizer(True)
+
+
+def test_double_bos_trap_and_its_fix(tok_adds_bos):
+    tok = tok_adds_bos
+    bos = tok.bos_token_id
+    row = read_rows("dev_sft.csv")[0]
+    assert row.startswith("<s>")
+    naive = tok(row)["input_ids"]  # add_special_tokens=True: the tokenizer adds its own BOS
+    assert naive[:2] == [bos, bos], "the trap: text already starting with <s> gets a second BOS"
+    fixed = tok(row, add_special_tokens=False)["input_ids"]
+    assert fixed[0] == bos and fixed[1] != bos
+    enc = encode(tok, csv_text_to_messages(row), "human_assistant", add_generation_prompt=False)
+    assert enc.text == row and enc.input_ids == fixed
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_encode_does_not_depend_on_add_bos_token(tok_adds_bos, fmt):
+    without = load_tiny_tokenizer(False)
+    assert without("x")["input_ids"][0] != without.bos_token_id, "this tokenizer must not add a BOS itself"
+    messages = [S("系统"), U("问"), A("答"), U("再问")]
+    plain, adds_bos = encode(without, messages, fmt), encode(tok_adds_bos, messages, fmt)
+    assert plain == adds_bos
+    assert adds_bos.input_ids[:2] != [tok_adds_bos.bos_token_id] * 2
+    assert adds_bos.input_ids.count(tok_adds_bos.bos_token_id) == adds_bos.text.count("<s>")
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("special", ["<s>", "</s>", "<unk>"])
+def test_literal_special_tokens_are_refused(tok, fmt, special):
+    with pytest.raises(PromptFormatError) as err:
+        encode(tok, [U("问"), A(f"答案里有 {special} 标记")], fmt)
+    message = str(err.value)
+    assert "第 2 条" in message and "Message 2" in message and special in message
+    assert isinstance(err.value, TutorialError)
+
+
+def test_unknown_format(tok):
+    with pytest.raises(PromptFormatError, match="llama2"):
+        encode(tok, [U("q")], "chatml")
+
+
+@pytest.mark.parametrize(
+    ("messages", "zh", "en"),
+    [
+        ([], "空", "empty"),
+        ([S("只有系统")], "没有用户问题", "no user message"),
+        ([U("a"), U("b")], "第 2 条", "message 2 has role 'user'"),
+        ([S("s"), A("a")], "第 2 条", "message 2 has role 'assistant', expected 'user'"),
+        ([U("a"), A("b"), S("c")], "系统提示只能是第 1 条", "message 3 has role 'system'"),
+        ([U(None)], "第 1 条", "content must be a string"),
+    ],
+)
+def test_check_messages_names_the_message(messages, zh, en):
+    with pytest.raises(PromptFormatError) as err:
+        check_messages(messages)
+    assert zh in str(err.value) and en in str(err.value)
+
+
+# --------------------------------------------------------------------------- CSV rows <-> messages
+
+
+TRICKY_ANSWERS = [
+    "Human: 这不是新的一轮",
+    "答案里有 </s> 标记",
+    "</s>",
+    "[INST] 像 Llama-2 的模板 [/INST]",
+    "第一行\n第二行\n",
+    "\n前面有换行",
+    "以换行结尾\n",
+    "Assistant: 嗯",
+    " 前导空格",
+    "<s>Human: 假的一轮",
+    "结尾是 </s>",
+    "a\n</s>\nb",
+]
+
+
+@pytest.mark.parametrize("answer", TRICKY_ANSWERS)
+def test_csv_round_trip_tricky_answers(answer):
+    messages = [U("问题 Human: [INST]\n第二行"), A(answer)]
+    text = messages_to_csv_text(messages)
+    assert csv_text_to_messages(text, row=5) == messages
+    assert messages_to_csv_text(csv_text_to_messages(text)) == text
+
+
+def test_csv_round_trip_multi_turn_and_system():
+    messages = [S("系统提示"), U("q1"), A("a1\n"), U("Human: q2"), A("</s> a2")]
+    text = messages_to_csv_text(messages)
+    assert text == "<s>System: 系统提示\n</s><s>Human: q1\n</s><s>Assistant: a1\n\n</s><s>Human: Human: q2\n</s><s>Assistant: </s> a2\n</s>"
+    assert csv_text_to_messages(text) == messages
+
+
+CSV_TEXT = st.text(
+    alphabet=st.sampled_from(list("你好。ab \n:<>/sHumanAssistant[]INST")), min_size=1, max_size=30
+)
+
+
+@HYPOTHESIS
+@given(st.lists(st.tuples(CSV_TEXT, CSV_TEXT), min_size=1, max_size=3), st.one_of(st.none(), CSV_TEXT))
+def test_csv_round_trip_property(turns, system):
+    messages = ([S(system)] if system is not None else []) + [m for q, a in turns for m in (U(q), A(a))]
+    try:
+        text = messages_to_csv_text(messages)
+    except PromptFormatError as err:
+        # Only conversations that could not be read back the same are refused.
+        assert "轮次分界" in str(err) or "是空的" in str(err)
+        return
+    assert csv_text_to_messages(text) == messages
+
+
+def test_messages_to_csv_refuses_what_cannot_round_trip():
+    with pytest.raises(PromptFormatError, match="turn boundary"):
+        messages_to_csv_text([U("q"), A("x</s><s>Human: y")])
+    with pytest.raises(PromptFormatError, match="last message must be the assistant"):
+        messages_to_csv_text([U("q")])
+    with pytest.raises(PromptFormatError, match="Message 2 is empty"):
+        messages_to_csv_text([U("q"), A("  ")])
+
+
+@pytest.mark.parametrize("name", ["train_sft.csv", "dev_sft.csv"])
+def test_article_rows_parse_and_equal_the_training_text(tok, name):
+    rows = read_rows(name)
+    assert rows
+    for n, row in enumerate(rows, start=2):
+        messages = csv_text_to_messages(row, row=n)
+        assert messages_to_csv_text(messages) == row
+        assert build_prompt(messages, "human_assistant", add_generation_prompt=False) == row
+    enc = encode(tok, csv_text_to_messages(rows[0]), "human_assistant", add_generation_prompt=False)
+    assert enc.text == rows[0]
+
+
+def test_lenient_row_variants():
+    # No newline before </s>, no space after the colon: still one question and one answer.
+    assert csv_text_to_messages("<s>Human:问\n</s><s>Assistant: 答</s>\n") == [U("问"), A("答")]
+    assert csv_text_to_messages("<s>Human: 问</s><s>Assistant: 答\n</s>") == [U("问"), A("答")]
+
+
+@pytest.mark.parametrize(
+    ("text", "zh", "en"),
+    [
+        ("<s>Human: 你好\n</s>", "没有 “<s>Assistant:” 部分", "no '<s>Assistant:' part"),
+        ("<s>Human: 你好\n</s><s>Assistant: \n</s>", "回答是空的", "empty answer"),
+        ("<s>Human: 你好\n</s><s>Assistant:\n</s>", "回答是空的", "empty answer"),
+        ("<s>Human: \n</s><s>Assistant: 答\n</s>", "问题是空的", "empty question"),
+        ("<s>Human: 你好\n</s><s>Human: 在吗\n</s><s>Assistant: 在\n</s>", "交替", "alternate"),
+        ("<s>Assistant: 先答\n</s><s>Human: 后问\n</s>", "交替", "alternate"),
+        ("<s>Human: q\n</s><s>System: s\n</s><s>Assistant: a\n</s>", "系统提示只能是第 1 条", "role 'system'"),
+        ("<s>Human: q\n</s><s>Assistant: a\n</s><s>Human: 又问\n</s>", "以问题结尾", "ends with a question"),
+        ("Human: q\nAssistant: a", "不是以 “<s>Human:” 开头", "does not start with '<s>Human:'"),
+        ("<s>Human: q\n</s><s>Assistant: a", "没有以 “</s>” 结尾", "does not end with '</s>'"),
+        ("   ", "是空的", "is empty"),
+    ],
+)
+def test_malformed_rows_name_the_row_and_the_problem(text, zh, en):
+    with pytest.raises(PromptFormatError) as err:
+        csv_text_to_messages(text, row=7)
+    message = str(err.value)
+    assert "第 7 行" in message and "row 7" in message
+    assert zh in message and en in message
+
+
+# --------------------------------------------------------------------------- history truncation
+
+
+def test_truncate_history_drops_oldest_whole_turns(tok):
+    messages = [S("系统提示")]
+    for i in range(5):
+        messages += [U(f"第 {i} 个问题，稍微长一点的问题文本"), A(f"第 {i} 个回答，稍微长一点的回答文本")]
+    messages.append(U("最新的问题"))
+    full = len(encode_prompt(tok, messages, "llama2"))
+    kept, dropped = truncate_history(tok, messages, full - 1, "llama2")
+    assert dropped == messages[1:3], "exactly the oldest turn (question and answer) is dropped"
+    assert kept == [messages[0]] + messages[3:]
+    assert truncate_history(tok, messages, full, "llama2") == (messages, [])
+    minimal = len(encode_prompt(tok, [messages[0], messages[-1]], "llama2"))
+    assert truncate_history(tok, messages, minimal, "llama2") == ([messages[0], messages[-1]], messages[1:-1])
+    with pytest.raises(PromptFormatError, match="max_tokens"):
+        truncate_history(tok, messages, minimal - 1, "llama2")
+
+
+SHORT = st.text(alphabet=st.sampled_from(list("你好世界问题回答 abc123\n")), min_size=1, max_size=20)
+
+
+@HYPOTHESIS
+@given(
+    fmt=st.sampled_from(FORMATS),
+    system=st.one_of(st.none(), SHORT),
+    turns=st.lists(st.tuples(SHORT, SHORT), min_size=0, max_size=5),
+    last=SHORT,
+    max_tokens=st.integers(min_value=5, max_value=200),
+)
+def test_truncate_history_property(tok, fmt, system, turns, last, max_tokens):
+    head = [S(system)] if system is not None else []
+    body = [m for q, a in turns for m in (U(q), A(a))] + [U(last)]
+    messages = head + body
+    try:
+        kept, dropped = truncate_history(tok, messages, max_tokens, fmt)
+    except PromptFormatError:
+        # Refused only when the system prompt plus the latest question alone do not fit.
+        assert len(encode_prompt(tok, head + body[-1:], fmt)) > max_tokens
+        return
+    assert len(encode_prompt(tok, kept, fmt)) <= max_tokens, "the result always fits"
+    assert kept[-1] is body[-1], "it always ends with the latest user turn"
+    assert kept[: len(head)] == head, "the system prompt is kept"
+    k = len(dropped)
+    assert k % 2 == 0 and dropped == body[:k], "only whole, oldest turns are dropped"
+    assert kept == head + body[k:]
+    if k:
+        # Nothing was dropped without need: one more turn would not have fit.
+        assert len(encode_prompt(tok, head + body[k - 2 :], fmt)) > max_tokens
+
+
+# --------------------------------------------------------------------------- token table
+
+
+def test_token_table_marks_bos_eos_and_labels(tok):
+    enc = encode(tok, [U("问"), A("答")], "llama2", add_generation_prompt=False)
+    table = token_table(tok, enc.input_ids, enc.labels)
+    assert list(table["id"]) == enc.input_ids
+    assert (table["特殊 special"] == "BOS").sum() == 1 and (table["特殊 special"] == "EOS").sum() == 1
+    assert (table["label"] != "-100（不算损失）").sum() == enc.answer_token_count
+    assert table["piece"].iloc[0] == "<s>"
