@@ -140,7 +140,8 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def mode_label(mode: str, dtype: torch.dtype) -> str:
-    """Table label of a mode: the dtype's name for "full", "8-bit", "4-bit nf4"."""
+    """Table label of a mode: the dtype's name for "full", "8-bit", "4-bit nf4"
+    (notebooks/02_loading_quantized.ipynb)."""
     _check_mode(mode)
     return {"full": dtype_name(dtype), "8bit": "8-bit", "4bit": "4-bit nf4"}[mode]
 
@@ -316,10 +317,10 @@ def check_bitsandbytes(device: str | None = None) -> str:
         raise BitsAndBytesUnavailableError(
             bilingual(
                 f"没有安装 bitsandbytes（{err}），8-bit/4-bit 加载需要它。请运行 "
-                "`pip install -U \"bitsandbytes>=0.48\"`（0.48 起支持 CPU），然后重启内核；"
+                "`pip install -U bitsandbytes`（CPU 上也要较新的版本，本课程用 0.50 测试），然后重启内核；"
                 "或者先不量化加载（去掉 quantization_config）。",
                 f"bitsandbytes is not installed ({err}); 8-bit/4-bit loading needs it. Run "
-                "`pip install -U \"bitsandbytes>=0.48\"` (0.48+ also runs on the CPU) and restart the kernel, "
+                "`pip install -U bitsandbytes` (on a CPU too it must be recent; the course is tested with 0.50) and restart the kernel, "
                 "or load without quantization (drop quantization_config).",
             )
         ) from err
@@ -340,11 +341,11 @@ def _bnb_unusable_message(device: str, backend: str, err: Exception) -> str:
     return bilingual(
         f"bitsandbytes {version} 已安装，但在 {device}（后端 {backend}）上不能量化：{err}。"
         "GPU 上请运行 `python -m bitsandbytes` 查看诊断，并确认 torch 的 CUDA 版本有对应的 bitsandbytes 库"
-        "（通常 `pip install -U bitsandbytes` 即可）；CPU 上需要 bitsandbytes>=0.48。"
+        "（通常 `pip install -U bitsandbytes` 即可）；CPU 上需要较新的版本（本课程用 0.50 测试）。"
         "也可以先不量化加载（去掉 quantization_config），前提是显存放得下。",
         f"bitsandbytes {version} is installed but cannot quantize on {device} (backend {backend}): {err}. "
         "On a GPU run `python -m bitsandbytes` for a diagnosis and make sure it has a library for your "
-        "torch's CUDA version (usually `pip install -U bitsandbytes`); on a CPU it needs bitsandbytes>=0.48. "
+        "torch's CUDA version (usually `pip install -U bitsandbytes`); on a CPU it needs a recent release (the course is tested with 0.50). "
         "Or load without quantization (drop quantization_config) if the memory allows.",
     )
 
@@ -363,7 +364,8 @@ def _bnb_version() -> str:
 
 @dataclass(frozen=True)
 class ParamCount:
-    """Parameters of a Llama config, split the way bitsandbytes treats them."""
+    """Parameters of a Llama config, split the way bitsandbytes treats them
+    (notebooks/02_loading_quantized.ipynb)."""
 
     quantizable: int  # nn.Linear weights inside the decoder layers (q, k, v, o, gate, up, down)
     kept: int  # embeddings, lm_head, norms: bitsandbytes leaves these in the compute dtype
@@ -395,7 +397,7 @@ def count_parameters(config) -> ParamCount:
 
 @dataclass(frozen=True)
 class MemoryEstimate:
-    """What a mode needs, in bytes (see the module docstring for the formula)."""
+    """What a mode needs, in bytes (notebooks/02_loading_quantized.ipynb; formula in the module docstring)."""
 
     mode: str
     label: str
@@ -410,14 +412,15 @@ class MemoryEstimate:
     def total(self) -> int:
         return int((self.weights + self.kv_cache + self.activations) * (1 + SAFETY_MARGIN))
 
-    def row(self) -> dict:
-        """One table row in GiB."""
+    def row(self, unit: str = "GiB") -> dict:
+        """One table row in ``unit`` ("GiB" or "MiB")."""
+        scale = {"GiB": GIB, "MiB": 2**20}[unit]
         return {
             "方式 mode": self.label,
-            "权重 weights GiB": round(self.weights / GIB, 2),
-            "KV 缓存 GiB": round(self.kv_cache / GIB, 2),
-            "激活 activations GiB": round(self.activations / GIB, 2),
-            "合计 total GiB": round(self.total / GIB, 2),
+            f"权重 weights {unit}": round(self.weights / scale, 2),
+            f"KV 缓存 {unit}": round(self.kv_cache / scale, 2),
+            f"激活 activations {unit}": round(self.activations / scale, 2),
+            f"合计 total {unit}": round(self.total / scale, 2),
         }
 
 
@@ -579,7 +582,7 @@ def linear_layer_types(model) -> Counter:
 
 @dataclass
 class GenerationTiming:
-    """Result of :func:`time_generation`."""
+    """Result of :func:`time_generation` (notebooks/02_loading_quantized.ipynb)."""
 
     batch: int
     new_tokens: int

@@ -1,0 +1,401 @@
+"""Lesson 02 (helpers/loading.py, bench/loading.py): quantized loading, the checks before it, and
+what each mode costs. The 8-bit and 4-bit paths run for real on bitsandbytes' CPU backend."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import types
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig
+
+from helpers import loading
+from helpers.config import ModelChoice, TutorialError
+from helpers.loading import (
+    GIB,
+    LLAMA2_SHAPES,
+    BitsAndBytesUnavailableError,
+    MissingWeightsError,
+    ModelTooLargeError,
+    NotLlamaError,
+    check_bitsandbytes,
+    check_fits,
+    check_weights_complete,
+    count_parameters,
+    estimate_memory,
+    linear_layer_types,
+    load_llama_config,
+    load_model_and_tokenizer,
+    preflight_check,
+    time_generation,
+)
+from helpers.tiny import ensure_tiny_model
+
+
+
+def _bilingual(message: str) -> bool:
+    return any("\u4e00" <= ch <= "\u9fff" for ch in message) and any(ch.isascii() and ch.isalpha() for ch in message)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Nothing here is timed; one thread avoids OpenMP spin-waiting on a shared, busy CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny_path():
+    return ensure_tiny_model(verbose=False)
+
+
+@pytest.fixture(scope="module")
+def tiny_choice(tiny_path):
+    return ModelChoice("tiny", str(tiny_path), "test")
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_path):
+    """The tiny model in the three modes, loaded the way the lesson does."""
+    loading.quiet_bitsandbytes()
+    configs = {
+        "full": None,
+        "8bit": BitsAndBytesConfig(load_in_8bit=True),
+        "4bit": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32),
+    }
+    return {
+        mode: AutoModelForCausalLM.from_pretrained(
+            tiny_path, dtype=torch.float32, quantization_config=q, device_map="auto", attn_implementation="sdpa"
+        ).eval()
+        for mode, q in configs.items()
+    }
+
+
+def _copy_model(src, dst):
+    dst.mkdir()
+    for f in src.iterdir():
+        if f.is_file():
+            shutil.copy(f, dst / f.name)
+    return dst
+
+
+# --------------------------------------------------------------------------- device choice
+
+
+def test_cpu_choices():
+    assert loading.pick_device() == "cpu"
+    assert loading.pick_dtype() == torch.float32
+    assert loading.pick_attn_implementation() == "sdpa"
+
+
+@pytest.mark.parametrize(
+    "bf16, capability, has_flash, dtype, attn",
+    [
+        (False, (7, 5), False, torch.float16, "sdpa"),  # T4: no bf16, no FlashAttention-2
+        (False, (7, 5), True, torch.float16, "sdpa"),  # T4 with flash_attn installed: still sdpa
+        (True, (8, 0), False, torch.bfloat16, "sdpa"),  # A100 without flash_attn
+        (True, (8, 0), True, torch.bfloat16, "flash_attention_2"),
+    ],
+)
+def test_gpu_choices_follow_the_device(monkeypatch, bf16, capability, has_flash, dtype, attn):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: capability)
+    monkeypatch.setitem(sys.modules, "flash_attn", types.ModuleType("flash_attn") if has_flash else None)
+    assert loading.pick_device() == "cuda"
+    assert loading.pick_dtype() == dtype
+    assert loading.pick_attn_implementation() == attn
+
+
+# --------------------------------------------------------------------------- the article's call
+
+
+def test_the_articles_call_fails_on_transformers_5(tiny_path):
+    with pytest.raises(TypeError, match="load_in_8bit"):
+        AutoModelForCausalLM.from_pretrained(tiny_path, load_in_8bit=True, device_map="auto", dtype=torch.float32)
+
+
+# --------------------------------------------------------------------------- quantized loading, for real
+
+
+def test_layer_types_per_mode(loaded):
+    full, eight, four = (linear_layer_types(loaded[m]) for m in ("full", "8bit", "4bit"))
+    n_layers = loaded["full"].config.num_hidden_layers
+    assert full == {"torch.nn.Linear": 7 * n_layers + 1}
+    # Every projection of every decoder layer is quantized; lm_head stays a plain Linear.
+    assert eight == {"bitsandbytes.nn.Linear8bitLt": 7 * n_layers, "torch.nn.Linear": 1}
+    assert four == {"bitsandbytes.nn.Linear4bit": 7 * n_layers, "torch.nn.Linear": 1}
+    import bitsandbytes as bnb
+
+    q_proj = loaded["8bit"].model.layers[0].self_attn.q_proj
+    assert isinstance(q_proj, bnb.nn.Linear8bitLt) and q_proj.weight.dtype == torch.int8
+
+
+def test_footprint_shrinks_4bit_lt_8bit_lt_fp32(loaded):
+    sizes = {m: loaded[m].get_memory_footprint() for m in loaded}
+    assert sizes["4bit"] < sizes["8bit"] < sizes["full"], sizes
+
+
+@pytest.mark.parametrize("mode", ["full", "8bit", "4bit"])
+def test_estimate_matches_the_measured_footprint(loaded, mode):
+    """The weights term of the estimate (from config.json alone) predicts get_memory_footprint:
+    exactly for fp32 and 8-bit, and a little above for 4-bit (it also counts the block scales,
+    which get_memory_footprint leaves out)."""
+    model = loaded[mode]
+    est = estimate_memory(model.config, mode, torch.float32)
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+    footprint = model.get_memory_footprint() - buffers
+    if mode == "4bit":
+        assert footprint < est.weights < footprint * 1.05
+    else:
+        assert est.weights == footprint
+
+
+def test_quantized_models_generate(loaded, tiny_path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_path)
+    for mode in ("8bit", "4bit"):
+        timing = time_generation(loaded[mode], tok, "你好", batch=2, new_tokens=3, warmup=False)
+        assert timing.new_tokens == 3 and timing.batch == 2
+        assert timing.tokens_per_s == pytest.approx(6 / timing.seconds)
+
+
+def test_load_model_and_tokenizer_quantizes(tiny_choice):
+    model, tok = load_model_and_tokenizer(tiny_choice, "4bit")
+    assert linear_layer_types(model)["bitsandbytes.nn.Linear4bit"] > 0
+    assert tok.bos_token_id == 1
+    model, _ = load_model_and_tokenizer(tiny_choice)
+    assert set(linear_layer_types(model)) == {"torch.nn.Linear"}
+    assert model.dtype == torch.float32
+
+
+# --------------------------------------------------------------------------- estimate from config.json alone
+
+
+def test_parameter_count_from_config_matches_the_model(loaded):
+    model = loaded["full"]
+    assert count_parameters(model.config).total == model.num_parameters()
+
+
+@pytest.mark.parametrize("name", ["llama2-7b", "llama2-13b", "llama2-70b"])
+def test_parameter_count_matches_a_meta_device_model(name):
+    config = LlamaConfig(**LLAMA2_SHAPES[name])
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    count = count_parameters(config)
+    assert count.total == model.num_parameters()
+    linear = sum(m.weight.numel() for n, m in model.model.layers.named_modules() if isinstance(m, torch.nn.Linear))
+    assert count.quantizable == linear
+
+
+def test_llama2_7b_numbers():
+    config = LlamaConfig(**LLAMA2_SHAPES["llama2-7b"])
+    assert count_parameters(config).total == 6_738_415_616
+    fp16 = estimate_memory(config, "full", torch.float16, context_tokens=0)
+    assert fp16.weights == 2 * 6_738_415_616
+    # 8-bit and 4-bit shrink only the decoder's linear layers.
+    eight = estimate_memory(config, "8bit", torch.float16)
+    assert 6.3 * GIB < eight.weights < 6.7 * GIB
+    # KV cache: 2 x 32 layers x 4096 x 2048 tokens x 2 bytes = 1 GiB.
+    assert eight.kv_cache == GIB
+    assert estimate_memory(config, "8bit", torch.float16, batch=4).kv_cache == 4 * GIB
+
+
+def test_estimate_works_from_a_folder_with_only_config_json(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", **LLAMA2_SHAPES["llama2-13b"]}))
+    config = load_llama_config(tmp_path)
+    est = check_fits(config, "4bit", torch.float16, budget_bytes=int(15 * GIB))
+    assert est.params == count_parameters(LlamaConfig(**LLAMA2_SHAPES["llama2-13b"])).total
+    # The full preflight also wants the weights: with only config.json it says they are missing.
+    with pytest.raises(MissingWeightsError):
+        preflight_check(tmp_path, "4bit", budget_bytes=int(100 * GIB))
+
+
+# --------------------------------------------------------------------------- fit check
+
+
+def test_fit_check_refuses_and_names_the_options():
+    config = LlamaConfig(**LLAMA2_SHAPES["llama2-13b"])
+    t4 = int(14.7 * GIB)
+    with pytest.raises(ModelTooLargeError) as err:
+        check_fits(config, "8bit", torch.float16, budget_bytes=t4, device="cuda")
+    msg = str(err.value)
+    assert isinstance(err.value, TutorialError) and _bilingual(msg)
+    assert "4-bit" in msg and "load_in_4bit=True" in msg  # option 1
+    assert "7B" in msg and "tiny" in msg  # option 2: a smaller model
+    assert 'device_map="auto"' in msg and "max_memory" in msg  # option 3: CPU offload
+    assert "14.7 GiB" in msg
+    # ... and the 4-bit it suggests really fits that budget.
+    assert check_fits(config, "4bit", torch.float16, budget_bytes=t4, device="cuda").total < t4
+
+
+def test_fit_check_with_a_tiny_budget_refuses_even_4bit(tiny_path):
+    config = load_llama_config(tiny_path)
+    with pytest.raises(ModelTooLargeError) as err:
+        check_fits(config, "4bit", budget_bytes=1024)
+    assert "load_in_4bit" not in str(err.value)  # no point suggesting what was asked for
+    assert "max_memory" in str(err.value)
+    assert check_fits(config, "full", budget_bytes=GIB).mode == "full"
+
+
+def test_fit_check_defaults_to_the_memory_at_hand(monkeypatch, tiny_path):
+    config = load_llama_config(tiny_path)
+    monkeypatch.setattr(loading, "available_memory", lambda device=None: (1000, "fake"))
+    with pytest.raises(ModelTooLargeError, match="本机可用内存"):
+        check_fits(config, "full")
+
+
+def test_load_refuses_before_reading_weights(monkeypatch, tiny_choice):
+    def boom(*a, **k):
+        raise AssertionError("from_pretrained must not be called")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", boom)
+    with pytest.raises(ModelTooLargeError):
+        load_model_and_tokenizer(tiny_choice, "8bit", budget_bytes=1000)
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_missing_shard_is_named(tmp_path, tiny_path, tiny_choice):
+    folder = _copy_model(tiny_path, tmp_path / "model")
+    (folder / "model.safetensors").rename(folder / "model-00001-of-00002.safetensors")
+    weight_map = {"model.embed_tokens.weight": "model-00001-of-00002.safetensors",
+                  "lm_head.weight": "model-00002-of-00002.safetensors"}
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    with pytest.raises(MissingWeightsError) as err:
+        check_weights_complete(folder)
+    msg = str(err.value)
+    assert "model-00002-of-00002.safetensors" in msg and "model-00001-of-00002.safetensors" not in msg
+    assert "01" in msg and _bilingual(msg)
+    choice = ModelChoice(str(folder), str(folder), "test")
+    with pytest.raises(MissingWeightsError):
+        load_model_and_tokenizer(choice)
+
+
+def test_truncated_shard_is_reported(tmp_path, tiny_path):
+    folder = _copy_model(tiny_path, tmp_path / "model")
+    data = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(MissingWeightsError, match="不完整"):
+        check_weights_complete(folder)
+    assert check_weights_complete(tiny_path) == [tiny_path / "model.safetensors"]
+
+
+def test_folder_without_weights(tmp_path, tiny_path):
+    shutil.copy(tiny_path / "config.json", tmp_path / "config.json")
+    with pytest.raises(MissingWeightsError, match="model.safetensors"):
+        check_weights_complete(tmp_path)
+
+
+def test_non_llama_config(tmp_path, tiny_path):
+    folder = _copy_model(tiny_path, tmp_path / "gpt2")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "model_type": "gpt2"}))
+    with pytest.raises(NotLlamaError) as err:
+        preflight_check(folder)
+    msg = str(err.value)
+    assert "gpt2" in msg and "llama" in msg and _bilingual(msg)
+    with pytest.raises(NotLlamaError):
+        load_model_and_tokenizer(ModelChoice(str(folder), str(folder), "test"))
+
+
+def test_bitsandbytes_missing(monkeypatch, tiny_path):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)
+    monkeypatch.setitem(sys.modules, "bitsandbytes.functional", None)
+    with pytest.raises(BitsAndBytesUnavailableError) as err:
+        check_bitsandbytes("cpu")
+    msg = str(err.value)
+    assert "pip install" in msg and "bitsandbytes" in msg and _bilingual(msg)
+    with pytest.raises(BitsAndBytesUnavailableError):
+        preflight_check(tiny_path, "8bit")
+    # Full precision does not need bitsandbytes.
+    assert preflight_check(tiny_path, "full").mode == "full"
+
+
+def test_bitsandbytes_without_a_usable_backend(monkeypatch, tiny_path):
+    import bitsandbytes.functional as bnbf
+
+    def broken(*a, **k):  # what bitsandbytes' ErrorHandlerMockBNBNativeLibrary raises on use
+        raise RuntimeError("libbitsandbytes_cuda124.so: cannot open shared object file")
+
+    monkeypatch.setattr(bnbf, "quantize_4bit", broken)
+    with pytest.raises(BitsAndBytesUnavailableError) as err:
+        check_bitsandbytes("cpu")
+    msg = str(err.value)
+    assert "cannot open shared object file" in msg and "python -m bitsandbytes" in msg and _bilingual(msg)
+    with pytest.raises(BitsAndBytesUnavailableError):
+        load_model_and_tokenizer(ModelChoice("tiny", str(tiny_path), "test"), "4bit")
+    monkeypatch.undo()
+    assert check_bitsandbytes("cpu") == "CPU"
+
+
+def test_unknown_mode():
+    with pytest.raises(TutorialError, match="8bit"):
+        estimate_memory(LlamaConfig(**LLAMA2_SHAPES["llama2-7b"]), "int3")
+
+
+# --------------------------------------------------------------------------- benchmark
+
+
+MICRO_SHAPE = {**LLAMA2_SHAPES["llama2-7b"], "hidden_size": 64, "intermediate_size": 192, "num_hidden_layers": 2,
+               "num_attention_heads": 4, "num_key_value_heads": 4, "vocab_size": 500}
+
+
+def test_bench_build_random_model_has_the_shape():
+    from bench.loading import build_random_model
+
+    model = build_random_model(MICRO_SHAPE, torch.float32, "cpu")
+    assert model.config.intermediate_size == 192 and model.dtype == torch.float32
+    assert model.num_parameters() == count_parameters(model.config).total
+    timing = time_generation(model, None, batch=2, new_tokens=4, warmup=False)
+    assert timing.new_tokens == 4
+
+
+def test_bench_random_checkpoint_path_runs_small_on_cpu(tmp_path):
+    """The --config llama2-7b path (build, save, load each mode, decode, clean up) with a micro shape."""
+    from bench.loading import run_benchmark
+
+    results = run_benchmark("llama2-7b", shape=MICRO_SHAPE, require_cuda=False, new_tokens=2, batches=(1,),
+                            modes=("full", "4bit"), workdir=str(tmp_path), log=lambda *a: None)
+    assert results["build_and_save_s"] > 0 and results["read_gib"] > 0
+    rows = {r["mode"]: r for r in results["modes"]}
+    assert rows["4bit"]["linear_layers"]["bitsandbytes.nn.Linear4bit"] == 7 * 2
+    assert rows["4bit"]["footprint_bytes"] < rows["full"]["footprint_bytes"]
+    assert list(tmp_path.iterdir()) == [], "the random checkpoint is removed afterwards"
+
+
+def test_bench_tiny_writes_json_with_every_mode(tmp_path, capsys):
+    from bench.loading import main
+
+    out = tmp_path / "loading.json"
+    results = main(["--config", "tiny", "--json", str(out), "--new-tokens", "2", "--batches", "1,2"])
+    saved = json.loads(out.read_text())
+    assert saved["config"] == "tiny" and [r["mode"] for r in saved["modes"]] == ["full", "8bit", "4bit"]
+    rows = {r["mode"]: r for r in saved["modes"]}
+    assert rows["4bit"]["footprint_bytes"] < rows["8bit"]["footprint_bytes"] < rows["full"]["footprint_bytes"]
+    assert "bitsandbytes.nn.Linear8bitLt" in rows["8bit"]["linear_layers"]
+    for row in saved["modes"]:
+        assert [d["batch"] for d in row["decode"]] == [1, 2]
+        assert all(d["new_tokens"] == 2 and d["tokens_per_s"] > 0 for d in row["decode"])
+    assert rows["8bit"]["vs_baseline"]["footprint"] == pytest.approx(
+        rows["8bit"]["footprint_bytes"] / rows["full"]["footprint_bytes"], abs=1e-3
+    )
+    printed = capsys.readouterr().out
+    assert "4-bit nf4" in printed and "x)" in printed and str(out) in printed
+    assert results["modes"][0]["label"] == "fp32"
+
+
+def test_bench_large_config_needs_a_gpu(capsys):
+    from bench.loading import main
+
+    with pytest.raises(SystemExit) as err:
+        main(["--config", "llama2-7b", "--json", "/dev/null"])
+    assert err.value.code == 2
+    assert "CUDA" in capsys.readouterr().err
