@@ -21,6 +21,8 @@ OFFLINE_ENV = {
     "MPLBACKEND": "Agg",
     "TOKENIZERS_PARALLELISM": "false",
     "PYTHONHASHSEED": "0",
+    # The test process and a notebook kernel share 2 cores: idle OpenMP threads must sleep, not spin.
+    "OMP_WAIT_POLICY": "PASSIVE",
 }
 
 for key, value in OFFLINE_ENV.items():
