@@ -1,0 +1,553 @@
+"""Lesson 04: the streaming core, the chat widget and the Gradio page (helpers/chat.py)."""
+
+from __future__ import annotations
+
+import socket
+import threading
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from transformers import LogitsProcessor, LogitsProcessorList
+
+from helpers import chat as chat_mod
+from helpers.chat import (
+    ChatWidget,
+    GenerationParams,
+    count_han,
+    history_to_messages,
+    markdown_to_html,
+    stream_reply,
+)
+from helpers.config import TutorialError, resolve_model
+from helpers.loading import load_model_and_tokenizer
+from helpers.prompts import PromptFormatError, encode_prompt
+
+GREEDY = GenerationParams(do_sample=False, max_new_tokens=40)
+REPLACEMENT = "\ufffd"
+
+# Questions with common and rare Chinese characters, emoji (incl. ZWJ sequences and flags), mixed text.
+PROMPTS = [
+    "请用中文介绍一下长城。",
+    "What is the capital of France?",
+    "生僻字：龘、𪚥、𠀀、㐀、𠮷，它们怎么读？",
+    "表情😀🙂👨‍👩‍👧‍👦🇨🇳是什么意思？",
+    "写一段 Python 代码，打印“你好，世界”。",
+    "天上有几颗星？",
+    "Translate 'good morning' into Chinese.",
+    "𝔘𝔫𝔦𝔠𝔬𝔡𝔢 and é ü ß — “引号”",
+]
+
+# Answers forced token by token: each holds characters that the tokenizer splits into byte pieces.
+FORCED_ANSWERS = [
+    "你好😀世界",
+    "龘𪚥𠀀㐀",
+    "家庭👨‍👩‍👧‍👦和国旗🇨🇳。",
+    "天上有一颗星。",
+    "代码：\n```python\nprint('你好')\n```\n完成✅",
+    "é ü ß — “引号” 𝔘𝔫𝔦",
+    "🙂🙂🙂\n\n🙃",
+    "a😀b",
+    "😀",
+    "𠮷野家🍜，一碗。",
+]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_cpu_thread():
+    """The tiny model is fastest on one CPU thread; two OpenMP threads on a busy shared CPU crawl."""
+    before = torch.get_num_threads()
+    if not torch.cuda.is_available():
+        torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    choice = resolve_model("tiny", verbose=False)
+    model, tokenizer = load_model_and_tokenizer(choice)
+    return model, tokenizer
+
+
+def _messages(question: str, system: str | None = None) -> list[dict]:
+    head = [{"role": "system", "content": system}] if system else []
+    return head + [{"role": "user", "content": question}]
+
+
+def _reference(model, tokenizer, messages, params: GenerationParams, fmt="llama2") -> tuple[str, list[int]]:
+    """Plain, non-streamed generate on the same prompt."""
+    ids = torch.tensor([encode_prompt(tokenizer, messages, fmt)])
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), pad_token_id=tokenizer.eos_token_id,
+                             **params.generate_kwargs())
+    new = out[0, ids.shape[1]:].tolist()
+    return tokenizer.decode(new, skip_special_tokens=True), new
+
+
+class ForceTokens(LogitsProcessor):
+    """Make the model emit exactly ``ids`` and then EOS."""
+
+    def __init__(self, ids: list[int], prompt_len: int, eos: int):
+        self.ids, self.prompt_len, self.eos = ids, prompt_len, eos
+
+    def __call__(self, input_ids, scores):
+        step = input_ids.shape[1] - self.prompt_len
+        target = self.ids[step] if step < len(self.ids) else self.eos
+        forced = torch.full_like(scores, -float("inf"))
+        forced[:, target] = 0.0
+        return forced
+
+
+def _forced_stream(model, tokenizer, answer: str, question: str = "说点什么🦄𠮷"):
+    ids = tokenizer(answer, add_special_tokens=False).input_ids
+    params = GenerationParams(do_sample=False, max_new_tokens=len(ids) + 4, repetition_penalty=1.0)
+    stream = stream_reply(model, tokenizer, _messages(question), params)
+    stream.generate_kwargs["logits_processor"] = LogitsProcessorList(
+        [ForceTokens(ids, len(stream.prompt_ids), tokenizer.eos_token_id)]
+    )
+    return stream, ids
+
+
+# --------------------------------------------------------------------------- the core
+
+
+def test_generation_params_are_the_articles():
+    p = GenerationParams()
+    assert (p.temperature, p.top_p, p.top_k, p.repetition_penalty, p.max_new_tokens, p.do_sample) == (
+        0.3, 0.95, 50, 1.3, 512, True)
+    assert p.generate_kwargs() == {"max_new_tokens": 512, "do_sample": True, "repetition_penalty": 1.3,
+                                   "temperature": 0.3, "top_p": 0.95, "top_k": 50}
+    greedy = GenerationParams(do_sample=False).generate_kwargs()
+    assert not {"temperature", "top_p", "top_k"} & set(greedy) and greedy["repetition_penalty"] == 1.3
+
+
+@pytest.mark.parametrize("fmt", ["llama2", "human_assistant"])
+def test_streamed_equals_non_streamed_greedy(loaded, fmt):
+    model, tokenizer = loaded
+    conversations = [_messages(q) for q in PROMPTS[:4]] + [
+        _messages("长城有多长？", system="你是一个乐于助人的中文助手。"),
+        [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "你好！有什么可以帮你？"},
+         {"role": "user", "content": "介绍一下北京。"}],
+    ]
+    for messages in conversations:
+        stream = stream_reply(model, tokenizer, messages, GREEDY, fmt=fmt)
+        chunks = list(stream)
+        expected_text, expected_ids = _reference(model, tokenizer, messages, GREEDY, fmt)
+        assert "".join(chunks) == expected_text == stream.text
+        assert stream.token_ids == expected_ids
+        assert stream.prompt_ids == encode_prompt(tokenizer, messages, fmt)
+        assert stream.finish_reason in {"eos", "length"}
+        if len(expected_ids) > 3:
+            assert len(chunks) > 1, "a reply of several tokens must arrive in several chunks"
+
+
+@pytest.mark.parametrize("answer", FORCED_ANSWERS)
+def test_byte_fallback_pieces_never_stream_as_replacement_chars(loaded, answer):
+    model, tokenizer = loaded
+    stream, ids = _forced_stream(model, tokenizer, answer)
+    # Token-by-token decoding is what goes wrong wherever a character is split into byte pieces.
+    if any(p.startswith("<0x") for p in tokenizer.convert_ids_to_tokens(ids)):
+        assert any(REPLACEMENT in tokenizer.decode([i]) for i in ids)
+    chunks = list(stream)
+    assert stream.token_ids == ids + [tokenizer.eos_token_id] and stream.finish_reason == "eos"
+    assert not [c for c in chunks if REPLACEMENT in c or "</s>" in c], chunks
+    assert "".join(chunks) == tokenizer.decode(ids, skip_special_tokens=True) == answer
+    # The widget's reader (whole text so far, batched) sees the same clean text.
+    stream, _ = _forced_stream(model, tokenizer, answer)
+    updates = list(stream.updates(interval=0))
+    assert not [u for u in updates if REPLACEMENT in u or "</s>" in u] and updates[-1] == answer
+
+
+_ALPHABET = st.sampled_from(
+    list("你好世界星。，！？中文天地人龘㐀䶵鿕") + ["𪚥", "𠀀", "𠮷", "😀", "🙃", "🍜", "✅", "🇨🇳", "👨‍👩‍👧"]
+    + list("abcXYZ019 .,:;!?'\"()[]{}<>/\\-_=+*#@$%&\n") + ["é", "ß", "—", "“", "”", "𝔘"]
+)
+
+
+@settings(max_examples=30, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(_ALPHABET, min_size=1, max_size=16).map("".join))
+def test_no_replacement_char_or_eos_in_any_chunk_property(loaded, answer):
+    model, tokenizer = loaded
+    stream, ids = _forced_stream(model, tokenizer, answer)
+    chunks = list(stream)
+    assert not [c for c in chunks if REPLACEMENT in c or "</s>" in c], chunks
+    assert "".join(chunks) == tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def test_free_generation_over_many_prompts_never_shows_eos_or_spurious_replacement(loaded):
+    model, tokenizer = loaded
+    for n, question in enumerate(PROMPTS):
+        for params in (GREEDY, GenerationParams(temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=40)):
+            torch.manual_seed(n)
+            stream = stream_reply(model, tokenizer, _messages(question, system="You are a helpful assistant."), params)
+            chunks = list(stream)
+            full = tokenizer.decode(stream.token_ids, skip_special_tokens=True)
+            assert "".join(chunks) == full
+            assert not any("</s>" in c for c in chunks)
+            if REPLACEMENT not in full:  # only a genuinely invalid byte sequence from the model may show one
+                assert not any(REPLACEMENT in c for c in chunks)
+
+
+def _raise_at_step(model, step: int, exc: BaseException):
+    calls = []
+
+    def hook(module, args, output):
+        calls.append(1)
+        if len(calls) == step:
+            raise exc
+
+    return model.register_forward_hook(hook), calls
+
+
+def test_worker_exception_surfaces_in_the_reader_without_hanging(loaded):
+    model, tokenizer = loaded
+    handle, calls = _raise_at_step(model, 4, RuntimeError("boom in the worker"))
+    stream = stream_reply(model, tokenizer, _messages("你好"), GenerationParams(do_sample=False, max_new_tokens=50))
+    outcome: dict = {}
+
+    def read():
+        try:
+            for chunk in stream:
+                outcome.setdefault("chunks", []).append(chunk)
+        except BaseException as err:  # noqa: BLE001
+            outcome["error"] = err
+
+    reader = threading.Thread(target=read)
+    try:
+        reader.start()
+        reader.join(timeout=60)
+    finally:
+        handle.remove()
+    assert not reader.is_alive(), "the reader hung after the worker failed"
+    assert isinstance(outcome.get("error"), RuntimeError) and "boom in the worker" in str(outcome["error"])
+    assert stream.finish_reason == "error" and len(calls) == 4
+    # The three tokens made before the failure were still delivered.
+    assert stream.token_count == 3
+    assert stream.text == tokenizer.decode(stream.token_ids, skip_special_tokens=True)
+    assert not [t for t in threading.enumerate() if t.name == "chat-generate" and t.is_alive()]
+
+
+@pytest.mark.parametrize("bad", [{"repetition_penalty": 0.0}, {"top_k": -1}, {"temperature": 0.0}, {"max_new_tokens": 0}])
+def test_bad_parameters_raise_in_the_caller(loaded, bad):
+    model, tokenizer = loaded
+    params = GenerationParams(**{"max_new_tokens": 20, **bad})
+    with pytest.raises(ValueError):
+        list(stream_reply(model, tokenizer, _messages("你好"), params))
+
+
+def test_stop_event_halts_within_one_step_and_keeps_the_text(loaded):
+    model, tokenizer = loaded
+    stop = threading.Event()
+    calls = []
+
+    def hook(module, args, output):
+        calls.append(1)
+        if len(calls) == 6:
+            stop.set()  # as if Stop were clicked while the 6th token is computed
+
+    handle = model.register_forward_hook(hook)
+    try:
+        stream = stream_reply(model, tokenizer, _messages("请用中文介绍一下长城。"),
+                              GenerationParams(do_sample=False, max_new_tokens=200, repetition_penalty=1.0),
+                              stop_event=stop, min_new_tokens=100)
+        text = stream.run()
+    finally:
+        handle.remove()
+    assert stream.finish_reason == "stop"
+    assert stream.token_count == 6 and len(calls) == 6, "no step may run after the one that saw Stop"
+    assert text == tokenizer.decode(stream.token_ids, skip_special_tokens=True)
+
+
+def test_stop_from_the_reader_runs_at_most_one_more_step(loaded):
+    model, tokenizer = loaded
+    stop = threading.Event()
+    after_stop = []
+    handle = model.register_forward_pre_hook(lambda m, a: after_stop.append(1) if stop.is_set() else None)
+    try:
+        stream = stream_reply(model, tokenizer, _messages("Tell me a long story."),
+                              GenerationParams(do_sample=False, max_new_tokens=300, repetition_penalty=1.0),
+                              stop_event=stop, min_new_tokens=300)
+        for _ in stream:
+            stop.set()
+    finally:
+        handle.remove()
+    assert stream.finish_reason == "stop" and stream.token_count < 300
+    assert len(after_stop) <= 1
+
+
+def test_closing_the_reader_stops_the_worker(loaded):
+    model, tokenizer = loaded
+    calls = []
+    handle = model.register_forward_hook(lambda m, a, o: calls.append(1))
+    try:
+        stream = stream_reply(model, tokenizer, _messages("Tell me a long story."),
+                              GenerationParams(do_sample=False, max_new_tokens=300), min_new_tokens=300)
+        chunks = iter(stream)
+        next(chunks)
+        chunks.close()  # what Gradio does when its Stop button cancels the generator
+    finally:
+        handle.remove()
+    assert len(calls) < 300 and stream.token_count < 300 and stream.finish_reason == "stop"
+    assert not [t for t in threading.enumerate() if t.name == "chat-generate" and t.is_alive()]
+
+
+def test_history_is_truncated_by_whole_turns(loaded):
+    model, tokenizer = loaded
+    messages = [{"role": "system", "content": "你是一个助手。"}]
+    for i in range(6):
+        messages += [{"role": "user", "content": f"第 {i} 个问题：长城有多长？"},
+                     {"role": "assistant", "content": f"第 {i} 个回答：" + "很长。" * 10}]
+    messages.append({"role": "user", "content": "最后的问题"})
+    params = GenerationParams(do_sample=False, max_new_tokens=16)
+    budget = len(encode_prompt(tokenizer, [messages[0]] + messages[-3:], "llama2")) + 2
+    stream = stream_reply(model, tokenizer, messages, params, max_context_tokens=budget + params.max_new_tokens)
+    assert stream.messages[0] == messages[0] and stream.messages[-1] == messages[-1]
+    assert stream.dropped == messages[1:-3] and len(stream.dropped) % 2 == 0
+    assert stream.messages == [messages[0]] + messages[-3:]
+    assert stream.prompt_ids == encode_prompt(tokenizer, stream.messages, "llama2")
+    assert len(stream.prompt_ids) <= budget
+    stream.run()
+    assert "最早的 5 轮" in chat_mod.status_line(stream)
+
+
+def test_prompt_that_cannot_fit_is_a_tutorial_error(loaded):
+    model, tokenizer = loaded
+    with pytest.raises(TutorialError):
+        stream_reply(model, tokenizer, _messages("你好"), GenerationParams(max_new_tokens=5000))
+    with pytest.raises(PromptFormatError):
+        stream_reply(model, tokenizer, _messages("很长的问题" * 300), GenerationParams(max_new_tokens=64))
+
+
+def test_stream_iterates_once(loaded):
+    model, tokenizer = loaded
+    stream = stream_reply(model, tokenizer, _messages("你好"), GREEDY)
+    stream.run()
+    with pytest.raises(RuntimeError):
+        iter(stream)
+
+
+# --------------------------------------------------------------------------- rendering and throttling
+
+
+def test_markdown_rendering_is_escaped_and_shows_code_blocks():
+    html = markdown_to_html("看 **这里**：`x<y`\n```python\nprint('<script>')\n```\n完")
+    assert "<script>" not in html and "&lt;script&gt;" in html
+    assert '<pre class="chat-code" data-lang="python"' in html and "<b>这里</b>" in html
+    assert "<code" in html and "x&lt;y" in html
+    # An unclosed fence mid-stream is shown as code so far.
+    assert '<pre class="chat-code"' in markdown_to_html("代码：\n```bash\nls -la")
+
+
+def test_updates_are_throttled_and_end_with_the_full_text(loaded):
+    model, tokenizer = loaded
+    msgs = _messages("请用中文介绍一下长城。")
+    expected, ids = _reference(model, tokenizer, msgs, GREEDY)
+    assert len(ids) > 5
+    # An interval longer than the answer: the first text, then the end. Nothing per token.
+    slow = list(stream_reply(model, tokenizer, msgs, GREEDY).updates(interval=1e9))
+    assert 1 <= len(slow) <= 2 and slow[-1] == expected and expected.startswith(slow[0])
+    stream = stream_reply(model, tokenizer, msgs, GREEDY)
+    fast = list(stream.updates(interval=0))
+    assert fast[-1] == expected == stream.text and all(expected.startswith(u) for u in fast)
+    assert stream.finish_reason in {"eos", "length"} and stream.token_ids == ids
+
+
+def test_updates_surface_worker_errors_and_partial_text(loaded):
+    model, tokenizer = loaded
+    handle, _ = _raise_at_step(model, 4, RuntimeError("boom in the worker"))
+    stream = stream_reply(model, tokenizer, _messages("你好"), GenerationParams(do_sample=False, max_new_tokens=50))
+    seen = []
+    try:
+        with pytest.raises(RuntimeError, match="boom"):
+            for text in stream.updates(interval=1e9):
+                seen.append(text)
+    finally:
+        handle.remove()
+    assert stream.token_count == 3 and stream.finish_reason == "error"
+    assert all(stream.text.startswith(t) for t in seen)
+
+
+def test_count_han():
+    assert count_han("长城 Great Wall 𪚥😀") == 3
+
+
+# --------------------------------------------------------------------------- the widget
+
+
+def test_widget_send_streams_into_history_and_matches_greedy(loaded):
+    model, tokenizer = loaded
+    chat = ChatWidget(model, tokenizer, system_prompt="你是一个助手。")
+    chat.do_sample.value = False
+    chat.max_new_tokens.value = 40
+    renders = []
+    chat.log.observe(lambda change: renders.append(change["new"]), "value")
+    chat.send("请用中文介绍一下长城。", wait=True)
+    expected, _ = _reference(model, tokenizer, _messages("请用中文介绍一下长城。", system="你是一个助手。"),
+                             chat.params)
+    assert chat.last_reply == expected and expected.strip()
+    assert chat.history == [{"role": "user", "content": "请用中文介绍一下长城。"},
+                            {"role": "assistant", "content": expected}]
+    assert "请用中文介绍一下长城。" in chat.log.value and "tokens/s" in chat.status.value and "字/s" in chat.status.value
+    assert not chat.busy and not chat.send_button.disabled and chat.stop_button.disabled
+    # Second turn carries the first.
+    chat.send("再短一点。", wait=True)
+    assert len(chat.history) == 4 and chat.last.messages[1:3] == chat.history[:2]
+    assert chat.last.messages[0] == {"role": "system", "content": "你是一个助手。"}
+    chat.clear()
+    assert chat.history == [] and chat.entries == [] and "还没有对话" in chat.log.value
+
+
+def test_widget_input_box_is_what_send_uses(loaded):
+    model, tokenizer = loaded
+    chat = ChatWidget(model, tokenizer)
+    chat.max_new_tokens.value = 8
+    chat.input.value = "  你好  "
+    chat.send_button.click()  # the button's own handler
+    chat.wait()
+    assert chat.input.value == "" and chat.history[0] == {"role": "user", "content": "你好"}
+    assert chat.send("   ") is None and "请输入问题" in chat.status.value
+
+
+def test_widget_updates_are_throttled(loaded):
+    model, tokenizer = loaded
+    chat = ChatWidget(model, tokenizer, update_interval=1e9)  # at most one update during the stream
+    chat.do_sample.value = False
+    chat.max_new_tokens.value = 40
+    renders = []
+    chat.log.observe(lambda change: renders.append(change["new"]), "value")
+    chat.send("请用中文介绍一下长城。", wait=True)
+    assert chat.last.token_count > 5
+    # question shown, first chunk shown, final answer shown: no per-token updates.
+    assert len(renders) <= 3
+    assert renders[-1] == chat.log.value and markdown_to_html(chat.last_reply) in chat.log.value, "final text shown"
+
+
+def test_widget_error_is_a_message_and_the_widget_stays_usable(loaded):
+    model, tokenizer = loaded
+    chat = ChatWidget(model, tokenizer)
+    chat.max_new_tokens.value = 20
+    handle, _ = _raise_at_step(model, 2, torch.OutOfMemoryError("CUDA out of memory (test)"))
+    try:
+        chat.send("这一轮会失败", wait=True)
+    finally:
+        handle.remove()
+    assert isinstance(chat.last_error, torch.OutOfMemoryError)
+    assert chat.entries[-1][0] == "error" and "显存不足" in chat.log.value
+    assert chat.history == [], "a failed turn does not enter the history"
+    assert not chat.busy and not chat.send_button.disabled
+    chat.send("现在呢？", wait=True)
+    assert chat.last_error is None and len(chat.history) == 2
+    # A prompt that cannot fit is reported the same way.
+    chat.system_box.value = "很长的系统提示。" * 400
+    chat.send("你好", wait=True)
+    assert isinstance(chat.last_error, PromptFormatError) and len(chat.history) == 2
+    assert not chat.busy
+
+
+def test_widget_stop_keeps_the_partial_answer(loaded):
+    model, tokenizer = loaded
+    chat = ChatWidget(model, tokenizer)
+    chat.do_sample.value = False
+    chat.max_new_tokens.value = 200
+    chat.extra_generate_kwargs = {"min_new_tokens": 200}
+    calls = []
+
+    def hook(module, args, output):
+        calls.append(1)
+        if len(calls) == 5:
+            chat.stop()  # what the Stop button calls
+
+    handle = model.register_forward_hook(hook)
+    try:
+        chat.send("讲一个很长的故事。", wait=True)
+    finally:
+        handle.remove()
+    assert chat.last.finish_reason == "stop" and chat.last.token_count == 5
+    assert chat.history[-1] == {"role": "assistant", "content": chat.last.text}
+    assert "已停止" in chat.status.value
+    # While busy, a second send is refused rather than interleaved.
+    chat.extra_generate_kwargs = {}
+    gate = threading.Event()
+    handle = model.register_forward_pre_hook(lambda m, a: None if gate.wait(30) else None)
+    try:
+        chat.send("第一条")
+        assert chat.send("第二条") is None and "还在生成" in chat.status.value
+    finally:
+        gate.set()
+        handle.remove()
+        chat.wait()
+    assert [m["content"] for m in chat.history if m["role"] == "user"][-1] == "第一条"
+
+
+# --------------------------------------------------------------------------- Gradio
+
+
+def test_history_to_messages_understands_gradio_6_messages():
+    history = [
+        {"role": "user", "content": [{"type": "text", "text": "你好"}]},
+        {"role": "assistant", "content": "你好！"},
+        {"role": "user", "content": "失败的问题"},  # its answer failed: no assistant message
+    ]
+    assert history_to_messages(history, "新问题", "系统") == [
+        {"role": "system", "content": "系统"},
+        {"role": "user", "content": "你好"},
+        {"role": "assistant", "content": "你好！"},
+        {"role": "user", "content": "新问题"},
+    ]
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(2)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_gradio_page_streams_in_chunks_and_stops_cleanly(loaded):
+    from gradio_client import Client
+
+    model, tokenizer = loaded
+    port = chat_mod.free_port()
+    app = chat_mod.launch_gradio(model, tokenizer, port=port)
+    try:
+        assert app.local_url.startswith(f"http://127.0.0.1:{port}")
+        client = Client(app.local_url, verbose=False)
+        question = "请用中文介绍一下长城。"
+        job = client.submit(question, "你是一个助手。", 0.3, 0.95, 50, 1.3, 40, False, api_name="/chat")
+        final = job.result(timeout=120)
+        updates = job.outputs()
+        expected, _ = _reference(model, tokenizer, _messages(question, system="你是一个助手。"),
+                                 GenerationParams(do_sample=False, max_new_tokens=40))
+        assert final == expected and len(updates) > 1, updates
+        assert all(expected.startswith(u) for u in updates), "each update is the answer so far"
+        assert not any(REPLACEMENT in u or "</s>" in u for u in updates)
+        # A failure in the worker reaches the page as an error message, and the page keeps working.
+        handle, _ = _raise_at_step(model, 2, torch.OutOfMemoryError("CUDA out of memory (test)"))
+        try:
+            with pytest.raises(Exception, match="显存不足"):
+                client.predict("你好", "", 0.3, 0.95, 50, 1.3, 20, False, api_name="/chat")
+        finally:
+            handle.remove()
+        assert client.predict("你好", "", 0.3, 0.95, 50, 1.3, 10, False, api_name="/chat").strip()
+        client.close()
+    finally:
+        app.close()
+    assert not _port_open(port), "the server still listens after close()"
+
+
+def test_command_line_binds_loopback_unless_asked(monkeypatch, loaded):
+    calls = []
+    monkeypatch.setattr(chat_mod, "launch_gradio", lambda *a, **k: calls.append(k))
+    monkeypatch.setattr("helpers.loading.load_model_and_tokenizer", lambda choice, quantization=None: loaded)
+    chat_mod.main(["--model", "tiny", "--port", "7999"])
+    chat_mod.main(["--model_name_or_path", "tiny", "--port", "7998", "--host", "0.0.0.0"])
+    assert calls[0]["host"] == "127.0.0.1" and calls[0]["port"] == 7999 and calls[0]["block"] is True
+    assert calls[1]["host"] == "0.0.0.0" and calls[1]["port"] == 7998
+
+
+def test_forced_answers_exercise_byte_pieces(loaded):
+    _, tokenizer = loaded
+    split = [a for a in FORCED_ANSWERS
+             if any(p.startswith("<0x") for p in tokenizer.convert_ids_to_tokens(tokenizer(a, add_special_tokens=False).input_ids))]
+    assert len(split) >= len(FORCED_ANSWERS) - 2, "most forced answers must contain byte-fallback pieces"
