@@ -44,7 +44,7 @@ lab: setup
 
 # Unit tests, then nbval over every lesson (tests/nbenv.py sets the offline variables first).
 test: setup
-	$(PY) -m pytest tests notebooks --nbval-lax --nbval-current-env $(PYTEST_ARGS)
+	$(PY) -m pytest tests notebooks --nbval-lax --nbval-current-env -rs $(PYTEST_ARGS)
 
 unit: setup
 	$(PY) -m pytest tests $(PYTEST_ARGS)
