@@ -22,13 +22,15 @@ $(PY):
 $(STAMP): pyproject.toml | $(PY)
 	@if $(PY) -c "import torch" 2>/dev/null; then \
 	  echo "torch already installed: $$($(PY) -c 'import torch; print(torch.__version__)')"; \
-	elif $(PIP) install -q --no-index "torch==$(TORCH_VERSION)" 2>/dev/null; then \
-	  echo "torch $(TORCH_VERSION) installed from a local wheel"; \
 	elif command -v nvidia-smi >/dev/null 2>&1; then \
 	  $(PIP) install "torch==$(TORCH_VERSION)"; \
+	elif d=$$(mktemp -d) && $(PIP) download -q --no-deps --no-index "torch==$(TORCH_VERSION)" -d "$$d" >/dev/null 2>&1 \
+	     && rm -rf "$$d"; then \
+	  echo "no CUDA GPU: installing torch $(TORCH_VERSION) from the local CPU wheel"; \
+	  $(PIP) install -q "torch==$(TORCH_VERSION)"; \
 	else \
 	  echo "no CUDA GPU: installing the CPU build of torch $(TORCH_VERSION)"; \
-	  $(PIP) install "torch==$(TORCH_VERSION)" --index-url $(TORCH_CPU_INDEX); \
+	  $(PIP) install "torch==$(TORCH_VERSION)" --index-url $(TORCH_CPU_INDEX) --extra-index-url https://pypi.org/simple; \
 	fi
 	@if ! command -v nvidia-smi >/dev/null 2>&1; then \
 	  $(PY) -c "import torch, sys; sys.exit('a CUDA build of torch was installed on a machine without a GPU' if torch.version.cuda else 0)"; \
