@@ -33,7 +33,7 @@ $(STAMP): pyproject.toml | $(PY)
 	  $(PIP) install "torch==$(TORCH_VERSION)" --index-url $(TORCH_CPU_INDEX) --extra-index-url https://pypi.org/simple; \
 	fi
 	@if ! command -v nvidia-smi >/dev/null 2>&1; then \
-	  $(PY) -c "import torch, sys; sys.exit('a CUDA build of torch was installed on a machine without a GPU' if torch.version.cuda else 0)"; \
+	  $(PY) -W ignore -c "import torch, sys; sys.exit('a CUDA build of torch was installed on a machine without a GPU' if torch.version.cuda else 0)"; \
 	fi
 	$(PIP) install -q -e '.[test]'
 	touch $@

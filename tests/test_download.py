@@ -266,7 +266,7 @@ def test_download_retries_a_transient_outage(hub, tmp_path, capsys):
         hub.heal()
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(dl.time, "sleep", heal_then_wait)
+        mp.setattr(dl, "_sleep", heal_then_wait)
         report = fetch(hub, tmp_path / "model", attempts=2, retry_wait=7)
     assert calls == [7] and report.verification.ok
     assert "第 1 次下载没有完成" in capsys.readouterr().out
