@@ -74,14 +74,13 @@ def run_worker(recipe: str, examples: int, pad_to: int | None) -> dict:
     """Train one recipe for one epoch over ``examples`` rows; return the measurements."""
     import torch
     from peft import get_peft_model
-    from transformers import AutoTokenizer, DataCollatorForLanguageModeling, Trainer, TrainingArguments, set_seed
+    from transformers import AutoTokenizer, DataCollatorForLanguageModeling, Trainer, set_seed
 
     from helpers.config import DATA_DIR, resolve_model
     from helpers.finetune import (
         AnswerOnlyCollator, load_base, lora_config, prepare_tokenizer, read_table, settings_for, torch_threads,
-        validate_sft_file,
+        training_arguments, validate_sft_file,
     )
-    from helpers.loading import pick_dtype
 
     choice = resolve_model(verbose=False)
     settings = settings_for(choice)
@@ -114,29 +113,10 @@ def run_worker(recipe: str, examples: int, pad_to: int | None) -> dict:
         model = load_base(choice, settings)
         set_seed(settings.seed)
         model = get_peft_model(model, lora_config(settings))
-        amp = gpu and settings.quantization is not None
-        dtype = pick_dtype("cuda") if amp else torch.float32
         with tempfile.TemporaryDirectory(prefix="bench-finetune-") as tmp:
-            args = TrainingArguments(
-                output_dir=tmp,
-                num_train_epochs=1,
-                per_device_train_batch_size=settings.per_device_train_batch_size,
-                gradient_accumulation_steps=settings.gradient_accumulation_steps,
-                learning_rate=settings.learning_rate,
-                lr_scheduler_type=settings.lr_scheduler_type,
-                warmup_steps=settings.warmup_steps,
-                train_sampling_strategy=sampling,
-                eval_strategy="no",
-                save_strategy="no",
-                logging_strategy="no",
-                fp16=amp and dtype == torch.float16,
-                bf16=amp and dtype == torch.bfloat16,
-                activation_checkpointing=gpu and settings.gradient_checkpointing,
-                dataloader_pin_memory=gpu,
-                remove_unused_columns=False,
-                report_to="none",
-                disable_tqdm=True,
-                seed=settings.seed,
+            args = training_arguments(
+                settings, tmp, progress=False, num_train_epochs=1, train_sampling_strategy=sampling,
+                eval_strategy="no", save_strategy="no", logging_strategy="no", eval_on_start=False,
             )
             trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator)
             if gpu:

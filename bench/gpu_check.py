@@ -133,19 +133,21 @@ def decode_streaming(model, tok, new_tokens: int) -> float:
 
 def lora_step(path: Path, tok, device: str, dtype: torch.dtype, seq_len: int) -> dict:
     """One LoRA optimizer step on a 4-bit base with lesson 05's LoRA settings; time and peak memory."""
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from peft import get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM
 
-    from helpers.finetune import settings_for
+    from helpers.finetune import lora_config, settings_for
+    from helpers.loading import quantization_config
 
     s = settings_for(device=device)
-    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
-                               bnb_4bit_use_double_quant=True)
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, quantization_config=quant, device_map="auto")
+    # finetune.load_base quantizes only on a GPU; here the CPU path loads 4-bit too, so the CI run
+    # exercises the same code as the GPU run.
+    model = AutoModelForCausalLM.from_pretrained(
+        str(path), dtype=dtype, quantization_config=quantization_config("4bit", dtype, double_quant=True),
+        device_map="auto",
+    )
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=s.gradient_checkpointing)
-    lora = LoraConfig(r=s.lora_r, lora_alpha=s.lora_alpha, lora_dropout=s.lora_dropout,
-                      target_modules=list(s.target_modules), task_type="CAUSAL_LM")
-    model = get_peft_model(model, lora)
+    model = get_peft_model(model, lora_config(s))
     optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=s.learning_rate)
     batch = s.per_device_train_batch_size
     gen = torch.Generator().manual_seed(0)

@@ -48,6 +48,7 @@ from helpers.loading import (
     pick_attn_implementation,
     pick_device,
     pick_dtype,
+    quantization_config,
     quiet_bitsandbytes,
     time_generation,
 )
@@ -101,17 +102,12 @@ def warm_page_cache(folder: Path) -> float:
 
 def measure_load(path, mode: str, dtype: torch.dtype | None = None, device: str | None = None):
     """Load ``path`` in ``mode`` ("full", "8bit", "4bit") the way lesson 02 does; return (model, seconds)."""
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
 
     device = device or pick_device()
     dtype = dtype or pick_dtype(device)
-    kwargs = {"dtype": dtype, "attn_implementation": pick_attn_implementation(device), "device_map": "auto"}
-    if mode == "8bit":
-        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
-    elif mode == "4bit":
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype
-        )
+    kwargs = {"dtype": dtype, "attn_implementation": pick_attn_implementation(device), "device_map": "auto",
+              "quantization_config": quantization_config(mode, dtype)}
     _sync(device)
     start = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)

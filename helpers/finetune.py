@@ -791,19 +791,15 @@ def load_base(choice, settings: TrainSettings, *, for_training: bool = True):
     """The base model as lesson 05 loads it: 4/8-bit (``BitsAndBytesConfig``) on a GPU, fp32 on the
     CPU; ``for_training`` adds ``prepare_model_for_kbit_training`` on a GPU."""
     import torch
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
 
-    from helpers.loading import pick_attn_implementation, pick_dtype
+    from helpers.loading import pick_attn_implementation, pick_dtype, quantization_config
 
     gpu = torch.cuda.is_available()
     if not (gpu and settings.quantization):
         return AutoModelForCausalLM.from_pretrained(choice.path, dtype=torch.float32, device_map="auto" if gpu else None)
     dtype = pick_dtype("cuda")
-    if settings.quantization == "8bit":
-        quant = BitsAndBytesConfig(load_in_8bit=True)
-    else:
-        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                   bnb_4bit_compute_dtype=dtype, bnb_4bit_use_double_quant=True)
+    quant = quantization_config(settings.quantization, dtype, double_quant=True)
     model = AutoModelForCausalLM.from_pretrained(
         choice.path, quantization_config=quant, dtype=dtype, device_map="auto",
         attn_implementation=pick_attn_implementation("cuda"),
@@ -830,8 +826,10 @@ def lora_config(settings: TrainSettings):
 
 
 def training_arguments(settings: TrainSettings, checkpoint_dir: str | Path, *, max_steps: int | None = None,
-                       progress: bool = True, eval_on_start: bool = True):
-    """The ``TrainingArguments`` the notebook writes inline, from ``settings``."""
+                       progress: bool = True, eval_on_start: bool = True, **overrides):
+    """The ``TrainingArguments`` the notebook writes inline, from ``settings``.
+
+    ``overrides`` replace single arguments (the benchmark turns evaluation and saving off)."""
     import torch
     from transformers import TrainingArguments
 
@@ -840,7 +838,7 @@ def training_arguments(settings: TrainSettings, checkpoint_dir: str | Path, *, m
     gpu = torch.cuda.is_available()
     amp = gpu and settings.quantization is not None  # QLoRA computes in fp16/bf16; fp32 loads need no AMP
     dtype = pick_dtype("cuda") if amp else torch.float32
-    return TrainingArguments(
+    kwargs = dict(
         output_dir=str(checkpoint_dir),
         num_train_epochs=settings.num_train_epochs,
         max_steps=max_steps if max_steps is not None else -1,
@@ -868,6 +866,9 @@ def training_arguments(settings: TrainSettings, checkpoint_dir: str | Path, *, m
         seed=settings.seed,
         disable_tqdm=not progress,
     )
+    kwargs.update(overrides)
+    return TrainingArguments(**kwargs)
+
 
 
 @dataclass
@@ -899,7 +900,6 @@ def train_adapter(choice=None, adapter_dir: str | Path | None = None, *, setting
     Trainer; ``save=False`` stops after training (the adapter is not written).
     Introduced in notebooks/05_lora_finetune.ipynb.
     """
-    import torch
     from peft import get_peft_model
     from transformers import AutoTokenizer, Trainer, set_seed
 

@@ -647,6 +647,25 @@ def free_memory() -> None:
 # --------------------------------------------------------------------------- loading for later lessons
 
 
+def quantization_config(mode: str | None, dtype: torch.dtype, *, double_quant: bool = False):
+    """The ``BitsAndBytesConfig`` for ``mode`` ("8bit", "4bit"; None or "full" gives None).
+
+    The one place the series builds it outside the notebooks (lesson 02 writes the same call
+    inline). 4-bit is nf4 computing in ``dtype``; ``double_quant`` also quantizes the
+    quantization constants, as QLoRA does (lesson 05). Introduced in notebooks/02_loading_quantized.ipynb.
+    """
+    from transformers import BitsAndBytesConfig
+
+    if mode in (None, "full"):
+        return None
+    _check_mode(mode)
+    quiet_bitsandbytes()
+    if mode == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
+                              bnb_4bit_use_double_quant=double_quant)
+
+
 def load_model_and_tokenizer(choice, quantization: str | None = None, *, check: bool = True,
                              budget_bytes: int | None = None):
     """Load ``choice`` (a :class:`helpers.config.ModelChoice`) for lessons 03-06.
@@ -657,7 +676,7 @@ def load_model_and_tokenizer(choice, quantization: str | None = None, *, check: 
     shard, an unusable bitsandbytes or a mode that will not fit is a clear error, not a crash.
     Introduced in notebooks/02_loading_quantized.ipynb.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = pick_device()
     if quantization is None and device == "cuda" and not choice.is_tiny:
@@ -665,17 +684,8 @@ def load_model_and_tokenizer(choice, quantization: str | None = None, *, check: 
     dtype = pick_dtype(device)
     if check:
         preflight_check(choice.path, quantization or "full", dtype=dtype, device=device, budget_bytes=budget_bytes)
-    kwargs = {"dtype": dtype, "attn_implementation": pick_attn_implementation(device)}
-    if quantization == "8bit":
-        quiet_bitsandbytes()
-        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
-    elif quantization == "4bit":
-        quiet_bitsandbytes()
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype
-        )
-    elif quantization is not None:
-        _check_mode(quantization)
+    kwargs = {"dtype": dtype, "attn_implementation": pick_attn_implementation(device),
+              "quantization_config": quantization_config(quantization, dtype)}
     if device == "cuda":
         kwargs["device_map"] = "auto"
     tokenizer = AutoTokenizer.from_pretrained(choice.path)
