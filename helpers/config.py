@@ -22,6 +22,9 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DATA_DIR = REPO_ROOT / "data"
 ENV_MODEL = "LLAMA_TUTORIAL_MODEL"
+# Written by lesson 01's download into the model folder once every file is verified; a folder
+# without it is an unfinished download, not local weights.
+DOWNLOAD_MARKER = Path(".cache") / "llama2-tutorial" / "verified.json"
 
 
 class TutorialError(RuntimeError):

@@ -30,16 +30,37 @@ from helpers.config import TutorialError, bilingual
 FORMATS = ("llama2", "human_assistant")
 IGNORE_INDEX = -100
 
-# The article's system prompt: written in Chinese to get Chinese answers, but it never says so plainly.
-SYSTEM_PROMPT_ARTICLE = "You are a helpful assistant. 你是一个乐于助人的助手。请你提供专业、有逻辑、内容真实、有价值的详细回复。"
-# A stricter one: says what language to answer in, in both languages, first and plainly.
+# The article's system prompt, verbatim (shared/NOTES.md): Meta's default Llama-2 system prompt
+# with "The answer always been translate into Chinese language." added twice. It is written in
+# English; note the double space after "safe." and the article's own grammar, both kept as sent.
+SYSTEM_PROMPT_ARTICLE = (
+    "You are a helpful, respectful and honest assistant. Always answer as helpfully as possible, while being safe.  "
+    "Your answers should not include any harmful, unethical, racist, sexist, toxic, dangerous, or illegal content. "
+    "Please ensure that your responses are socially unbiased and positive in nature. "
+    "The answer always been translate into Chinese language.\n\n"
+    "If a question does not make any sense, or is not factually coherent, explain why instead of answering "
+    "something not correct. If you don't know the answer to a question, please don't share false information.\n\n"
+    "The answer always been translate into Chinese language."
+)
+# A stricter prompt of this course's own (not the article's): says what language to answer in,
+# in both languages, first and plainly.
 SYSTEM_PROMPT_CHINESE = (
     "Always answer in Simplified Chinese, whatever language the question is in.\n"
     "你是一个乐于助人的中文助手。无论用户用什么语言提问，都必须只用简体中文回答；"
     "代码、专有名词可以保留英文。回答要准确、简洁、有条理。"
 )
 
-# Role names of the article's CSV rows ("System" is this series' extension for a system prompt).
+
+def article_prompt(question: str, system_prompt: str = SYSTEM_PROMPT_ARTICLE) -> str:
+    """The article's own prompt layout, character for character (notebooks/03_prompt_templates.ipynb).
+
+    It differs from the standard Llama-2 template in whitespace: a space and a newline after
+    ``[INST]``, the question on its own line, ``[/INST]`` on the next. No ``<s>``: the tokenizer
+    adds BOS when this text is tokenized with ``add_special_tokens=True``.
+    """
+    return f"[INST] \n<<SYS>>\n{system_prompt}\n<</SYS>>\n\n{question}\n[/INST]"
+
+
 CSV_ROLE_NAMES = {"user": "Human", "assistant": "Assistant", "system": "System"}
 _CSV_ROLES = {name: role for role, name in CSV_ROLE_NAMES.items()}
 # Where one CSV turn ends and the next begins: "</s>" right before "<s>Human:" (or Assistant/System).
