@@ -49,7 +49,7 @@ class FaultyHandler(Handler):
         with server.lock:
             drops = server.drops.get(f.path)
             drop = drops.pop(0) if drops and self.command == "GET" else None
-            status = None if drop is not None else server.fails.get(f.path)
+            status = None if drop is not None or self.command != "GET" else server.fails.get(f.path)
         if status is not None:
             return self.error(status, "ServerError", "Service temporarily unavailable")
         data, self.file = f.data, f.path
