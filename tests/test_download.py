@@ -311,3 +311,23 @@ def test_short_errors_hides_the_traceback(capsys):
         assert result.error_in_exec is not None and "下一步：做点什么" in text and "Traceback" not in text
     finally:
         InteractiveShell.clear_instance()
+
+
+def test_lesson_01_leaves_no_server_listening(monkeypatch):
+    """Run lesson 01 in a kernel, then check from inside it that its loopback Hub is gone."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    nb = nbformat.read(REPO_ROOT / "notebooks" / "01_download_weights.ipynb", 4)
+    nb.cells.append(nbformat.v4.new_code_cell(
+        "import socket, threading\n"
+        "from helpers import local_hub as _lh\n"
+        "from urllib.parse import urlsplit\n"
+        "assert _lh._HUB is None and not [t for t in threading.enumerate() if t.name == 'local-hub']\n"
+        "_u = urlsplit(ENDPOINT)\n"
+        "with socket.socket() as _s:\n"
+        "    assert _s.connect_ex((_u.hostname, _u.port or 443)) != 0 or _u.hostname != '127.0.0.1'\n"
+        "print('NOTHING-LISTENING')"))
+    monkeypatch.setenv("PYTHONPATH", str(REPO_ROOT))
+    NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(REPO_ROOT / "notebooks")}}).execute()
+    assert "NOTHING-LISTENING" in nb.cells[-1].outputs[0]["text"]
