@@ -1,12 +1,11 @@
 """Plumbing around lesson 01's download: catalogue, safe token, checks, marker, errors in Chinese.
 
-Introduced in notebooks/01_download_weights.ipynb, which writes the download itself out:
-``snapshot_download(repo_id, allow_patterns=[...], local_dir=...)`` (huggingface_hub resumes a cut
-file with ``Range`` and retries it), then ``HfApi.verify_repo_checksums`` (sha256 of LFS files, git
-blob ids of the rest). :func:`download_model` holds the same steps for later lessons and adds what
-the library does not do: no stored token to a third-party endpoint, refuse unsafe file names,
-check the disk first, never overwrite a learner's folder, write :data:`DOWNLOAD_MARKER`, and turn
-huggingface_hub's exceptions into :class:`DownloadError` messages in Chinese and English.
+notebooks/01_download_weights.ipynb writes the download out: ``snapshot_download(repo_id,
+allow_patterns=[...], local_dir=...)`` (huggingface_hub resumes and retries a cut file), then
+``HfApi.verify_repo_checksums``. :func:`download_model` holds the same steps for later lessons and
+adds what the library does not do: no stored token to a third-party endpoint, unsafe file names
+refused, disk checked first, a learner's folder never overwritten, :data:`DOWNLOAD_MARKER` written,
+and huggingface_hub's exceptions turned into :class:`DownloadError` in Chinese and English.
 """
 
 from __future__ import annotations
@@ -15,7 +14,6 @@ import ipaddress
 import json
 import os
 import shutil
-import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
@@ -51,9 +49,9 @@ def catalogue_table():
     rows = []
     for name, repo_id, kind, shape, gated in CATALOGUE:
         config = LlamaConfig(**LLAMA2_SHAPES[shape])
+        params = count_parameters(config).total
         row = {"模型": name, "repo id": repo_id, "类型": kind, "需申请访问": "是" if gated else "否",
-               "参数量（十亿）": round(count_parameters(config).total / 1e9, 2),
-               "磁盘 GiB（fp16）": round(count_parameters(config).total * 2 / GIB, 1)}
+               "参数量（十亿）": round(params / 1e9, 2), "磁盘 GiB（fp16）": round(params * 2 / GIB, 1)}
         for mode, label in [("full", "fp16"), ("8bit", "8-bit"), ("4bit", "4-bit")]:
             row[f"显存 GiB {label}（估计）"] = round(estimate_memory(config, mode, torch.float16).total / GIB, 1)
         rows.append(row)
@@ -186,12 +184,9 @@ def safe_token(endpoint: str, token=None):
 
 @contextmanager
 def hub_errors(repo_id: str, endpoint: str, target=None):
-    """Turn what huggingface_hub raises inside into a :class:`DownloadError`; let a loopback endpoint through offline mode.
+    """Turn what huggingface_hub raises inside into a :class:`DownloadError` (notebooks/01_download_weights.ipynb).
 
-    Offline mode stays on for every other host, also in other threads: only requests to a loopback
-    address pass (a client factory of huggingface_hub's own, restored afterwards). See
-    notebooks/01_download_weights.ipynb.
-    """
+    In offline mode only requests to a loopback address pass, for the duration of the block."""
     import huggingface_hub as hub
     from huggingface_hub import constants
     from huggingface_hub.errors import OfflineModeIsEnabled
@@ -218,25 +213,6 @@ def hub_errors(repo_id: str, endpoint: str, target=None):
     finally:
         if lift:
             hub.set_client_factory(_http.default_client_factory)
-
-
-def short_errors() -> bool:
-    """In Jupyter, show a :class:`TutorialError` as its message only (the cell still fails) (notebooks/01_download_weights.ipynb)."""
-    try:
-        from IPython import get_ipython
-    except ImportError:
-        return False
-    shell = get_ipython()
-    if shell is None:
-        return False
-
-    def handler(shell, etype, value, tb, tb_offset=None):
-        lines = [f"{etype.__name__}:", str(value)]
-        shell._showtraceback(etype, value, lines)
-        return lines
-
-    shell.set_custom_exc((TutorialError,), handler)
-    return True
 
 
 # ============================================================================ checks and marker

@@ -299,20 +299,6 @@ def test_bad_range_gets_416(files):
         server.server_close()
 
 
-def test_short_errors_hides_the_traceback(capsys):
-    from IPython.core.interactiveshell import InteractiveShell
-
-    assert dl.short_errors() is False
-    shell = InteractiveShell.instance()
-    try:
-        assert dl.short_errors() is True
-        result = shell.run_cell("from helpers.config import TutorialError\nraise TutorialError('问题\\n下一步：做点什么')")
-        text = "".join(capsys.readouterr())
-        assert result.error_in_exec is not None and "下一步：做点什么" in text and "Traceback" not in text
-    finally:
-        InteractiveShell.clear_instance()
-
-
 def test_lesson_01_leaves_no_server_listening(monkeypatch):
     """Run lesson 01 in a kernel, then check from inside it that its loopback Hub is gone."""
     import nbformat
