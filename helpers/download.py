@@ -1,4 +1,4 @@
-"""Plumbing around lesson 01's download: catalogue, safe token, checks, marker, errors in Chinese.
+"""Plumbing around lesson 01's download: safe token, checks, marker, errors in Chinese and English.
 
 notebooks/01_download_weights.ipynb writes the download out: ``snapshot_download(repo_id,
 allow_patterns=[...], local_dir=...)`` (huggingface_hub resumes and retries a cut file), then
@@ -26,39 +26,6 @@ MIRROR_EXAMPLE = "https://hf-mirror.com"
 # One weight format: safetensors plus config, tokenizer and generation settings (lesson 01).
 ALLOW_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model"]
 DISK_RESERVE_BYTES = 512 * 1024**2  # keep this much free after a download
-
-# name, repo id, kind, shapes in helpers.loading.LLAMA2_SHAPES, gated
-CATALOGUE = [
-    ("Llama-2-7B-Chat", "meta-llama/Llama-2-7b-chat-hf", "对话", "llama2-7b", True),
-    ("Llama-2-13B-Chat", "meta-llama/Llama-2-13b-chat-hf", "对话", "llama2-13b", True),
-    ("Llama-2-70B-Chat", "meta-llama/Llama-2-70b-chat-hf", "对话", "llama2-70b", True),
-    ("Llama-2-7B", "meta-llama/Llama-2-7b-hf", "预训练基座", "llama2-7b", True),
-    ("Llama2-Chinese-7b-Chat", "FlagAlpha/Llama2-Chinese-7b-Chat", "中文对话（合并参数）", "llama2-7b", False),
-    ("Llama2-Chinese-13b-Chat", "FlagAlpha/Llama2-Chinese-13b-Chat", "中文对话（合并参数）", "llama2-13b", False),
-]
-
-
-def catalogue_table():
-    """The catalogue with fp16 disk size and GPU memory estimated by helpers.loading.estimate_memory (notebooks/01_download_weights.ipynb)."""
-    import pandas as pd
-    import torch
-    from transformers import LlamaConfig
-
-    from helpers.loading import GIB, LLAMA2_SHAPES, count_parameters, estimate_memory
-
-    rows = []
-    for name, repo_id, kind, shape, gated in CATALOGUE:
-        config = LlamaConfig(**LLAMA2_SHAPES[shape])
-        params = count_parameters(config).total
-        row = {"模型": name, "repo id": repo_id, "类型": kind, "需申请访问": "是" if gated else "否",
-               "参数量（十亿）": round(params / 1e9, 2), "磁盘 GiB（fp16）": round(params * 2 / GIB, 1)}
-        for mode, label in [("full", "fp16"), ("8bit", "8-bit"), ("4bit", "4-bit")]:
-            row[f"显存 GiB {label}（估计）"] = round(estimate_memory(config, mode, torch.float16).total / GIB, 1)
-        rows.append(row)
-    return pd.DataFrame(rows).set_index("模型")
-
-
-# ============================================================================ errors
 
 MESSAGES = {  # kind: (what happened, next step), each in Chinese and English; {repo} {endpoint} {target} {detail}
     "gated_no_token": ("{repo} 是受限（gated）仓库：要用获批的账号登录才能下载，而这次请求没有带 token。",
@@ -153,7 +120,7 @@ def translate_error(err: BaseException, **fields) -> DownloadError:
         kind, detail = "repo_not_found", ""
     elif isinstance(err, hf.OfflineModeIsEnabled):
         kind = "offline"
-    elif isinstance(err, hf.HfHubHTTPError) and status == 401 and "Invalid credentials" in str(err) + response.headers.get("X-Error-Message", ""):
+    elif isinstance(err, hf.HfHubHTTPError) and status == 401 and "Invalid credentials" in str(err):
         kind = "invalid_token"
     elif isinstance(err, hf.HfHubHTTPError) and status is not None and (status == 429 or status >= 500):
         kind, detail = "server_error", f"HTTP {status}"

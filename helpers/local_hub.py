@@ -1,11 +1,8 @@
 """A Hugging Face Hub on 127.0.0.1 serving the tiny model, so lesson 01's download runs offline.
 
-Introduced in notebooks/01_download_weights.ipynb: the tiny model is on no Hub, so the lesson's
-real ``snapshot_download`` fetches it from here through ``endpoint=hub.url``. It answers what
-``snapshot_download`` (also ``dry_run=True``), ``HfApi.model_info`` and
-``HfApi.verify_repo_checksums`` ask: ``/api/models/{repo}[/revision|tree/{rev}]`` and
-``/{repo}/resolve/{rev}/{file}`` with ``Range`` (416 for a range it cannot serve). One server per
-process (:func:`local_hub`), stopped at exit; ``HF_ENDPOINT`` is never changed.
+Introduced in notebooks/01_download_weights.ipynb (the tiny model is on no Hub). It answers the
+requests of ``snapshot_download``, ``HfApi.model_info`` and ``verify_repo_checksums``, with
+``Range`` (416 for a bad one). One server per process, stopped at exit; ``HF_ENDPOINT`` untouched.
 """
 
 from __future__ import annotations
@@ -80,7 +77,7 @@ class Handler(BaseHTTPRequestHandler):
     def route(self, parts: list[str]):
         if len(parts) >= 4 and parts[:2] == ["api", "models"]:
             repo_id, rest = "/".join(parts[2:4]), parts[4:]
-            files = self.repo(repo_id, rest[1] if len(rest) == 2 else "main")
+            files = self.repo(repo_id)
             if files is not None and rest[:1] == ["tree"]:
                 self.json([files[p].entry for p in sorted(files)])
             elif files is not None:
@@ -88,7 +85,7 @@ class Handler(BaseHTTPRequestHandler):
                              "lfs": f.lfs and {**f.entry["lfs"], "sha256": f.sha256}} for p, f in files.items()]
                 self.json({"id": repo_id, "sha": commit(repo_id, files), "gated": False, "siblings": siblings})
         elif len(parts) >= 5 and parts[2] == "resolve":
-            files = self.repo(f"{parts[0]}/{parts[1]}", parts[3])
+            files = self.repo(f"{parts[0]}/{parts[1]}")
             if files is not None and "/".join(parts[4:]) in files:
                 self.send_file(files["/".join(parts[4:])], commit(f"{parts[0]}/{parts[1]}", files))
             elif files is not None:
@@ -96,15 +93,11 @@ class Handler(BaseHTTPRequestHandler):
         else:
             self.error(404, "NotFound", "Not found")
 
-    def repo(self, repo_id: str, revision: str) -> dict[str, HubFile] | None:
+    def repo(self, repo_id: str) -> dict[str, HubFile] | None:
         files = self.server.repos.get(repo_id)
         if files is None:
             self.error(401, "RepoNotFound", "Repository not found")  # the Hub's answer without a token
-        elif revision not in ("main", commit(repo_id, files)):
-            self.error(404, "RevisionNotFound", f"Invalid rev id: {revision}")
-        else:
-            return files
-        return None
+        return files
 
     def json(self, payload):
         self.send(200, json.dumps(payload).encode(), {"Content-Type": "application/json"})
