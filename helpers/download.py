@@ -1,11 +1,9 @@
-"""Plumbing around lesson 01's download: safe token, checks, marker, errors in Chinese and English.
+"""Plumbing around lesson 01's download, which notebooks/01_download_weights.ipynb writes out:
+``snapshot_download(repo_id, allow_patterns=[...], local_dir=...)``, then ``verify_repo_checksums``.
 
-notebooks/01_download_weights.ipynb writes the download out: ``snapshot_download(repo_id,
-allow_patterns=[...], local_dir=...)`` (huggingface_hub resumes and retries a cut file), then
-``HfApi.verify_repo_checksums``. :func:`download_model` holds the same steps for later lessons and
-adds what the library does not do: no stored token to a third-party endpoint, unsafe file names
-refused, disk checked first, a learner's folder never overwritten, :data:`DOWNLOAD_MARKER` written,
-and huggingface_hub's exceptions turned into :class:`DownloadError` in Chinese and English.
+:func:`download_model` holds the same steps for later lessons and adds what huggingface_hub does not:
+no stored token to a third-party endpoint, unsafe file names refused, disk checked first, a learner's
+folder never overwritten, :data:`DOWNLOAD_MARKER` written, errors in Chinese and English.
 """
 
 from __future__ import annotations
@@ -19,12 +17,13 @@ from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 from urllib.parse import urlsplit
 
-from helpers.config import DOWNLOAD_MARKER, PROFILES, TutorialError, bilingual, models_dir
+from helpers.config import DOWNLOAD_MARKER, PROFILES, TutorialError, bilingual, models_dir, output_dir
+from helpers.local_hub import LOCAL_REPO
 
 HUB_ENDPOINT = "https://huggingface.co"
 MIRROR_EXAMPLE = "https://hf-mirror.com"
-# One weight format: safetensors plus config, tokenizer and generation settings (lesson 01).
-ALLOW_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model"]
+# One weight format: safetensors plus config, tokenizer, chat template, generation settings (lesson 01).
+ALLOW_PATTERNS = ["*.json", "*.jinja", "*.safetensors", "tokenizer.model"]
 DISK_RESERVE_BYTES = 512 * 1024**2  # keep this much free after a download
 
 MESSAGES = {  # kind: (what happened, next step), each in Chinese and English; {repo} {endpoint} {target} {detail}
@@ -182,9 +181,6 @@ def hub_errors(repo_id: str, endpoint: str, target=None):
             hub.set_client_factory(_http.default_client_factory)
 
 
-# ============================================================================ checks and marker
-
-
 def check_names(names, target) -> None:
     """Refuse a file listing with a name that would land outside ``target`` (notebooks/01_download_weights.ipynb)."""
     root = Path(target).resolve()
@@ -240,12 +236,13 @@ def check_disk(needed: int, target, free: int | None = None) -> None:
 
 
 def default_target(repo_id: str) -> Path:
-    """``models_dir()/<profile>`` for a profile's repo (where resolve_model looks), else ``models_dir()/<owner>--<name>`` (notebooks/01_download_weights.ipynb)."""
+    """Where a download goes: ``models_dir()/<profile>`` for a profile's repo (where resolve_model looks),
+    ``output_dir()/downloads/`` for lesson 01's practice repo, else ``models_dir()/<owner>--<name>``
+    (notebooks/01_download_weights.ipynb)."""
+    if repo_id == LOCAL_REPO:
+        return output_dir() / "downloads" / repo_id.replace("/", "--")
     profile = next((p.name for p in PROFILES.values() if p.repo_id == repo_id), None)
     return models_dir() / (profile or repo_id.replace("/", "--"))
-
-
-# ============================================================================ download
 
 
 def download_model(repo_id: str, target=None, *, endpoint: str | None = None, token=None, allow_patterns=None,
@@ -267,12 +264,14 @@ def download_model(repo_id: str, target=None, *, endpoint: str | None = None, to
         info = api.model_info(repo_id, files_metadata=True)
         if info.gated:
             api.auth_check(repo_id)
-        names = [s.rfilename for s in info.siblings]
-        check_names(names, target)
+        check_names([s.rfilename for s in info.siblings], target)
         check_target(target, repo_id, info.sha, overwrite)
         marker = read_marker(target)
-        if marker and marker["commit"] == info.sha and not repair:
+        sizes_ok = marker and all((target / p).is_file() and (target / p).stat().st_size == v["size"]
+                                  for p, v in marker["files"].items())
+        if sizes_ok and marker["commit"] == info.sha and not repair:
             return {**marker, "fetched": 0}
+        (target / DOWNLOAD_MARKER).unlink(missing_ok=True)  # complete again only once verified
         if repair and target.is_dir():
             for bad in api.verify_repo_checksums(repo_id, revision=info.sha, local_dir=target).mismatches:
                 (target / bad["path"]).unlink()

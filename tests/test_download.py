@@ -78,6 +78,8 @@ def test_download_fetches_only_safetensors_verifies_and_writes_the_marker(hub, t
     hub.heal()
     again = fetch(hub, tmp_path / "model")
     assert hub.gets() == [] and again["fetched"] == 0, "a verified download is not fetched again"
+    (tmp_path / "model" / WEIGHTS).unlink()  # a file lost after verification is fetched again
+    assert fetch(hub, tmp_path / "model")["fetched"] == hub.repos[LOCAL_REPO][WEIGHTS].size
 
 
 def test_dropped_connection_resumes_with_a_range_request(hub, tmp_path):
@@ -211,6 +213,11 @@ def test_existing_folders_are_never_overwritten(hub, tmp_path):
     with pytest.raises(DownloadError) as err:
         fetch(hub, target)
     assert err.value.kind == "existing" and "overwrite=True" in str(err.value) and hub.gets() == []
+    hub.fail("README.md", 503)
+    with pytest.raises(DownloadError):
+        fetch(hub, target, overwrite=True, allow_patterns=["*.json", "*.safetensors", "*.md"])
+    assert not (target / DOWNLOAD_MARKER).exists(), "a half-updated folder must not keep the old marker"
+    hub.heal()
     fetch(hub, target, overwrite=True, allow_patterns=["*.json", "*.safetensors", "*.md"])
     assert [r["file"] for r in hub.gets()] == ["README.md"]
 
@@ -257,8 +264,12 @@ def test_download_on_huggingface_hub_1_27(tmp_path):
         "hub = FaultyHub({t.LOCAL_REPO: files, t.GATED_REPO: files})\n"
         "tmp = Path(sys.argv[2])\n"
         "t.test_download_fetches_only_safetensors_verifies_and_writes_the_marker(hub, tmp / 'a')\n"
+        "hub.heal()\n"
         "t.test_gated_no_token_no_access_invalid_token_and_unknown_repo(hub, tmp / 'b')\n"
+        "hub.heal()\n"
         "t.test_corrupted_file_is_caught_and_repaired(hub, tmp / 'c')\n"
+        "t.test_unreachable_endpoint_and_not_a_hub(tmp / 'd')\n"
+        "t.test_no_stored_token_goes_to_an_endpoint_other_than_huggingface(hub, tmp / 'e', __import__('pytest').MonkeyPatch())\n"
         "print('hub', huggingface_hub.__version__, 'ok')\n"
     )
     env = {**os.environ, "PYTHONPATH": f"{site}{os.pathsep}{REPO_ROOT}"}
