@@ -170,6 +170,7 @@ def hub_errors(repo_id: str, endpoint: str, target=None):
     def factory():
         return _httpx().Client(event_hooks={"request": [loopback_only]}, follow_redirects=True, timeout=None)
 
+    previous = getattr(_http, "_GLOBAL_CLIENT_FACTORY", _http.default_client_factory)
     if lift:
         hub.set_client_factory(factory)
     try:
@@ -178,7 +179,7 @@ def hub_errors(repo_id: str, endpoint: str, target=None):
         raise translate_error(err, **fields) from None
     finally:
         if lift:
-            hub.set_client_factory(_http.default_client_factory)
+            hub.set_client_factory(previous)
 
 
 def check_names(names, target) -> None:
