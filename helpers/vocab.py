@@ -21,19 +21,19 @@ GGUF_NAME = "ggml-vocab-llama-spm.gguf"
 SOURCE_PACKAGE = "llama-cpp-python==0.3.36"
 
 
-def llama2_vocab_dir() -> Path:
-    return home_dir() / "llama2-vocab"
-
-
 def fetch_llama2_vocab() -> Path:
     """Fetch and convert the vocabulary unless it is cached; return the tokenizer folder."""
-    target = llama2_vocab_dir()
+    target = home_dir() / "llama2-vocab"
     if (target / "tokenizer.json").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:  # only this package from source, build tools as wheels
-        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary",
-                        "llama-cpp-python", SOURCE_PACKAGE, "-d", tmp], check=True)
+        command = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", "llama-cpp-python",
+                   SOURCE_PACKAGE, "-d", tmp]
+        if subprocess.run(command).returncode != 0:
+            raise TutorialError(bilingual(f"下载 {SOURCE_PACKAGE} 失败（见上面 pip 的输出）。请检查网络或 pip 的镜像设置后重试。",
+                                          f"Downloading {SOURCE_PACKAGE} failed (see pip's output above). "
+                                          "Check the network or pip's index settings and retry."))
         with tarfile.open(next(Path(tmp).glob("*.tar.gz"))) as archive:
             member = next(m for m in archive.getmembers() if m.name.endswith("/models/" + GGUF_NAME))
             (Path(tmp) / GGUF_NAME).write_bytes(archive.extractfile(member).read())
@@ -48,11 +48,12 @@ def fetch_llama2_vocab() -> Path:
 
 def load_llama2_tokenizer(**kwargs):
     """The real Llama-2 tokenizer from the cache; if it is missing, an error that says how to get it."""
-    if not (llama2_vocab_dir() / "tokenizer.json").exists():
+    folder = home_dir() / "llama2-vocab"
+    if not (folder / "tokenizer.json").exists():
         how = "make setup  (or: python -m helpers.vocab)"
         raise TutorialError(bilingual(f"还没有下载 Llama-2 的真实词表。请运行：{how}",
                                       f"The real Llama-2 vocabulary is not fetched yet. Run: {how}"))
-    return AutoTokenizer.from_pretrained(llama2_vocab_dir(), **kwargs)
+    return AutoTokenizer.from_pretrained(folder, **kwargs)
 
 
 if __name__ == "__main__":

@@ -555,3 +555,23 @@ def test_missing_vocabulary_says_how_to_get_it(monkeypatch, tmp_path):
     monkeypatch.setenv("LLAMA_TUTORIAL_HOME", str(tmp_path))
     with pytest.raises(TutorialError, match="make setup"):
         load_llama2_tokenizer()
+
+
+def test_vocabulary_fetch_is_quick_when_cached_and_clear_when_pip_fails(monkeypatch, tmp_path):
+    import subprocess
+    from types import SimpleNamespace
+
+    from helpers import vocab
+
+    calls = []
+    fake_run = lambda cmd, **kw: calls.append(cmd) or subprocess.CompletedProcess(cmd, 1)  # noqa: E731 (pip fails)
+    monkeypatch.setattr(vocab, "subprocess", SimpleNamespace(run=fake_run))
+    monkeypatch.setenv("LLAMA_TUTORIAL_HOME", str(tmp_path))
+    with pytest.raises(TutorialError) as err:
+        vocab.fetch_llama2_vocab()
+    assert "llama-cpp-python" in calls[0] and "--no-binary" in calls[0]
+    assert "下载" in str(err.value) and "failed" in str(err.value)
+    assert not (tmp_path / "llama2-vocab").exists(), "a failed fetch leaves no folder behind"
+    (tmp_path / "llama2-vocab").mkdir()
+    (tmp_path / "llama2-vocab" / "tokenizer.json").write_text("{}")
+    assert vocab.fetch_llama2_vocab() == tmp_path / "llama2-vocab" and len(calls) == 1, "cached: no second download"
