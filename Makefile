@@ -12,9 +12,9 @@ JUPYTER_ARGS ?=
 PYTEST_ARGS ?=
 STAMP := $(VENV)/.installed
 
-.PHONY: setup lab test unit notebooks tiny run-all bench clean
+.PHONY: setup lab test unit notebooks tiny vocab run-all bench clean
 
-setup: $(STAMP) tiny
+setup: $(STAMP) tiny vocab
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,10 @@ $(STAMP): pyproject.toml | $(PY)
 
 tiny: $(STAMP)
 	$(PY) -m helpers.tiny
+
+# The real Llama-2 vocabulary for lesson 03 and the token-exact tests (fetched once, ~77 MB).
+vocab: $(STAMP)
+	$(PY) -m helpers.vocab
 
 lab: setup
 	cd notebooks && ../$(VENV)/bin/jupyter lab $(JUPYTER_ARGS)

@@ -16,6 +16,7 @@ from helpers.prompts import (
     SYSTEM_PROMPT_ARTICLE,
     SYSTEM_PROMPT_CHINESE,
     PromptFormatError,
+    article_prompt,
     build_prompt,
     check_messages,
     csv_text_to_messages,
@@ -26,6 +27,7 @@ from helpers.prompts import (
     truncate_history,
 )
 from helpers.tiny import ensure_tiny_model
+from helpers.vocab import load_llama2_tokenizer
 
 HYPOTHESIS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
@@ -198,33 +200,10 @@ def test_answer_boundary_is_exact(tok, fmt, answer):
     first_answer_run = label_runs(full)[0]
     assert full.labels[: len(prompt)].count(IGNORE_INDEX) == len(prompt) - len(first_answer_run)
     assert full.input_ids[-1] == tok.eos_token_id and full.labels[-1] == tok.eos_token_id
-    expected = answer.strip() if fmt == "llama2" else answer + "\n"
+    llama_like = fmt != "human_assistant"
+    expected = answer.strip() if llama_like else answer + "\n"
     decoded = tok.decode(full.input_ids[len(prompt) :], skip_special_tokens=True)
-    assert (decoded.strip() if fmt == "llama2" else decoded) == expected
-
-
-class NoOffsetsTokenizer:
-    """A tokenizer that cannot return offsets (like a pure-Python backend)."""
-
-    def __init__(self, tok):
-        self._tok = tok
-
-    def __getattr__(self, name):
-        return getattr(self._tok, name)
-
-    def __call__(self, text, **kwargs):
-        if kwargs.get("return_offsets_mapping"):
-            raise NotImplementedError("no offsets here")
-        return self._tok(text, **kwargs)
-
-
-@pytest.mark.parametrize("fmt", FORMATS)
-def test_labels_without_offsets_match(tok, fmt):
-    messages = [S("sys"), U("问"), A("，答"), U("Q2"), A("```\ncode\n```")]
-    with_offsets = encode(tok, messages, fmt, add_generation_prompt=False)
-    without = encode(NoOffsetsTokenizer(tok), messages, fmt, add_generation_prompt=False)
-    assert without == with_offsets
-    assert with_offsets.answer_token_count > 0
+    assert (decoded.strip() if llama_like else decoded) == expected
 
 
 def test_prompt_length(tok):
@@ -386,16 +365,16 @@ def test_lenient_row_variants():
 @pytest.mark.parametrize(
     ("text", "zh", "en"),
     [
-        ("<s>Human: 你好\n</s>", "没有 “<s>Assistant:” 部分", "no '<s>Assistant:' part"),
+        ("<s>Human: 你好\n</s>", "没有以回答结尾", "no final '<s>Assistant:' part"),
         ("<s>Human: 你好\n</s><s>Assistant: \n</s>", "回答是空的", "empty answer"),
         ("<s>Human: 你好\n</s><s>Assistant:\n</s>", "回答是空的", "empty answer"),
         ("<s>Human: \n</s><s>Assistant: 答\n</s>", "问题是空的", "empty question"),
         ("<s>Human: 你好\n</s><s>Human: 在吗\n</s><s>Assistant: 在\n</s>", "交替", "alternate"),
         ("<s>Assistant: 先答\n</s><s>Human: 后问\n</s>", "交替", "alternate"),
         ("<s>Human: q\n</s><s>System: s\n</s><s>Assistant: a\n</s>", "系统提示只能是第 1 条", "role 'system'"),
-        ("<s>Human: q\n</s><s>Assistant: a\n</s><s>Human: 又问\n</s>", "以问题结尾", "ends with a question"),
-        ("Human: q\nAssistant: a", "不是以 “<s>Human:” 开头", "does not start with '<s>Human:'"),
-        ("<s>Human: q\n</s><s>Assistant: a", "没有以 “</s>” 结尾", "does not end with '</s>'"),
+        ("<s>Human: q\n</s><s>Assistant: a\n</s><s>Human: 又问\n</s>", "没有以回答结尾", "does not end with an answer"),
+        ("Human: q\nAssistant: a", "应以 “<s>Human:” 开头", "must start with '<s>Human:'"),
+        ("<s>Human: q\n</s><s>Assistant: a", "以 “</s>” 结尾", "Assistant: a'"),
         ("   ", "是空的", "is empty"),
     ],
 )
@@ -438,6 +417,10 @@ SHORT = st.text(alphabet=st.sampled_from(list("你好世界问题回答 abc123\n
     max_tokens=st.integers(min_value=5, max_value=200),
 )
 def test_truncate_history_property(tok, fmt, system, turns, last, max_tokens):
+    check_truncation(tok, fmt, system, turns, last, max_tokens)
+
+
+def check_truncation(tok, fmt, system, turns, last, max_tokens):
     head = [S(system)] if system is not None else []
     body = [m for q, a in turns for m in (U(q), A(a))] + [U(last)]
     messages = head + body
@@ -465,6 +448,130 @@ def test_token_table_marks_bos_eos_and_labels(tok):
     enc = encode(tok, [U("问"), A("答")], "llama2", add_generation_prompt=False)
     table = token_table(tok, enc.input_ids, enc.labels)
     assert list(table["id"]) == enc.input_ids
-    assert (table["特殊 special"] == "BOS").sum() == 1 and (table["特殊 special"] == "EOS").sum() == 1
-    assert (table["label"] != "-100（不算损失）").sum() == enc.answer_token_count
+    assert (table["特殊标记"] == "BOS").sum() == 1 and (table["特殊标记"] == "EOS").sum() == 1
+    assert (table["label"] == "回答").sum() == enc.answer_token_count
     assert table["piece"].iloc[0] == "<s>"
+
+
+# --------------------------------------------------------------------------- the article's layout
+
+
+def test_article_format_is_the_articles_prompt_character_for_character(tok_adds_bos):
+    question = "列出5种可以改善睡眠质量的方法"
+    text = build_prompt([S(SYSTEM_PROMPT_ARTICLE), U(question)], "article")
+    assert text == "<s>" + article_prompt(question)
+    assert article_prompt(question).startswith("[INST] \n<<SYS>>\nYou are a helpful") and text.endswith(f"\n\n{question}\n[/INST]")
+    assert SYSTEM_PROMPT_ARTICLE.count("The answer always been translate into Chinese language.") == 2
+    # What the article sent (its text, BOS added by the tokenizer) is what encode_prompt builds.
+    sent = tok_adds_bos(article_prompt(question))["input_ids"]
+    assert encode_prompt(tok_adds_bos, [S(SYSTEM_PROMPT_ARTICLE), U(question)], "article") == sent
+    # It is not the standard template: the two differ only in whitespace around [INST] and the question.
+    standard = build_prompt([S(SYSTEM_PROMPT_ARTICLE), U(question)], "llama2")
+    assert standard != text and standard.split() == text.split()
+
+
+# --------------------------------------------------------------------------- the real Llama-2 vocabulary
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["legacy-false", "legacy-true"])
+def real_tok(request):
+    """The real 32000-token Llama-2 vocabulary (``make setup`` fetches it), with either prepend rule.
+
+    ``legacy=True`` puts a ``▁`` after every special token, as Meta's SentencePiece reference does;
+    ``legacy=False`` is transformers' newer rule. Both must give exact masks.
+    """
+    try:
+        return load_llama2_tokenizer(legacy=request.param)
+    except TutorialError as err:
+        pytest.fail(f"{err}\nThese tests need the real Llama-2 vocabulary: run `make setup` or `python -m helpers.vocab`.")
+
+
+def test_real_vocabulary_is_llama2s(real_tok):
+    assert len(real_tok) == 32000
+    assert (real_tok.bos_token_id, real_tok.eos_token_id, real_tok.unk_token_id) == (1, 2, 0)
+    ids = real_tok("列出5种可以改善睡眠质量的方法")["input_ids"]
+    assert len(ids) == 25 and ids[0] == 1
+    assert real_tok.convert_ids_to_tokens(real_tok("善", add_special_tokens=False)["input_ids"])[-3:] == [
+        "<0xE5>", "<0x96>", "<0x84>"]
+
+
+def test_real_vocabulary_meta_reference_ids():
+    # Meta's SentencePiece reference tokenizes "[INST] Hello [/INST]" after BOS to these ids.
+    tok = load_llama2_tokenizer(legacy=True)
+    messages = [U("Hello"), A("Hi")]
+    assert encode(tok, messages[:1], "llama2").input_ids == [1, 518, 25580, 29962, 15043, 518, 29914, 25580, 29962]
+
+
+REAL_TEXT = st.text(alphabet=st.sampled_from(list("你好世界中文模型回答。，？！：abcXYZ 019\n[]/:-`'\"😀善")), max_size=30)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(fmt=st.sampled_from(FORMATS), system=st.one_of(st.none(), REAL_TEXT),
+       history=st.lists(st.tuples(REAL_TEXT, REAL_TEXT.filter(str.strip)), max_size=2),
+       question=REAL_TEXT, answer=REAL_TEXT.filter(str.strip))
+def test_real_vocabulary_mask_covers_exactly_the_answer(real_tok, fmt, system, history, question, answer):
+    head = ([S(system)] if system is not None else []) + [m for q, a in history for m in (U(q), A(a))]
+    asked = head + [U(question)]
+    prompt = encode_prompt(real_tok, asked, fmt)
+    full = encode(real_tok, asked + [A(answer)], fmt, add_generation_prompt=False)
+    # The prompt the model is asked with is a prefix of the training sequence ...
+    assert full.input_ids[: len(prompt)] == prompt
+    # ... the last answer's labels start exactly where it ends, and they are the tokens themselves.
+    assert full.labels[len(prompt) :] == full.input_ids[len(prompt) :]
+    assert full.labels[len(prompt) - 1] == IGNORE_INDEX
+    assert full.input_ids[-1] == real_tok.eos_token_id and full.labels[-1] == real_tok.eos_token_id
+    # One labelled run per answer, each decoding to that answer.
+    runs = label_runs(full)
+    answers = [a for _, a in history] + [answer]
+    assert len(runs) == len(answers)
+    for run, expected in zip(runs, answers):
+        decoded = real_tok.decode(run, skip_special_tokens=True)
+        if fmt == "human_assistant":
+            assert decoded.strip(" ") == (expected + "\n").strip(" ")
+        else:
+            assert decoded.strip() == expected.strip()
+    if fmt == "llama2":
+        assert full.input_ids == list(real_tok.apply_chat_template(asked + [A(answer)], tokenize=True, return_dict=False))
+
+
+@pytest.mark.parametrize("name", ["train_sft.csv", "dev_sft.csv"])
+def test_real_vocabulary_csv_rows_are_token_exact(real_tok, name):
+    for n, row in enumerate(read_rows(name), start=2):
+        messages = csv_text_to_messages(row, row=n)
+        enc = encode(real_tok, messages, "human_assistant", add_generation_prompt=False)
+        assert enc.input_ids == real_tok(row, add_special_tokens=False)["input_ids"], f"row {n}"
+        answer = messages[-1]["content"]
+        assert real_tok.decode(label_runs(enc)[-1], skip_special_tokens=True).strip(" ") == (answer + "\n").strip(" ")
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(fmt=st.sampled_from(FORMATS), turns=st.lists(st.tuples(SHORT, SHORT), max_size=4), last=SHORT,
+       max_tokens=st.integers(min_value=10, max_value=120))
+def test_real_vocabulary_truncation(real_tok, fmt, turns, last, max_tokens):
+    check_truncation(real_tok, fmt, "系统提示", turns, last, max_tokens)
+
+
+def test_missing_vocabulary_says_how_to_get_it(monkeypatch, tmp_path):
+    monkeypatch.setenv("LLAMA_TUTORIAL_HOME", str(tmp_path))
+    with pytest.raises(TutorialError, match="make setup"):
+        load_llama2_tokenizer()
+
+
+def test_vocabulary_fetch_is_quick_when_cached_and_clear_when_pip_fails(monkeypatch, tmp_path):
+    import subprocess
+    from types import SimpleNamespace
+
+    from helpers import vocab
+
+    calls = []
+    fake_run = lambda cmd, **kw: calls.append(cmd) or subprocess.CompletedProcess(cmd, 1)  # noqa: E731 (pip fails)
+    monkeypatch.setattr(vocab, "subprocess", SimpleNamespace(run=fake_run))
+    monkeypatch.setenv("LLAMA_TUTORIAL_HOME", str(tmp_path))
+    with pytest.raises(TutorialError) as err:
+        vocab.fetch_llama2_vocab()
+    assert "llama-cpp-python" in calls[0] and "--no-binary" in calls[0]
+    assert "下载" in str(err.value) and "failed" in str(err.value)
+    assert not (tmp_path / "llama2-vocab").exists(), "a failed fetch leaves no folder behind"
+    (tmp_path / "llama2-vocab").mkdir()
+    (tmp_path / "llama2-vocab" / "tokenizer.json").write_text("{}")
+    assert vocab.fetch_llama2_vocab() == tmp_path / "llama2-vocab" and len(calls) == 1, "cached: no second download"

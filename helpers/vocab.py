@@ -1,0 +1,60 @@
+"""The real Llama-2 vocabulary (32000 tokens) offline, for notebooks/03_prompt_templates.ipynb and tests.
+
+``make setup`` runs ``python -m helpers.vocab`` once: it takes ``ggml-vocab-llama-spm.gguf`` (724 KB,
+Llama's SentencePiece vocabulary) from the llama-cpp-python source package (about 77 MB, no gated
+download), converts it with the ``gguf`` package and saves a fast tokenizer beside the tiny model.
+"""
+
+import os
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+from transformers import AutoTokenizer, LlamaTokenizer
+
+from helpers.config import TutorialError, bilingual, home_dir
+from helpers.tiny import LLAMA2_CHAT_TEMPLATE
+
+GGUF_NAME = "ggml-vocab-llama-spm.gguf"
+SOURCE_PACKAGE = "llama-cpp-python==0.3.36"
+
+
+def fetch_llama2_vocab() -> Path:
+    """Fetch and convert the vocabulary unless it is cached; return the tokenizer folder."""
+    target = home_dir() / "llama2-vocab"
+    if (target / "tokenizer.json").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:  # only this package from source, build tools as wheels
+        command = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", "llama-cpp-python",
+                   SOURCE_PACKAGE, "-d", tmp]
+        if subprocess.run(command).returncode != 0:
+            raise TutorialError(bilingual(f"下载 {SOURCE_PACKAGE} 失败（见上面 pip 的输出）。请检查网络或 pip 的镜像设置后重试。",
+                                          f"Downloading {SOURCE_PACKAGE} failed (see pip's output above). "
+                                          "Check the network or pip's index settings and retry."))
+        with tarfile.open(next(Path(tmp).glob("*.tar.gz"))) as archive:
+            member = next(m for m in archive.getmembers() if m.name.endswith("/models/" + GGUF_NAME))
+            (Path(tmp) / GGUF_NAME).write_bytes(archive.extractfile(member).read())
+        converted = AutoTokenizer.from_pretrained(tmp, gguf_file=GGUF_NAME)
+        # As Meta's tokenizer_config.json: a LlamaTokenizer that adds BOS, with Llama-2-chat's template.
+        tok = LlamaTokenizer(tokenizer_object=converted.backend_tokenizer, legacy=False, add_bos_token=True)
+        tok.chat_template = LLAMA2_CHAT_TEMPLATE
+        tok.save_pretrained(Path(tmp) / "tokenizer")
+        os.replace(Path(tmp) / "tokenizer", target)  # all or nothing: an interrupted fetch leaves no half folder
+    return target
+
+
+def load_llama2_tokenizer(**kwargs):
+    """The real Llama-2 tokenizer from the cache; if it is missing, an error that says how to get it."""
+    folder = home_dir() / "llama2-vocab"
+    if not (folder / "tokenizer.json").exists():
+        how = "make setup  (or: python -m helpers.vocab)"
+        raise TutorialError(bilingual(f"还没有下载 Llama-2 的真实词表。请运行：{how}",
+                                      f"The real Llama-2 vocabulary is not fetched yet. Run: {how}"))
+    return AutoTokenizer.from_pretrained(folder, **kwargs)
+
+
+if __name__ == "__main__":
+    print("Llama-2 vocabulary:", fetch_llama2_vocab())
