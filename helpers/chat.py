@@ -308,6 +308,8 @@ class ChatWidget:
                   "stop": "已停止（保留已生成的内容）"}.get(reason, "完成")
         count, seconds = getattr(self.last, "token_count", None), time.perf_counter() - start
         status += f" · {count} tokens · {count / seconds:.1f} tokens/s" if count else f" · {len(self.last_reply)} 字"
+        han = sum("\u4e00" <= char <= "\u9fff" for char in self.last_reply)  # the basic block of Han characters
+        status += f" · 中文 {han / seconds:.1f} 字/s"
         if getattr(self.last, "dropped", None):
             status += f" · 最早的 {len(self.last.dropped) // 2} 轮对话放不进上下文窗口，没有送给模型"
         self._show(False, status)
