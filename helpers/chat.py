@@ -1,17 +1,17 @@
-"""Streaming chat for notebooks/04_streaming_chat.ipynb, which writes out the taught steps: the widget, the page, the CLI.
+"""Streaming chat (notebooks/04_streaming_chat.ipynb writes out the taught steps): widget, Gradio page, CLI.
 
-Backend contract (what :class:`ChatWidget` and :func:`build_gradio_app` take; lesson 07 plugs in its server)::
+Backend contract, for :class:`ChatWidget` and :func:`build_gradio_app` (lesson 07 plugs in its server)::
 
     backend(messages: list[dict], params: GenerationParams, stop: threading.Event) -> Iterable[str]
 
 * ``messages``: ``{"role": "system" | "user" | "assistant", "content": str}`` dicts, an optional
-  system message first, ending with the new user question;
-* the result yields the answer in order as text chunks without special tokens (no ``</s>``);
-* once ``stop`` is set it ends soon (the local model: after the current token) without raising;
-* a failure is an exception from the call or the iteration; the caller may also close the
-  iterator early (Gradio's Stop), so release resources in ``finally``;
-* optional attributes of the result, shown by the widget: ``token_count``, ``finish_reason``
-  (``"eos"``, ``"length"``, ``"stop"``), ``dropped`` (oldest messages left out of the prompt).
+  system message first, the new user question last;
+* the result yields the answer, in order, as text chunks without special tokens (no ``</s>``);
+* once ``stop`` is set it ends soon (the local model: after the current token), without raising;
+* a failure is an exception from the call or the iteration; the caller may close the iterator
+  early (Gradio's Stop), so free resources in ``finally``;
+* optional attributes of the result the widget shows: ``token_count``, ``finish_reason``
+  (``"eos"``, ``"length"``, ``"stop"``) and ``dropped`` (old messages left out of the prompt).
 """
 
 from __future__ import annotations
@@ -56,14 +56,13 @@ class GenerationParams:
 
 
 class StopOnEvent(StoppingCriteria):
-    """Stop ``generate`` after the current token once any of ``events`` is set (notebooks/04_streaming_chat.ipynb)."""
+    """Stop ``generate`` after the current token once ``event`` is set (notebooks/04_streaming_chat.ipynb)."""
 
-    def __init__(self, *events: threading.Event):
-        self.events = events
+    def __init__(self, event: threading.Event):
+        self.event = event
 
     def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
-        stop = any(event.is_set() for event in self.events)
-        return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
 class ReplyStream:
@@ -71,8 +70,8 @@ class ReplyStream:
 
     Oldest whole turns are dropped to fit the context (``messages``, ``dropped``); an exception in
     the worker, set-up included, ends the stream and is re-raised in the reader; ``stop_event`` or
-    closing the iterator stops ``generate`` after the current token. Then ``text``, ``token_ids``,
-    ``token_count``, ``elapsed_s`` and ``finish_reason`` (eos, length, stop, error) are set.
+    closing the iterator stops ``generate`` after the current token. Afterwards ``text``,
+    ``token_ids``, ``token_count``, ``elapsed_s`` and ``finish_reason`` (eos, length, stop, error).
     """
 
     def __init__(self, model, tokenizer, messages: list[dict], params: GenerationParams | None = None, *,
@@ -82,13 +81,12 @@ class ReplyStream:
         self.stop_event, self.generate_kwargs = stop_event or threading.Event(), generate_kwargs
         room = (max_context_tokens or model.config.max_position_embeddings) - int(self.params.max_new_tokens)
         if room <= 0:
-            raise TutorialError(bilingual(
-                f"max_new_tokens={self.params.max_new_tokens} 占满了上下文窗口，提示词放不下。请调小 max_new_tokens。",
-                f"max_new_tokens={self.params.max_new_tokens} fills the context window. Lower it."))
-        # A prompt that cannot fit raises PromptFormatError here, in the caller.
-        self.messages, self.dropped = truncate_history(tokenizer, messages, room, fmt)
+            raise TutorialError(bilingual(f"max_new_tokens={self.params.max_new_tokens} 占满了上下文窗口，请调小。",
+                                          f"max_new_tokens={self.params.max_new_tokens} fills the context window: lower it."))
+        self.messages, self.dropped = truncate_history(tokenizer, messages, room, fmt)  # may raise PromptFormatError
         self.prompt_ids = encode_prompt(tokenizer, self.messages, fmt)
-        self.text, self.token_ids, self.error, self.elapsed_s, self._started = "", [], None, 0.0, False
+        self.text, self.token_ids, self.token_count, self.elapsed_s = "", [], 0, 0.0
+        self.error, self.finish_reason, self._started = None, None, False
 
     def _generate(self, streamer: TextIteratorStreamer) -> None:  # the worker thread
         try:
@@ -124,7 +122,9 @@ class ReplyStream:
             if not finished:  # the reader went away (closed generator, exception in its loop): stop the worker
                 self.stop_event.set()
             worker.join()
-            self.elapsed_s = time.perf_counter() - start
+            self.elapsed_s, self.token_count = time.perf_counter() - start, len(self.token_ids)
+            ended = "eos" if self.token_ids[-1:] == [self.tokenizer.eos_token_id] else None
+            self.finish_reason = "error" if self.error else ended or ("stop" if self.stop_event.is_set() else "length")
         if self.error is not None:
             raise self.error
 
@@ -134,26 +134,14 @@ class ReplyStream:
             pass
         return self.text
 
-    @property
-    def token_count(self) -> int:
-        return len(self.token_ids)
-
-    @property
-    def finish_reason(self) -> str | None:
-        if self.error is not None:
-            return "error"
-        if self.token_ids and self.token_ids[-1] == self.tokenizer.eos_token_id:
-            return "eos"
-        return "stop" if self.stop_event.is_set() else "length" if self.token_ids else None
-
 
 def stream_reply(model, tokenizer, messages: list[dict], params: GenerationParams | None = None, **options) -> ReplyStream:
-    """Stream the model's answer to ``messages`` (options: see :class:`ReplyStream`); notebooks/04_streaming_chat.ipynb."""
+    """The model's answer to ``messages`` as a :class:`ReplyStream` (notebooks/04_streaming_chat.ipynb)."""
     return ReplyStream(model, tokenizer, messages, params, **options)
 
 
 def local_backend(model, tokenizer, fmt: str = "llama2", **options) -> Backend:
-    """The default backend: the local model via :func:`stream_reply`, ``options`` as :class:`ReplyStream`'s (lesson 04)."""
+    """The default backend: the local model through :func:`stream_reply` with ``options`` (lesson 04)."""
     def backend(messages: list[dict], params: GenerationParams, stop: threading.Event) -> ReplyStream:
         return stream_reply(model, tokenizer, messages, params, fmt=fmt, stop_event=stop, **options)
     return backend
@@ -161,7 +149,7 @@ def local_backend(model, tokenizer, fmt: str = "llama2", **options) -> Backend:
 
 def explain_error(err: BaseException, *, detail: bool = True) -> str:
     """A bilingual message for an error that ended a reply; ``detail=False`` leaves out the exception's text."""
-    if isinstance(err, TutorialError):
+    if isinstance(err, TutorialError):  # the course's own message, already bilingual
         return str(err)
     what = f"（{type(err).__name__}: {err}）" if detail else ""
     if isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower():
@@ -194,31 +182,31 @@ class ChatWidget:
         import ipywidgets as w
 
         if backend is None and (model is None or tokenizer is None):
-            raise TutorialError(bilingual("请给 ChatWidget 模型和分词器，或者 backend=...。", "Pass a model and a tokenizer, or backend=..."))
+            raise TutorialError(bilingual("请给 ChatWidget 模型和分词器，或 backend=...。", "Pass a model and a tokenizer, or backend=..."))
         self.backend = backend or local_backend(model, tokenizer, fmt)
         self.update_interval, self.base_params = update_interval, params or GenerationParams()
         self.history: list[dict] = []  # finished user/assistant turns: what the next prompt includes
         self.entries: list[tuple[str, str]] = []  # what the conversation view shows
-        self.last, self.last_error, self.last_reply = None, None, ""
-        self._stop, self._lock, self._thread = threading.Event(), threading.Lock(), None
-        p = self.base_params
+        self.last, self.last_error, self.last_reply, self._thread = None, None, "", None
+        self._stop, self._lock, p = threading.Event(), threading.Lock(), self.base_params
         self.system_box = w.Textarea(value=system_prompt, description="系统提示", layout=w.Layout(width="95%"))
         self.temperature = w.FloatSlider(value=p.temperature, min=0.05, max=2.0, step=0.05, description="temperature")
         self.max_new_tokens = w.IntSlider(value=p.max_new_tokens, min=1, max=2048, description="max_new_tokens")
         self.do_sample = w.Checkbox(value=p.do_sample, description="do_sample（关掉 = 贪心）")
         self.log, self.status = w.HTML(render_conversation([])), w.HTML("就绪。")
         self.input = w.Textarea(placeholder="输入问题，然后点“发送”", layout=w.Layout(width="95%"))
-        self.send_button, self.stop_button, self.clear_button = (w.Button(description=d) for d in ("发送", "停止", "清空"))
-        self.send_button.on_click(lambda _: self.send())
-        self.stop_button.on_click(lambda _: self.stop())
-        self.clear_button.on_click(lambda _: self.clear())
-        self.stop_button.disabled = True
-        for name in ("log", "input", "status", "send_button", "stop_button", "clear_button"):  # CSS names for tests
-            getattr(self, name).add_class("chat-" + name.removesuffix("_button"))
+        buttons = []
+        for name, label, action in (("send", "发送", self.send), ("stop", "停止", self.stop), ("clear", "清空", self.clear)):
+            buttons.append(w.Button(description=label))
+            buttons[-1].on_click(lambda _button, action=action: action())
+            buttons[-1].add_class(f"chat-{name}")  # CSS names the browser test looks for
+        self.send_button, self.stop_button, self.clear_button = buttons
+        for name in ("log", "input", "status"):
+            getattr(self, name).add_class(f"chat-{name}")
         self.settings = w.Accordion(children=[w.VBox([self.system_box, self.temperature, self.max_new_tokens, self.do_sample])])
         self.settings.set_title(0, "系统提示与生成参数")  # ipywidgets 7 ignores Accordion(titles=...)
-        self.ui = w.VBox([self.log, self.input, w.HBox([self.send_button, self.stop_button, self.clear_button]),
-                          self.status, self.settings])
+        self.ui = w.VBox([self.log, self.input, w.HBox(buttons), self.status, self.settings])
+        self._show(False, "就绪。")
 
     def _ipython_display_(self):
         from IPython.display import display
@@ -244,12 +232,12 @@ class ChatWidget:
             if text is None:
                 self.input.value = ""
             system = self.system_box.value.strip()
-            messages = [{"role": "system", "content": system}] if system else []
-            messages += self.history + [{"role": "user", "content": question}]
+            messages = ([{"role": "system", "content": system}] if system else []) + self.history
+            messages.append({"role": "user", "content": question})
             self.entries.append(("user", question))
             self._stop.clear()
-            self._show(busy=True, status="生成中…")
-            self._thread = threading.Thread(target=self._answer, args=(messages,), name="chat-ui", daemon=True)
+            self._show(True, "生成中…")
+            self._thread = threading.Thread(target=self._answer, args=(messages,), daemon=True)
             self._thread.start()
         if wait:
             self.wait()
@@ -265,17 +253,16 @@ class ChatWidget:
         self.wait()
         self.history.clear()
         self.entries.clear()
-        self._show(busy=False, status="已清空。")
+        self._show(False, "已清空。")
 
     def wait(self, timeout: float | None = None) -> None:
         """Wait for the answer; an interrupt (the kernel's stop button, Ctrl+C) stops the generation too."""
-        thread = self._thread
         try:
-            if thread is not None:
-                thread.join(timeout)
+            if self._thread is not None:
+                self._thread.join(timeout)
         except KeyboardInterrupt:
             self.stop()
-            thread.join()
+            self._thread.join()
             raise
 
     def _show(self, busy: bool, status: str, partial: list | None = None) -> None:
@@ -284,7 +271,7 @@ class ChatWidget:
         self.stop_button.disabled = not busy
         self.status.value = status
 
-    def _answer(self, messages: list[dict]) -> None:  # the "chat-ui" thread: sets widget values only
+    def _answer(self, messages: list[dict]) -> None:  # a background thread: it only sets widget values
         self.last, self.last_error, self.last_reply = None, None, ""
         start, shown = time.perf_counter(), float("-inf")
         try:
@@ -307,20 +294,16 @@ class ChatWidget:
         status = {"eos": "完成（模型输出了 </s>）", "length": "完成（达到 max_new_tokens）",
                   "stop": "已停止（保留已生成的内容）"}.get(reason, "完成")
         count, seconds = getattr(self.last, "token_count", None), time.perf_counter() - start
-        status += f" · {count} tokens · {count / seconds:.1f} tokens/s" if count else f" · {len(self.last_reply)} 字"
-        han = sum("\u4e00" <= char <= "\u9fff" for char in self.last_reply)  # the basic block of Han characters
-        status += f" · 中文 {han / seconds:.1f} 字/s"
-        if getattr(self.last, "dropped", None):
-            status += f" · 最早的 {len(self.last.dropped) // 2} 轮对话放不进上下文窗口，没有送给模型"
-        self._show(False, status)
+        han = sum("\u4e00" <= char <= "\u9fff" for char in self.last_reply)  # Han characters of the basic block
+        speed = f"{count} tokens · {count / seconds:.1f} tokens/s" if count else f"{len(self.last_reply)} 字"
+        dropped = len(getattr(self.last, "dropped", None) or []) // 2
+        left_out = f" · 最早的 {dropped} 轮对话放不进上下文窗口，没有送给模型" if dropped else ""
+        self._show(False, f"{status} · {speed} · 中文 {han / seconds:.1f} 字/s{left_out}")
 
 
 def history_to_messages(history: list, message, system_prompt: str = "") -> list[dict]:
-    """Gradio's history plus the new message as ``messages`` (notebooks/04_streaming_chat.ipynb).
-
-    Takes role/content dicts (gradio 6; gradio 5 with ``type="messages"``), content given as text
-    or as ``{"type": "text", "text": ...}`` parts, and gradio 5's ``[user, assistant]`` pairs.
-    """
+    """Gradio's history plus the new message as ``messages`` (notebooks/04_streaming_chat.ipynb): role/content
+    dicts (gradio 6, gradio 5's ``type="messages"``), text or text parts, or gradio 5's ``[user, answer]`` pairs."""
     def text(content) -> str:
         if isinstance(content, (list, tuple)):
             return "".join(map(text, content))
@@ -340,21 +323,18 @@ def history_to_messages(history: list, message, system_prompt: str = "") -> list
     return system + turns + [{"role": "user", "content": text(message)}]
 
 
-def build_gradio_app(backend: Backend, *, system_prompt: str = SYSTEM_PROMPT_ARTICLE, show_error: bool = True,
-                     params: GenerationParams | None = None, title: str = "Llama-2 中文问答"):
-    """Lesson 04's ``gr.ChatInterface`` page over ``backend`` (notebooks/04_streaming_chat.ipynb writes it out).
+def build_gradio_app(backend: Backend, *, params: GenerationParams | None = None, show_error: bool = True,
+                     system_prompt: str = SYSTEM_PROMPT_ARTICLE):
+    """The ``gr.ChatInterface`` page notebooks/04_streaming_chat.ipynb writes out, over ``backend``, gradio 5 or 6.
 
-    API endpoint ``/chat``: message, system prompt, max_new_tokens, temperature, do_sample. Works
-    with gradio 5 (``type="messages"`` passed) and 6. ``show_error=False`` (a page others can
-    reach) shows what went wrong without the exception's text.
+    Endpoint ``/chat``: message, system prompt, max_new_tokens (other parameters from ``params``).
+    ``show_error=False`` (a page others reach) reports errors without the exception's text.
     """
     import gradio as gr
 
-    base = params or GenerationParams()
-
-    def respond(message, history, system, max_new_tokens, temperature, do_sample):
+    def respond(message, history, system, max_new_tokens):
         messages = history_to_messages(history, message, system)
-        chosen = replace(base, max_new_tokens=int(max_new_tokens), temperature=float(temperature), do_sample=bool(do_sample))
+        chosen = replace(params or GenerationParams(), max_new_tokens=int(max_new_tokens))
         answer, stop = "", threading.Event()
         try:
             for chunk in backend(messages, chosen, stop):
@@ -366,13 +346,10 @@ def build_gradio_app(backend: Backend, *, system_prompt: str = SYSTEM_PROMPT_ART
             stop.set()  # Gradio's Stop closes this generator: end the generation too
 
     extra = {"type": "messages"} if "type" in inspect.signature(gr.ChatInterface).parameters else {}
-    return gr.ChatInterface(
-        respond, title=title, api_name="chat", analytics_enabled=False, **extra,
-        additional_inputs=[gr.Textbox(system_prompt, label="系统提示"),
-                           gr.Slider(1, 2048, value=base.max_new_tokens, step=1, label="max_new_tokens"),
-                           gr.Slider(0.05, 2.0, value=base.temperature, step=0.05, label="temperature"),
-                           gr.Checkbox(value=base.do_sample, label="do_sample（关掉 = 贪心）")],
-    )
+    inputs = [gr.Textbox(system_prompt, label="系统提示"),
+              gr.Slider(1, 2048, value=(params or GenerationParams()).max_new_tokens, step=1, label="max_new_tokens")]
+    return gr.ChatInterface(respond, additional_inputs=inputs, title="Llama-2 中文问答", api_name="chat",
+                            analytics_enabled=False, **extra)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -390,12 +367,10 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError:
         loopback = False  # a host name other than localhost
     user, _, password = (args.auth or "").partition(":")
-    if args.auth is not None and not (user and password):
-        parser.error(bilingual("--auth 的格式是 用户名:密码。", "--auth takes user:password."))
-    if not loopback and args.auth is None:
+    if not (user and password) and (args.auth is not None or not loopback):
         parser.error(bilingual(
-            f"--host {args.host} 会让其他机器也能打开这个页面并使用你的模型。请同时给出 --auth 用户名:密码，或者去掉 --host。",
-            f"--host {args.host} lets other machines use this page and your model. Add --auth user:password, or drop --host."))
+            f"需要 --auth 用户名:密码：监听 {args.host} 时，能连上这台机器的人都能使用你的模型（或者去掉 --host）。",
+            f"--auth user:password is required: on {args.host} anyone who reaches this machine can use your model."))
 
     from helpers.config import resolve_model
     from helpers.loading import load_model_and_tokenizer

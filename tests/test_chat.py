@@ -596,8 +596,8 @@ def _drive_page(app, questions, *extra):
 
 def test_gradio_page_remembers_earlier_turns():
     backend = FakeBackend()
-    app = chat_mod.build_gradio_app(backend, system_prompt="系统")
-    finals = _drive_page(app, ["第一问", "第二问", "第三问"], "系统", 64, 0.3, False)
+    app = chat_mod.build_gradio_app(backend, params=GenerationParams(do_sample=False), system_prompt="系统")
+    finals = _drive_page(app, ["第一问", "第二问", "第三问"], "系统", 64)
     assert finals == [f"回答{n}：{q}" * 5 for n, q in ((1, "第一问"), (2, "第二问"), (3, "第三问"))]
     third, params = backend.calls[2]
     assert third == [{"role": "system", "content": "系统"},
@@ -625,14 +625,15 @@ def test_gradio_page_streams_in_chunks_and_stops_cleanly(loaded, show_error):
 
     model, tokenizer = loaded
     port = _free_port()
-    app = chat_mod.build_gradio_app(local_backend(model, tokenizer), show_error=show_error)
+    app = chat_mod.build_gradio_app(local_backend(model, tokenizer), params=GenerationParams(do_sample=False),
+                                    show_error=show_error)
     app.queue(default_concurrency_limit=1)
     app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, show_error=show_error)
     try:
         client = Client(app.local_url, verbose=False)
         if show_error:
             question = "请用中文介绍一下长城。"
-            job = client.submit(question, "你是一个助手。", 40, 0.3, False, api_name="/chat")
+            job = client.submit(question, "你是一个助手。", 40, api_name="/chat")
             final = job.result(timeout=120)
             updates = job.outputs()
             expected, _ = _reference(model, tokenizer, _messages(question, system="你是一个助手。"),
@@ -644,11 +645,11 @@ def test_gradio_page_streams_in_chunks_and_stops_cleanly(loaded, show_error):
         handle, _ = _raise_at_step(model, 2, torch.OutOfMemoryError("CUDA out of memory (secret detail)"))
         try:
             with pytest.raises(Exception, match="显存不足") as caught:
-                client.predict("你好", "", 20, 0.3, False, api_name="/chat")
+                client.predict("你好", "", 20, api_name="/chat")
         finally:
             handle.remove()
         assert ("secret detail" in str(caught.value)) is show_error
-        assert client.predict("你好", "", 10, 0.3, False, api_name="/chat").strip()
+        assert client.predict("你好", "", 10, api_name="/chat").strip()
         client.close()
     finally:
         app.close()
