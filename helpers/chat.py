@@ -123,8 +123,12 @@ class ReplyStream:
                 self.stop_event.set()
             worker.join()
             self.elapsed_s, self.token_count = time.perf_counter() - start, len(self.token_ids)
-            ended = "eos" if self.token_ids[-1:] == [self.tokenizer.eos_token_id] else None
-            self.finish_reason = "error" if self.error else ended or ("stop" if self.stop_event.is_set() else "length")
+            if self.error is not None:
+                self.finish_reason = "error"
+            elif self.token_ids[-1:] == [self.tokenizer.eos_token_id]:
+                self.finish_reason = "eos"
+            else:
+                self.finish_reason = "stop" if self.stop_event.is_set() else "length"
         if self.error is not None:
             raise self.error
 
