@@ -317,10 +317,14 @@ def history_to_messages(history: list, message, system_prompt: str = "") -> list
     for item in history or []:
         pairs = [(item["role"], item["content"])] if isinstance(item, dict) else zip(("user", "assistant"), item)
         for role, content in pairs:
-            if role in ("user", "assistant") and content is not None:
-                if turns and turns[-1]["role"] == role:  # a question whose answer failed: keep the later one
-                    turns.pop()
-                turns.append({"role": role, "content": text(content)})
+            if role not in ("user", "assistant") or content is None:
+                continue
+            if turns and turns[-1]["role"] == role == "assistant":  # one answer shown as several messages
+                turns[-1]["content"] += text(content)
+                continue
+            if turns and turns[-1]["role"] == role:  # a question whose answer failed: keep the later one
+                turns.pop()
+            turns.append({"role": role, "content": text(content)})
     if turns and turns[-1]["role"] == "user":  # an unanswered question
         turns.pop()
     system = [{"role": "system", "content": system_prompt.strip()}] if system_prompt.strip() else []

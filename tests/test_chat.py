@@ -579,6 +579,8 @@ def test_history_to_messages_understands_both_gradio_shapes():
     assert history_to_messages(messages, "新问题", "系统") == expected
     assert history_to_messages(tuples, "新问题", "系统") == expected
     assert history_to_messages([], "新问题", "") == expected[-1:]
+    split = [messages[0], {"role": "assistant", "content": "你"}, {"role": "assistant", "content": "好！"}]
+    assert history_to_messages(split, "新问题", "系统") == expected
 
 
 def _drive_page(app, questions, *extra):
