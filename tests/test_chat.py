@@ -622,36 +622,45 @@ def _free_port() -> int:
 
 
 @pytest.mark.parametrize("show_error", [True, False])
-def test_gradio_page_streams_in_chunks_and_stops_cleanly(loaded, show_error):
+def test_gradio_page_reports_errors_with_detail_only_when_asked(show_error):
+    import gradio as gr
+
+    app = chat_mod.build_gradio_app(FakeBackend(fail_on="坏"), show_error=show_error)
+    with pytest.raises(gr.Error) as caught:
+        _drive_page(app, ["坏问题"], "", 64)
+    assert "生成时出错" in str(caught.value)
+    assert ("server went away" in str(caught.value)) is show_error
+
+
+def test_gradio_page_streams_in_chunks_and_stops_cleanly(loaded):
     from gradio_client import Client
 
     model, tokenizer = loaded
     port = _free_port()
     app = chat_mod.build_gradio_app(local_backend(model, tokenizer), params=GenerationParams(do_sample=False),
-                                    show_error=show_error)
+                                    show_error=False)  # as on a page others can reach
     app.queue(default_concurrency_limit=1)
-    app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, show_error=show_error)
+    app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, show_error=False)
     try:
         client = Client(app.local_url, verbose=False)
-        if show_error:
-            question = "请用中文介绍一下长城。"
-            job = client.submit(question, "你是一个助手。", 40, api_name="/chat")
-            final = job.result(timeout=120)
-            updates = job.outputs()
-            expected, _ = _reference(model, tokenizer, _messages(question, system="你是一个助手。"),
-                                     GenerationParams(do_sample=False, max_new_tokens=40))
-            assert final == expected and len(updates) > 1, updates
-            assert all(expected.startswith(u) for u in updates), "each update is the answer so far"
-            assert not any(REPLACEMENT in u or "</s>" in u for u in updates)
-        # A failure in the worker reaches the page as a message; its text only when show_error is on.
+        question = "请用中文介绍一下长城。"
+        job = client.submit(question, "你是一个助手。", 40, api_name="/chat")
+        final = job.result(timeout=120)
+        updates = job.outputs()
+        expected, _ = _reference(model, tokenizer, _messages(question, system="你是一个助手。"),
+                                 GenerationParams(do_sample=False, max_new_tokens=40))
+        assert final == expected and len(updates) > 1, updates
+        assert all(expected.startswith(u) for u in updates), "each update is the answer so far"
+        assert not any(REPLACEMENT in u or "</s>" in u for u in updates)
+        # A failure in the worker reaches the page as a message, without the exception's own text.
         handle, _ = _raise_at_step(model, 2, torch.OutOfMemoryError("CUDA out of memory (secret detail)"))
         try:
             with pytest.raises(Exception, match="显存不足") as caught:
                 client.predict("你好", "", 20, api_name="/chat")
         finally:
             handle.remove()
-        assert ("secret detail" in str(caught.value)) is show_error
-        assert client.predict("你好", "", 10, api_name="/chat").strip()
+        assert "secret detail" not in str(caught.value)
+        assert client.predict("你好", "", 10, api_name="/chat").strip(), "the page keeps working"
         client.close()
     finally:
         app.close()
