@@ -20,6 +20,7 @@ import argparse
 import html
 import inspect
 import ipaddress
+import socket
 import threading
 import time
 from dataclasses import dataclass, replace
@@ -358,6 +359,13 @@ def build_gradio_app(backend: Backend, *, params: GenerationParams | None = None
               gr.Slider(1, 2048, value=(params or GenerationParams()).max_new_tokens, step=1, label="max_new_tokens")]
     return gr.ChatInterface(respond, additional_inputs=inputs, title="Llama-2 中文问答", api_name="chat",
                             analytics_enabled=False, **extra)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nobody listens on right now (for the page in notebooks/04_streaming_chat.ipynb, servers in 07)."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
 
 
 def main(argv: list[str] | None = None) -> None:

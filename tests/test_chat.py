@@ -615,12 +615,6 @@ def _port_open(port: int) -> bool:
         return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.parametrize("show_error", [True, False])
 def test_gradio_page_reports_errors_with_detail_only_when_asked(show_error):
     import gradio as gr
@@ -636,7 +630,7 @@ def test_gradio_page_streams_in_chunks_and_stops_cleanly(loaded):
     from gradio_client import Client
 
     model, tokenizer = loaded
-    port = _free_port()
+    port = chat_mod.free_port()
     app = chat_mod.build_gradio_app(local_backend(model, tokenizer), params=GenerationParams(do_sample=False),
                                     show_error=False)  # as on a page others can reach
     app.queue(default_concurrency_limit=1)
@@ -665,6 +659,8 @@ def test_gradio_page_streams_in_chunks_and_stops_cleanly(loaded):
     finally:
         app.close()
     assert not _port_open(port), "the server still listens after close()"
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", chat_mod.free_port()))  # free_port gives a port one can bind
 
 
 class _FakeApp:
