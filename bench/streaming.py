@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from helpers.chat import UPDATE_INTERVAL_S, ChatWidget, GenerationParams, stream_reply
+from helpers.chat import UPDATE_INTERVAL_S, ChatWidget, GenerationParams, local_backend, stream_reply
 from helpers.config import output_dir, resolve_model
 from helpers.loading import load_model_and_tokenizer
 from helpers.prompts import SYSTEM_PROMPT_ARTICLE, encode_prompt
@@ -86,8 +86,8 @@ def run_stream(model, tokenizer, messages, params: GenerationParams, fmt: str) -
 
 
 def run_widget(model, tokenizer, messages, params: GenerationParams, fmt: str) -> tuple[float, int, int]:
-    chat = ChatWidget(model, tokenizer, fmt, system_prompt=messages[0]["content"], params=params)
-    chat.extra_generate_kwargs = {"min_new_tokens": params.max_new_tokens}
+    backend = local_backend(model, tokenizer, fmt, min_new_tokens=params.max_new_tokens)
+    chat = ChatWidget(backend=backend, system_prompt=messages[0]["content"], params=params)
     updates = []
     chat.log.observe(lambda change: updates.append(1), "value")
     start = time.perf_counter()

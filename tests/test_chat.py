@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import html
 import socket
 import threading
+import time
 
 import pytest
 import torch
@@ -12,14 +15,7 @@ from hypothesis import strategies as st
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from helpers import chat as chat_mod
-from helpers.chat import (
-    ChatWidget,
-    GenerationParams,
-    count_han,
-    history_to_messages,
-    markdown_to_html,
-    stream_reply,
-)
+from helpers.chat import ChatWidget, GenerationParams, history_to_messages, local_backend, stream_reply
 from helpers.config import TutorialError, resolve_model
 from helpers.loading import load_model_and_tokenizer
 from helpers.prompts import PromptFormatError, encode_prompt
@@ -154,10 +150,6 @@ def test_byte_fallback_pieces_never_stream_as_replacement_chars(loaded, answer):
     assert stream.token_ids == ids + [tokenizer.eos_token_id] and stream.finish_reason == "eos"
     assert not [c for c in chunks if REPLACEMENT in c or "</s>" in c], chunks
     assert "".join(chunks) == tokenizer.decode(ids, skip_special_tokens=True) == answer
-    # The widget's reader (whole text so far, batched) sees the same clean text.
-    stream, _ = _forced_stream(model, tokenizer, answer)
-    updates = list(stream.updates(interval=0))
-    assert not [u for u in updates if REPLACEMENT in u or "</s>" in u] and updates[-1] == answer
 
 
 _ALPHABET = st.sampled_from(
@@ -223,10 +215,40 @@ def test_worker_exception_surfaces_in_the_reader_without_hanging(loaded):
     assert not reader.is_alive(), "the reader hung after the worker failed"
     assert isinstance(outcome.get("error"), RuntimeError) and "boom in the worker" in str(outcome["error"])
     assert stream.finish_reason == "error" and len(calls) == 4
-    # The three tokens made before the failure were still delivered.
-    assert stream.token_count == 3
-    assert stream.text == tokenizer.decode(stream.token_ids, skip_special_tokens=True)
+    # The three tokens made before the failure were still delivered (held-back text flushed).
+    first_three, _ = _reference(model, tokenizer, _messages("你好"), GenerationParams(do_sample=False, max_new_tokens=3))
+    assert stream.text == "".join(outcome.get("chunks", [])) == first_three
     assert not [t for t in threading.enumerate() if t.name == "chat-generate" and t.is_alive()]
+
+
+class _BrokenSetup:
+    """A model whose set-up in the worker (``model.device``, read to build the input tensor) fails."""
+
+    def __init__(self, model):
+        self.config = model.config
+
+    @property
+    def device(self):
+        raise RuntimeError("device set-up failed (test)")
+
+
+def test_failure_while_setting_up_tensors_ends_the_stream(loaded):
+    model, tokenizer = loaded
+    stream = stream_reply(_BrokenSetup(model), tokenizer, _messages("你好"), GREEDY)
+    outcome: dict = {}
+
+    def read():
+        try:
+            outcome["chunks"] = list(stream)
+        except BaseException as err:  # noqa: BLE001
+            outcome["error"] = err
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(timeout=30)
+    assert not reader.is_alive(), "the reader hung: a failure before generate() did not end the stream"
+    assert isinstance(outcome.get("error"), RuntimeError) and "set-up failed" in str(outcome["error"])
+    assert stream.finish_reason == "error"
 
 
 @pytest.mark.parametrize("bad", [{"repetition_penalty": 0.0}, {"top_k": -1}, {"temperature": 0.0}, {"max_new_tokens": 0}])
@@ -308,8 +330,6 @@ def test_history_is_truncated_by_whole_turns(loaded):
     assert stream.messages == [messages[0]] + messages[-3:]
     assert stream.prompt_ids == encode_prompt(tokenizer, stream.messages, "llama2")
     assert len(stream.prompt_ids) <= budget
-    stream.run()
-    assert "最早的 5 轮" in chat_mod.status_line(stream)
 
 
 def test_prompt_that_cannot_fit_is_a_tutorial_error(loaded):
@@ -325,52 +345,7 @@ def test_stream_iterates_once(loaded):
     stream = stream_reply(model, tokenizer, _messages("你好"), GREEDY)
     stream.run()
     with pytest.raises(RuntimeError):
-        iter(stream)
-
-
-# --------------------------------------------------------------------------- rendering and throttling
-
-
-def test_markdown_rendering_is_escaped_and_shows_code_blocks():
-    html = markdown_to_html("看 **这里**：`x<y`\n```python\nprint('<script>')\n```\n完")
-    assert "<script>" not in html and "&lt;script&gt;" in html
-    assert '<pre class="chat-code" data-lang="python"' in html and "<b>这里</b>" in html
-    assert "<code" in html and "x&lt;y" in html
-    # An unclosed fence mid-stream is shown as code so far.
-    assert '<pre class="chat-code"' in markdown_to_html("代码：\n```bash\nls -la")
-
-
-def test_updates_are_throttled_and_end_with_the_full_text(loaded):
-    model, tokenizer = loaded
-    msgs = _messages("请用中文介绍一下长城。")
-    expected, ids = _reference(model, tokenizer, msgs, GREEDY)
-    assert len(ids) > 5
-    # An interval longer than the answer: the first text, then the end. Nothing per token.
-    slow = list(stream_reply(model, tokenizer, msgs, GREEDY).updates(interval=1e9))
-    assert 1 <= len(slow) <= 2 and slow[-1] == expected and expected.startswith(slow[0])
-    stream = stream_reply(model, tokenizer, msgs, GREEDY)
-    fast = list(stream.updates(interval=0))
-    assert fast[-1] == expected == stream.text and all(expected.startswith(u) for u in fast)
-    assert stream.finish_reason in {"eos", "length"} and stream.token_ids == ids
-
-
-def test_updates_surface_worker_errors_and_partial_text(loaded):
-    model, tokenizer = loaded
-    handle, _ = _raise_at_step(model, 4, RuntimeError("boom in the worker"))
-    stream = stream_reply(model, tokenizer, _messages("你好"), GenerationParams(do_sample=False, max_new_tokens=50))
-    seen = []
-    try:
-        with pytest.raises(RuntimeError, match="boom"):
-            for text in stream.updates(interval=1e9):
-                seen.append(text)
-    finally:
-        handle.remove()
-    assert stream.token_count == 3 and stream.finish_reason == "error"
-    assert all(stream.text.startswith(t) for t in seen)
-
-
-def test_count_han():
-    assert count_han("长城 Great Wall 𪚥😀") == 3
+        list(stream)
 
 
 # --------------------------------------------------------------------------- the widget
@@ -381,15 +356,14 @@ def test_widget_send_streams_into_history_and_matches_greedy(loaded):
     chat = ChatWidget(model, tokenizer, system_prompt="你是一个助手。")
     chat.do_sample.value = False
     chat.max_new_tokens.value = 40
-    renders = []
-    chat.log.observe(lambda change: renders.append(change["new"]), "value")
     chat.send("请用中文介绍一下长城。", wait=True)
     expected, _ = _reference(model, tokenizer, _messages("请用中文介绍一下长城。", system="你是一个助手。"),
                              chat.params)
     assert chat.last_reply == expected and expected.strip()
     assert chat.history == [{"role": "user", "content": "请用中文介绍一下长城。"},
                             {"role": "assistant", "content": expected}]
-    assert "请用中文介绍一下长城。" in chat.log.value and "tokens/s" in chat.status.value and "字/s" in chat.status.value
+    assert "请用中文介绍一下长城。" in chat.log.value and "tokens/s" in chat.status.value
+    assert "\ufffd" not in chat.log.value and "&lt;/s&gt;" not in chat.log.value
     assert not chat.busy and not chat.send_button.disabled and chat.stop_button.disabled
     # Second turn carries the first.
     chat.send("再短一点。", wait=True)
@@ -410,18 +384,28 @@ def test_widget_input_box_is_what_send_uses(loaded):
     assert chat.send("   ") is None and "请输入问题" in chat.status.value
 
 
-def test_widget_updates_are_throttled(loaded):
-    model, tokenizer = loaded
-    chat = ChatWidget(model, tokenizer, update_interval=1e9)  # at most one update during the stream
-    chat.do_sample.value = False
-    chat.max_new_tokens.value = 40
+def _count_renders(chat) -> list:
     renders = []
     chat.log.observe(lambda change: renders.append(change["new"]), "value")
+    return renders
+
+
+def test_widget_updates_are_throttled(loaded):
+    model, tokenizer = loaded
+    forced = local_backend(model, tokenizer, min_new_tokens=40)  # 40 tokens whatever the model would say
+    unthrottled = ChatWidget(backend=forced, system_prompt="", update_interval=0)
+    unthrottled.do_sample.value, unthrottled.max_new_tokens.value = False, 40
+    every = _count_renders(unthrottled)
+    unthrottled.send("请用中文介绍一下长城。", wait=True)
+    chat = ChatWidget(backend=forced, system_prompt="", update_interval=1e9)  # at most one update while streaming
+    chat.do_sample.value, chat.max_new_tokens.value = False, 40
+    renders = _count_renders(chat)
     chat.send("请用中文介绍一下长城。", wait=True)
-    assert chat.last.token_count > 5
-    # question shown, first chunk shown, final answer shown: no per-token updates.
-    assert len(renders) <= 3
-    assert renders[-1] == chat.log.value and markdown_to_html(chat.last_reply) in chat.log.value, "final text shown"
+    assert chat.last.token_count == unthrottled.last.token_count == 40
+    assert len(every) > 5, "without throttling the view is re-rendered as chunks arrive"
+    # the question, the first chunk, the final answer: no per-chunk updates.
+    assert len(renders) <= 3 and chat.last_reply == unthrottled.last_reply
+    assert renders[-1] == chat.log.value and html.escape(chat.last_reply) in chat.log.value, "final text shown"
 
 
 def test_widget_error_is_a_message_and_the_widget_stays_usable(loaded):
@@ -446,12 +430,23 @@ def test_widget_error_is_a_message_and_the_widget_stays_usable(loaded):
     assert not chat.busy
 
 
+def test_widget_says_when_old_turns_were_left_out(loaded):
+    model, tokenizer = loaded
+    system = {"role": "system", "content": "你是一个助手。"}
+    room = len(encode_prompt(tokenizer, [system, {"role": "user", "content": "第三个问题"}])) + 2
+    chat = ChatWidget(backend=local_backend(model, tokenizer, max_context_tokens=room + 8), system_prompt=system["content"])
+    chat.do_sample.value, chat.max_new_tokens.value = False, 8
+    for question in ("第一个问题", "第二个问题", "第三个问题"):
+        chat.send(question, wait=True)
+    assert chat.last.messages == [system, {"role": "user", "content": "第三个问题"}]
+    assert len(chat.last.dropped) == 4 and "最早的 2 轮" in chat.status.value
+
+
 def test_widget_stop_keeps_the_partial_answer(loaded):
     model, tokenizer = loaded
-    chat = ChatWidget(model, tokenizer)
+    chat = ChatWidget(backend=local_backend(model, tokenizer, min_new_tokens=200))
     chat.do_sample.value = False
     chat.max_new_tokens.value = 200
-    chat.extra_generate_kwargs = {"min_new_tokens": 200}
     calls = []
 
     def hook(module, args, output):
@@ -468,7 +463,6 @@ def test_widget_stop_keeps_the_partial_answer(loaded):
     assert chat.history[-1] == {"role": "assistant", "content": chat.last.text}
     assert "已停止" in chat.status.value
     # While busy, a second send is refused rather than interleaved.
-    chat.extra_generate_kwargs = {}
     gate = threading.Event()
     handle = model.register_forward_pre_hook(lambda m, a: None if gate.wait(30) else None)
     try:
@@ -481,21 +475,138 @@ def test_widget_stop_keeps_the_partial_answer(loaded):
     assert [m["content"] for m in chat.history if m["role"] == "user"][-1] == "第一条"
 
 
+def test_interrupting_the_wait_stops_the_generation(loaded):
+    model, tokenizer = loaded
+    chat = ChatWidget(backend=local_backend(model, tokenizer, min_new_tokens=600), system_prompt="")
+    chat.do_sample.value, chat.max_new_tokens.value = False, 600
+    steps = []
+
+    def slow_step(module, args):  # 600 steps of at least 20 ms: 12 s or more if nothing stops them
+        steps.append(1)
+        time.sleep(0.02)
+
+    handle = model.register_forward_pre_hook(slow_step)
+    try:
+        thread = chat.send("讲一个很长的故事。")
+        real_join = thread.join
+        thread.join = lambda timeout=None: (thread.__dict__.pop("join"), _interrupt())  # Ctrl+C while waiting
+        start = time.perf_counter()
+        with pytest.raises(KeyboardInterrupt):
+            chat.wait()
+        waited = time.perf_counter() - start
+        assert not thread.is_alive(), "the generation still runs after the interrupt"
+    finally:
+        handle.remove()
+        chat.stop()
+        real_join(60)
+    assert waited < 5 and chat.last.finish_reason == "stop" and chat.last.token_count < 600
+    assert len(steps) < 600 and not chat.busy and "已停止" in chat.status.value
+
+
+def _interrupt():
+    raise KeyboardInterrupt
+
+
+class FakeBackend:
+    """A backend that keeps the contract: answers "回答N：" + the question, in 3-character chunks."""
+
+    def __init__(self, fail_on: str | None = None):
+        self.calls: list[tuple[list, GenerationParams]] = []
+        self.fail_on = fail_on
+
+    def __call__(self, messages, params, stop):
+        self.calls.append(([dict(m) for m in messages], params))
+        answer = f"回答{len(self.calls)}：{messages[-1]['content']}" * 5
+        for i in range(0, len(answer), 3):
+            if stop.is_set():
+                return
+            if self.fail_on and self.fail_on in messages[-1]["content"] and i >= 6:
+                raise ConnectionError("server went away (test)")
+            yield answer[i:i + 3]
+
+
+def test_widget_with_a_pluggable_backend():
+    backend = FakeBackend(fail_on="坏")
+    chat = ChatWidget(backend=backend, system_prompt="系统")
+    chat.do_sample.value, chat.max_new_tokens.value, chat.temperature.value = False, 77, 0.7
+    chat.send("你好", wait=True)
+    assert chat.last_reply == "回答1：你好" * 5 and chat.last_error is None
+    messages, params = backend.calls[0]
+    assert messages == [{"role": "system", "content": "系统"}, {"role": "user", "content": "你好"}]
+    assert (params.do_sample, params.max_new_tokens, params.temperature, params.top_p) == (False, 77, 0.7, 0.95)
+    assert "完成" in chat.status.value and f"{len(chat.last_reply)} 字" in chat.status.value
+    chat.send("再来", wait=True)
+    assert backend.calls[1][0][1:] == [{"role": "user", "content": "你好"},
+                                       {"role": "assistant", "content": "回答1：你好" * 5},
+                                       {"role": "user", "content": "再来"}]
+    chat.send("坏问题", wait=True)  # the backend raises mid-answer
+    assert isinstance(chat.last_error, ConnectionError) and "server went away" in chat.log.value
+    assert len(chat.history) == 4 and not chat.busy
+    with pytest.raises(TutorialError):
+        ChatWidget()  # neither a model nor a backend
+
+
+def test_accordion_title_survives_the_ipywidgets_7_api(monkeypatch, loaded):
+    import ipywidgets
+
+    class Accordion7(ipywidgets.Accordion):
+        """ipywidgets 7.7.1 (Colab) has no ``titles`` trait: the keyword is silently ignored."""
+
+        def __init__(self, *args, titles=None, **kwargs):
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(ipywidgets, "Accordion", Accordion7)
+    chat = ChatWidget(backend=FakeBackend())
+    assert isinstance(chat.settings, Accordion7) and chat.settings.get_title(0) == "系统提示与生成参数"
+
+
 # --------------------------------------------------------------------------- Gradio
 
 
-def test_history_to_messages_understands_gradio_6_messages():
-    history = [
-        {"role": "user", "content": [{"type": "text", "text": "你好"}]},
-        {"role": "assistant", "content": "你好！"},
-        {"role": "user", "content": "失败的问题"},  # its answer failed: no assistant message
-    ]
-    assert history_to_messages(history, "新问题", "系统") == [
+def test_history_to_messages_understands_both_gradio_shapes():
+    expected = [
         {"role": "system", "content": "系统"},
         {"role": "user", "content": "你好"},
         {"role": "assistant", "content": "你好！"},
         {"role": "user", "content": "新问题"},
     ]
+    messages = [  # gradio 6, and gradio 5 with type="messages"
+        {"role": "user", "content": [{"type": "text", "text": "你好"}]},
+        {"role": "assistant", "content": "你好！"},
+        {"role": "user", "content": "失败的问题"},  # its answer failed: no assistant message
+    ]
+    tuples = [["你好", "你好！"], ["失败的问题", None]]  # gradio 5's default "tuples" history
+    assert history_to_messages(messages, "新问题", "系统") == expected
+    assert history_to_messages(tuples, "新问题", "系统") == expected
+    assert history_to_messages([], "新问题", "") == expected[-1:]
+    split = [messages[0], {"role": "assistant", "content": "你"}, {"role": "assistant", "content": "好！"}]
+    assert history_to_messages(split, "新问题", "系统") == expected
+
+
+def _drive_page(app, questions, *extra):
+    """Run the ChatInterface's own submit path turn after turn, feeding back the history it returns."""
+    async def go():
+        history, finals = [], []
+        for question in questions:
+            outputs = [out async for out in app._stream_fn(question, history, *extra)]
+            finals.append(outputs[-1][0])
+            history = outputs[-1][1]
+        return finals
+
+    return asyncio.run(go())
+
+
+def test_gradio_page_remembers_earlier_turns():
+    backend = FakeBackend()
+    app = chat_mod.build_gradio_app(backend, params=GenerationParams(do_sample=False), system_prompt="系统")
+    finals = _drive_page(app, ["第一问", "第二问", "第三问"], "系统", 64)
+    assert finals == [f"回答{n}：{q}" * 5 for n, q in ((1, "第一问"), (2, "第二问"), (3, "第三问"))]
+    third, params = backend.calls[2]
+    assert third == [{"role": "system", "content": "系统"},
+                     {"role": "user", "content": "第一问"}, {"role": "assistant", "content": finals[0]},
+                     {"role": "user", "content": "第二问"}, {"role": "assistant", "content": finals[1]},
+                     {"role": "user", "content": "第三问"}]
+    assert (params.max_new_tokens, params.do_sample) == (64, False)
 
 
 def _port_open(port: int) -> bool:
@@ -504,17 +615,30 @@ def _port_open(port: int) -> bool:
         return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
+@pytest.mark.parametrize("show_error", [True, False])
+def test_gradio_page_reports_errors_with_detail_only_when_asked(show_error):
+    import gradio as gr
+
+    app = chat_mod.build_gradio_app(FakeBackend(fail_on="坏"), show_error=show_error)
+    with pytest.raises(gr.Error) as caught:
+        _drive_page(app, ["坏问题"], "", 64)
+    assert "生成时出错" in str(caught.value)
+    assert ("server went away" in str(caught.value)) is show_error
+
+
 def test_gradio_page_streams_in_chunks_and_stops_cleanly(loaded):
     from gradio_client import Client
 
     model, tokenizer = loaded
     port = chat_mod.free_port()
-    app = chat_mod.launch_gradio(model, tokenizer, port=port)
+    app = chat_mod.build_gradio_app(local_backend(model, tokenizer), params=GenerationParams(do_sample=False),
+                                    show_error=False)  # as on a page others can reach
+    app.queue(default_concurrency_limit=1)
+    app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, show_error=False)
     try:
-        assert app.local_url.startswith(f"http://127.0.0.1:{port}")
         client = Client(app.local_url, verbose=False)
         question = "请用中文介绍一下长城。"
-        job = client.submit(question, "你是一个助手。", 0.3, 0.95, 50, 1.3, 40, False, api_name="/chat")
+        job = client.submit(question, "你是一个助手。", 40, api_name="/chat")
         final = job.result(timeout=120)
         updates = job.outputs()
         expected, _ = _reference(model, tokenizer, _messages(question, system="你是一个助手。"),
@@ -522,28 +646,64 @@ def test_gradio_page_streams_in_chunks_and_stops_cleanly(loaded):
         assert final == expected and len(updates) > 1, updates
         assert all(expected.startswith(u) for u in updates), "each update is the answer so far"
         assert not any(REPLACEMENT in u or "</s>" in u for u in updates)
-        # A failure in the worker reaches the page as an error message, and the page keeps working.
-        handle, _ = _raise_at_step(model, 2, torch.OutOfMemoryError("CUDA out of memory (test)"))
+        # A failure in the worker reaches the page as a message, without the exception's own text.
+        handle, _ = _raise_at_step(model, 2, torch.OutOfMemoryError("CUDA out of memory (secret detail)"))
         try:
-            with pytest.raises(Exception, match="显存不足"):
-                client.predict("你好", "", 0.3, 0.95, 50, 1.3, 20, False, api_name="/chat")
+            with pytest.raises(Exception, match="显存不足") as caught:
+                client.predict("你好", "", 20, api_name="/chat")
         finally:
             handle.remove()
-        assert client.predict("你好", "", 0.3, 0.95, 50, 1.3, 10, False, api_name="/chat").strip()
+        assert "secret detail" not in str(caught.value)
+        assert client.predict("你好", "", 10, api_name="/chat").strip(), "the page keeps working"
         client.close()
     finally:
         app.close()
     assert not _port_open(port), "the server still listens after close()"
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", chat_mod.free_port()))  # free_port gives a port one can bind
 
 
-def test_command_line_binds_loopback_unless_asked(monkeypatch, loaded):
-    calls = []
-    monkeypatch.setattr(chat_mod, "launch_gradio", lambda *a, **k: calls.append(k))
-    monkeypatch.setattr("helpers.loading.load_model_and_tokenizer", lambda choice, quantization=None: loaded)
+class _FakeApp:
+    def __init__(self, calls):
+        self.calls = calls
+
+    def queue(self, **kwargs):
+        self.calls.append(("queue", kwargs))
+
+    def launch(self, **kwargs):
+        self.calls.append(("launch", kwargs))
+
+
+@pytest.fixture
+def command_line(monkeypatch, loaded):
+    calls, loads = [], []
+    monkeypatch.setattr(chat_mod, "build_gradio_app", lambda backend, **k: calls.append(("build", k)) or _FakeApp(calls))
+    monkeypatch.setattr("helpers.loading.load_model_and_tokenizer",
+                        lambda choice, quantization=None: loads.append(choice) or loaded)
+    return calls, loads
+
+
+def test_command_line_binds_loopback_and_shows_errors_only_there(command_line):
+    calls, _ = command_line
     chat_mod.main(["--model", "tiny", "--port", "7999"])
-    chat_mod.main(["--model_name_or_path", "tiny", "--port", "7998", "--host", "0.0.0.0"])
-    assert calls[0]["host"] == "127.0.0.1" and calls[0]["port"] == 7999 and calls[0]["block"] is True
-    assert calls[1]["host"] == "0.0.0.0" and calls[1]["port"] == 7998
+    launch = dict(calls)["launch"]
+    assert (launch["server_name"], launch["server_port"], launch["show_error"], launch["auth"]) == ("127.0.0.1", 7999, True, None)
+    calls.clear()
+    chat_mod.main(["--model_name_or_path", "tiny", "--port", "7998", "--host", "0.0.0.0", "--auth", "me:pa:ss"])
+    launch, build = dict(calls)["launch"], dict(calls)["build"]
+    assert (launch["server_name"], launch["auth"], launch["show_error"], build["show_error"]) == (
+        "0.0.0.0", ("me", "pa:ss"), False, False)
+
+
+@pytest.mark.parametrize("argv", [["--host", "0.0.0.0"], ["--host", "192.168.1.5"], ["--host", "127.attacker.example"],
+                                  ["--host", "0.0.0.0", "--auth", "nopassword"]])
+def test_command_line_refuses_an_open_page_without_a_password(command_line, capsys, argv):
+    calls, loads = command_line
+    with pytest.raises(SystemExit) as stopped:
+        chat_mod.main(["--model", "tiny", *argv])
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2 and "--auth" in err and "用户名:密码" in err
+    assert calls == [] and loads == [], "nothing is loaded or started"
 
 
 def test_forced_answers_exercise_byte_pieces(loaded):
