@@ -12,7 +12,6 @@ output), and :func:`train_adapter`, the same recipe as a function for lesson 06,
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import hashlib
 import io
@@ -22,13 +21,13 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from helpers.config import DATA_DIR, TutorialError, bilingual, output_dir
 from helpers.prompts import IGNORE_INDEX, PromptFormatError, csv_text_to_messages, encode
 
-ADAPTER_DIR_NAME, MERGED_DIR_NAME = "lora-adapter", "merged-model"
+ADAPTER_DIR_NAME = "lora-adapter"
 INFO_FILE, FINGERPRINT_FILE = "training_info.json", "run_fingerprint.json"
 LLAMA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -311,35 +310,31 @@ class OutputExistsError(TutorialError, FileExistsError):
     """The folder to write already exists and overwriting was not asked for."""
 
 
-@contextlib.contextmanager
-def output_lock(target: str | Path):
-    """Hold the one lock for every writer of ``target`` (an adapter, a merged model, a checkpoint
-    folder): ``fcntl.flock`` on a file in the temp folder, freed by the OS if the process dies."""
-    key = hashlib.sha1(str(Path(target).resolve()).encode()).hexdigest()[:16]
-    with open(Path(tempfile.gettempdir()) / f"llama-tutorial-{key}.lock", "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+def _lock(target: Path, *, wait: bool, kind: str = "write"):
+    """An ``fcntl.flock`` on a file in the temp folder named after ``target`` (freed by the OS when the
+    process dies); None if ``wait`` is false and another process holds it."""
+    key = hashlib.sha1(f"{kind}:{Path(target).resolve()}".encode()).hexdigest()[:16]
+    fh = open(Path(tempfile.gettempdir()) / f"llama-tutorial-{key}.lock", "w")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+    except BlockingIOError:
+        fh.close()
+        return None
+    return fh
 
 
-_CLAIMS: dict[str, object] = {}  # checkpoint folders this process trains into (held open = locked)
+_CLAIMS: dict[str, object] = {}  # checkpoint folders this process trains into (lock held while it lives)
 
 
 def _claim(ckpt_dir: Path) -> bool:
-    """Lock ``ckpt_dir`` for this process's training run; False if another live process holds it."""
+    """Reserve ``ckpt_dir`` for this process's training; False if another live process holds it."""
     key = str(ckpt_dir.resolve())
-    if key in _CLAIMS:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 or key in _CLAIMS:  # torchrun: the ranks share one run
         return True
-    fh = open(Path(tempfile.gettempdir()) / f"llama-tutorial-run-{hashlib.sha1(key.encode()).hexdigest()[:16]}.lock", "w")
-    try:
-        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        fh.close()
-        return False
-    _CLAIMS[key] = fh
-    return True
+    fh = _lock(ckpt_dir, wait=False, kind="run")
+    if fh is not None:
+        _CLAIMS[key] = fh
+    return fh is not None
 
 
 def checkpoint_dir_for(adapter_dir: str | Path) -> Path:
@@ -362,10 +357,11 @@ def new_adapter_dir(overwrite: bool = False, *, name: str = ADAPTER_DIR_NAME) ->
 
 
 def _atomic_write_dir(target: Path, write, *, overwrite: bool, what: tuple[str, str]) -> Path:
-    """Write a folder with ``write(tmp)`` and rename it into place, under :func:`output_lock`."""
+    """Write a folder with ``write(tmp)`` and rename it into place, holding the one lock every writer
+    of ``target`` takes (so the existence check cannot race another writer)."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    with output_lock(target):  # re-checked under the lock: a second writer cannot slip in between
+    with _lock(target, wait=True):
         if target.exists() and not overwrite and (target.is_file() or any(target.iterdir())):
             raise OutputExistsError(bilingual(
                 f"{what[0]}目录 {target} 已经存在，为了不覆盖你已有的结果，这里停下了。确实要覆盖请传 overwrite=True"
@@ -448,19 +444,19 @@ def resume_point(ckpt_dir: str | Path, fingerprint: dict) -> str | None:
     start fresh. Introduced in notebooks/05_lora_finetune.ipynb."""
     from transformers.trainer_utils import get_last_checkpoint
 
-    ckpt_dir = Path(ckpt_dir)
+    ckpt_dir, fingerprint = Path(ckpt_dir), json.loads(json.dumps(fingerprint))  # as stored: tuples become lists
     last = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
     stored = ckpt_dir / FINGERPRINT_FILE
-    if last and (not stored.exists() or json.loads(stored.read_text("utf-8")) != json.loads(json.dumps(fingerprint))):
-        old = json.loads(stored.read_text("utf-8")) if stored.exists() else {}
-        what = [k for k in ("base_model", "settings", "data_sha256") if old.get(k) != json.loads(json.dumps(fingerprint)).get(k)]
+    old = json.loads(stored.read_text("utf-8")) if stored.exists() else {}
+    if last and old != fingerprint:
+        what = [k for k in fingerprint if old.get(k) != fingerprint[k]]
         raise TutorialError(bilingual(
             f"{ckpt_dir} 里的检查点属于另一次训练（不同的：{', '.join(what)}），不能接着训练。要从头开始，"
             f"请删除或改名这个目录；或者换一个适配器目录名。",
             f"The checkpoints in {ckpt_dir} belong to another run (different {', '.join(what)}), so they cannot be "
             "resumed. To start fresh, delete or rename that folder, or use another adapter folder."))
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    stored.write_text(json.dumps(fingerprint, indent=1, default=str), "utf-8")
+    stored.write_text(json.dumps(fingerprint, indent=1), "utf-8")
     return last
 
 
@@ -501,9 +497,10 @@ def mixed_precision(settings: TrainSettings) -> dict:
     return {"fp16": dtype == torch.float16, "bf16": dtype == torch.bfloat16}
 
 
-def training_arguments(settings: TrainSettings, checkpoint_dir: str | Path, *, max_steps: int | None = None, **overrides):
+def training_arguments(settings: TrainSettings, checkpoint_dir: str | Path, *, max_steps: int | None = None,
+                       args_class=None, **overrides):
     """The ``TrainingArguments`` lesson 05 writes inline, from ``settings``; ``overrides`` replace
-    single arguments (bench/finetune.py turns evaluation and saving off)."""
+    single arguments, ``args_class`` a subclass (bench/finetune.py: TRL's ``SFTConfig``)."""
     import torch
     from transformers import TrainingArguments
 
@@ -518,7 +515,7 @@ def training_arguments(settings: TrainSettings, checkpoint_dir: str | Path, *, m
         activation_checkpointing=gpu and s.gradient_checkpointing, dataloader_pin_memory=gpu, report_to="none",
         seed=s.seed, disable_tqdm=True, **mixed_precision(s))
     kwargs.update(overrides)
-    return TrainingArguments(**kwargs)
+    return (args_class or TrainingArguments)(**kwargs)
 
 
 def load_base(choice, settings: TrainSettings, *, for_training: bool = True):
@@ -554,14 +551,16 @@ def prepare_tokenizer(tokenizer):
 def train_adapter(choice=None, adapter_dir: str | Path | None = None, *, settings: TrainSettings | None = None,
                   train_file: str | Path = DATA_DIR / "train_sft.csv", dev_file: str | Path = DATA_DIR / "dev_sft.csv",
                   on_bad: str = "stop", overwrite: bool = False, max_steps: int | None = None,
-                  limit_rows: int | None = None, callbacks: tuple = (), save: bool = True, verbose: bool = True):
+                  limit_rows: int | None = None, callbacks: tuple = (), save: bool = True, verbose: bool = True,
+                  args_overrides: dict | None = None):
     """Lesson 05's recipe end to end; returns the ``Trainer`` (``trainer.adapter_dir``, ``.resumed_from``).
 
     Checks both files (every bad row before anything is written), tokenizes in the model's format,
     loads the base (QLoRA on a GPU), adds LoRA, trains with ``Trainer`` + ``DataCollatorForSeq2Seq``,
     resumes an interrupted run of the same run (:func:`resume_point`), and saves the adapter with
     ``training_info.json`` (rank 0 only: it runs under ``torchrun``/``accelerate launch``, see
-    ``scripts/train_lora.py``). ``adapter_dir`` defaults to :func:`new_adapter_dir`.
+    ``scripts/train_lora.py``). ``adapter_dir`` defaults to :func:`new_adapter_dir`; ``args_overrides``
+    replace single ``TrainingArguments`` (``ddp_backend="gloo"`` for CPU processes).
     Introduced in notebooks/05_lora_finetune.ipynb.
     """
     import torch
@@ -589,7 +588,8 @@ def train_adapter(choice=None, adapter_dir: str | Path | None = None, *, setting
     resumed_from = resume_point(ckpt_dir, run_fingerprint(choice, s, train_rows) | {"limit_rows": limit_rows})
     set_seed(s.seed)
     model = get_peft_model(load_base(choice, s), lora_config(s))
-    trainer = Trainer(model=model, args=training_arguments(s, ckpt_dir, max_steps=max_steps, eval_on_start=resumed_from is None),
+    trainer = Trainer(model=model, args=training_arguments(s, ckpt_dir, max_steps=max_steps,
+                                                       **{"eval_on_start": resumed_from is None, **(args_overrides or {})}),
                       train_dataset=train_ds, eval_dataset=dev_ds, callbacks=list(callbacks),
                       data_collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX, pad_to_multiple_of=8))
     if verbose and resumed_from:
@@ -610,35 +610,18 @@ def train_adapter(choice=None, adapter_dir: str | Path | None = None, *, setting
     return trainer
 
 
-def ensure_adapter(choice=None, *, adapter_dir: str | Path | None = None) -> Path:
-    """The newest adapter lesson 05 made for this base (:func:`latest_adapter`), trained now if there
-    is none; never retrains or overwrites one. With ``adapter_dir``: that folder, which must hold an
-    adapter of this base (trained there if missing). Used by notebooks/06_evaluation.ipynb;
-    introduced in notebooks/05_lora_finetune.ipynb."""
+def ensure_adapter(choice=None) -> Path:
+    """The newest adapter lesson 05 made for this base model (:func:`latest_adapter`), or, if there is
+    none, one trained now into :func:`new_adapter_dir` (never over an existing folder). Used by
+    notebooks/06_evaluation.ipynb; introduced in notebooks/05_lora_finetune.ipynb."""
     from helpers.config import resolve_model
 
     choice = choice or resolve_model(verbose=False)
-    if adapter_dir is None:
-        found = latest_adapter(choice)
-        if found:
-            return found
-        print("还没有第 05 课为这个模型训练的 LoRA 适配器，现在训练一个 / training lesson 05's adapter now")
-        return train_adapter(choice).adapter_dir
-    adapter_dir = Path(adapter_dir)
-    if not adapter_dir.exists():
-        return train_adapter(choice, adapter_dir).adapter_dir
-    if not (adapter_dir / "adapter_config.json").exists():
-        raise TutorialError(bilingual(
-            f"{adapter_dir} 已存在，但里面没有 adapter_config.json，不是 LoRA 适配器。它不会被改动：请移走它或换一个目录。",
-            f"{adapter_dir} exists but holds no adapter_config.json (not a LoRA adapter). It is left untouched."))
-    base = json.loads((adapter_dir / "adapter_config.json").read_text("utf-8")).get("base_model_name_or_path")
-    if base != choice.path and not _made_for(read_training_info(adapter_dir), choice):
-        raise TutorialError(bilingual(
-            f"{adapter_dir} 里的适配器是在 {base} 上训练的，当前模型是 {choice.path}；适配器只能配合训练它的基座使用。"
-            "它不会被覆盖：请换一个 adapter_dir。",
-            f"The adapter in {adapter_dir} was trained on {base}, but the model is {choice.path}. It is not "
-            "overwritten: pass another adapter_dir."))
-    return adapter_dir
+    found = latest_adapter(choice)
+    if found:
+        return found
+    print("还没有第 05 课为这个模型训练的 LoRA 适配器，现在训练一个 / training lesson 05's adapter now")
+    return train_adapter(choice).adapter_dir
 
 
 def load_with_adapter(choice, adapter_dir: str | Path, *, as_trained: bool = False):
@@ -693,18 +676,14 @@ def answer_questions(model, tokenizer, questions: list[str], *, fmt: str = "llam
 
     from helpers.prompts import encode_prompt
 
-    answers, side = [], tokenizer.padding_side
-    tokenizer.padding_side = "left"
+    answers = []
     torch.manual_seed(seed)
-    try:
-        for i in range(0, len(questions), batch_size):
-            prompts = [encode_prompt(tokenizer, [{"role": "user", "content": q}], fmt) for q in questions[i:i + batch_size]]
-            batch = tokenizer.pad({"input_ids": prompts}, return_tensors="pt").to(model.device)
-            with torch.no_grad():
-                out = model.generate(**batch, pad_token_id=tokenizer.pad_token_id, **generation)
-            answers += tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
-    finally:
-        tokenizer.padding_side = side
+    for i in range(0, len(questions), batch_size):
+        prompts = [encode_prompt(tokenizer, [{"role": "user", "content": q}], fmt) for q in questions[i:i + batch_size]]
+        batch = tokenizer.pad({"input_ids": prompts}, padding_side="left", return_tensors="pt").to(model.device)
+        with torch.no_grad():
+            out = model.generate(**batch, pad_token_id=tokenizer.pad_token_id, **generation)
+        answers += tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
     return [a.strip() for a in answers]
 
 
