@@ -1,19 +1,25 @@
-"""Lesson 05 (helpers.finetune): data checks, answer-only labels, collation, resume, save/merge, and
-the acceptance check that LoRA turns the tiny model's answers Chinese."""
+"""Lesson 05 (helpers.finetune): data checks, answer-only labels, collation, resume of one run only,
+never overwriting (also with two writers), where adapters live, and the tiny model's outcome."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import random
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForLanguageModeling, TrainerCallback
+from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForLanguageModeling, DataCollatorForSeq2Seq,
+                          TrainerCallback)
 
 from helpers import finetune as ft
-from helpers.config import DATA_DIR, TutorialError, output_dir, resolve_model
+from helpers.config import DATA_DIR, REPO_ROOT as REPO, TutorialError, resolve_model
 from helpers.evaluation import chinese_share
 from helpers.prompts import IGNORE_INDEX, encode_prompt
 
@@ -102,32 +108,42 @@ def test_three_layouts_give_the_same_tokens(tmp_path, choice, tok):
 # --------------------------------------------------------------------------- collation
 
 
-def test_eos_label_survives_collation_and_padding_is_not_eos(choice, tok):
+def _expected_batch(feats, pad_id, multiple=None):
+    """The batch lesson 05 needs, built by hand: right padding with <unk>, labels padded with -100."""
+    width = max(len(f["input_ids"]) for f in feats)
+    width = -(-width // multiple) * multiple if multiple else width
+    pad = lambda xs, v: [list(x) + [v] * (width - len(x)) for x in xs]  # noqa: E731
+    return {"input_ids": torch.tensor(pad([f["input_ids"] for f in feats], pad_id)),
+            "labels": torch.tensor(pad([f["labels"] for f in feats], IGNORE_INDEX)),
+            "attention_mask": torch.tensor(pad([[1] * len(f["input_ids"]) for f in feats], 0))}
+
+
+@pytest.mark.parametrize("multiple", [None, 8])
+def test_library_collator_gives_the_answer_only_batches(choice, tok, multiple):
+    """DataCollatorForSeq2Seq (which replaced the hand-made AnswerOnlyCollator) keeps encode's labels,
+    the final EOS label included, and pads with <unk>, not EOS."""
     rows = ft.validate_sft_file(DATA_DIR / "dev_sft.csv", tok, fmt=choice.chat_format)
-    ds = rows.dataset()
-    feats = [ds[i] for i in range(6)]
+    feats = [rows.dataset()[i] for i in range(6)]
     assert len({len(f["input_ids"]) for f in feats}) > 1, "the test needs rows of different lengths"
-    batch = ft.AnswerOnlyCollator(tok.pad_token_id, tok.eos_token_id)(feats)
-    assert batch["input_ids"].shape[1] == max(len(f["input_ids"]) for f in feats), "dynamic padding"
+    batch = DataCollatorForSeq2Seq(tok, label_pad_token_id=IGNORE_INDEX, pad_to_multiple_of=multiple)(feats)
+    expected = _expected_batch(feats, tok.unk_token_id, multiple)
+    assert set(batch) == set(expected)
+    for key in expected:
+        assert torch.equal(batch[key], expected[key]), key
     for i, f in enumerate(feats):
-        n = len(f["input_ids"])
-        assert batch["labels"][i, n - 1] == tok.eos_token_id, "the final EOS keeps its label"
-        assert batch["labels"][i, :n].tolist() == f["labels"]
-        assert (batch["labels"][i, n:] == IGNORE_INDEX).all()
-        assert (batch["input_ids"][i, n:] == tok.unk_token_id).all() and tok.unk_token_id != tok.eos_token_id
-        assert batch["attention_mask"][i].sum() == n
+        assert batch["labels"][i, len(f["input_ids"]) - 1] == tok.eos_token_id, "the final EOS keeps its label"
+    assert tok.pad_token_id != tok.eos_token_id
 
 
-def test_pad_equal_to_eos_is_refused_because_it_masks_the_final_eos(tok):
-    with pytest.raises(TutorialError, match="23530"):
-        ft.AnswerOnlyCollator(tok.eos_token_id, tok.eos_token_id)
-    # The trap it guards against: pad = eos with DataCollatorForLanguageModeling drops every EOS label.
+def test_pad_equal_to_eos_trap(tok):
+    """The anchor's pad = eos with DataCollatorForLanguageModeling drops every EOS label (transformers #23530)."""
     anchor_tok = AutoTokenizer.from_pretrained(tok.name_or_path)
     anchor_tok.pad_token = anchor_tok.eos_token
     enc = anchor_tok(["<s>Human: 你好\n</s><s>Assistant: 你好\n</s>"])
     batch = DataCollatorForLanguageModeling(anchor_tok, mlm=False)([{"input_ids": enc["input_ids"][0]}])
     assert anchor_tok.eos_token_id in batch["input_ids"][0].tolist()
     assert anchor_tok.eos_token_id not in batch["labels"][0].tolist()
+    assert ft.prepare_tokenizer(anchor_tok).pad_token_id == anchor_tok.unk_token_id
 
 
 # --------------------------------------------------------------------------- bad files
@@ -142,22 +158,26 @@ def test_every_bad_row_is_reported_at_once_and_nothing_is_written(tmp_path, choi
         _row("长", "很长的回答。" * 100),  # 5: too long
         "Human: 没有 <s> 开头\n</s><s>Assistant: 回答\n</s>",  # 6: malformed
         _row("又一个好问题", "又一个好回答。"),
+        _row("结束符", "回答里写了 </s> 这个标记。"),  # 8: a literal special token in the answer
+        _row("角色", "回答里又写了一轮\n</s><s>Human: 这是问题吗"),  # 9: a role marker inside the answer
+        _row("另一个角色", "他说 <s>Human: 你好"),  # 10: <s> inside the answer
     ])
     rows = ft.validate_sft_file(path, tok, fmt=choice.chat_format, max_length=128)
     assert [(b.row, b.problem) for b in rows.bad] == [
-        (2, "no_assistant"), (3, "empty_answer"), (4, "missing_column"), (5, "too_long"), (6, "format")]
+        (2, "no_assistant"), (3, "empty_answer"), (4, "missing_column"), (5, "too_long"), (6, "format"),
+        (8, "special_token"), (9, "special_token"), (10, "special_token")]
+    assert "</s>" in rows.bad[5].detail and "Human:" in rows.bad[6].detail
     assert rows.rows == [1, 7]
     with pytest.raises(ft.BadRowsError) as err:
         rows.dataset(on_bad="stop")
-    message = str(err.value)
-    for n in (2, 3, 4, 5, 6):
-        assert f"第 {n} 行" in message and f"row {n}:" in message
+    for n in (2, 3, 4, 5, 6, 8, 9, 10):
+        assert f"第 {n} 行" in str(err.value) and f"row {n}:" in str(err.value)
     assert len(rows.dataset(on_bad="drop")) == 2
 
     out = tmp_path / "out"
     with pytest.raises(ft.BadRowsError):
         ft.train_adapter(choice, out / "lora-adapter", train_file=path, dev_file=path, verbose=False)
-    assert not out.exists(), "a refused training run must not write anything"
+    assert not (out / "lora-adapter").exists(), "a refused training run must not write an adapter"
 
 
 def test_file_level_problems(tmp_path, tok):
@@ -174,6 +194,35 @@ def test_file_level_problems(tmp_path, tok):
     assert [(b.row, b.problem) for b in rows.bad] == [(2, "missing_column")]
 
 
+def test_empty_files_and_odd_shapes_get_clear_messages(tmp_path, tok):
+    for name, content in (("empty.csv", ""), ("blank.csv", "\n\n"), ("empty.jsonl", "")):
+        (tmp_path / name).write_text(content, "utf-8")
+        with pytest.raises(TutorialError, match="空文件|empty"):
+            ft.validate_sft_file(tmp_path / name, tok)
+    (tmp_path / "header.csv").write_text("text\n", "utf-8")
+    with pytest.raises(TutorialError, match="没有可用的行"):
+        ft.validate_sft_file(tmp_path / "header.csv", tok).dataset()
+    good = {"messages": [{"role": "user", "content": "问"}, {"role": "assistant", "content": "答"}]}
+    lines = [good, {"messages": ["问", "答"]}, ["not", "an", "object"], {"messages": "问答"},
+             {"messages": [{"role": "user", "content": "问"}, {"role": "assistant", "content": 3}]}]
+    (tmp_path / "shapes.jsonl").write_text("\n".join(json.dumps(x, ensure_ascii=False) for x in lines), "utf-8")
+    rows = ft.validate_sft_file(tmp_path / "shapes.jsonl", tok)
+    assert rows.rows == [1] and [(b.row, b.problem) for b in rows.bad] == [(2, "format"), (3, "format"), (4, "format"), (5, "format")]
+
+
+def test_gbk_csv_from_excel_is_read_with_a_notice(tmp_path, choice, tok, capsys):
+    text = _row("地球的卫星是什么？", "月球。")
+    pd.DataFrame({"text": [text]}).to_csv(tmp_path / "gbk.csv", index=False, encoding="gb18030")
+    pd.DataFrame({"text": [text]}).to_csv(tmp_path / "utf8.csv", index=False, encoding="utf-8")
+    rows = ft.validate_sft_file(tmp_path / "gbk.csv", tok, fmt=choice.chat_format)
+    notice = capsys.readouterr().out
+    assert "GB18030" in notice and "iconv -f gb18030 -t utf-8" in notice
+    assert rows.ok and rows.input_ids == ft.validate_sft_file(tmp_path / "utf8.csv", tok, fmt=choice.chat_format).input_ids
+    (tmp_path / "binary.csv").write_bytes(b"text\n\xff\xfe\x00\x81")
+    with pytest.raises(TutorialError, match="UTF-8"):
+        ft.validate_sft_file(tmp_path / "binary.csv", tok)
+
+
 # --------------------------------------------------------------------------- resume, save, merge
 
 
@@ -185,15 +234,17 @@ class _CountSteps(TrainerCallback):
         self.steps.append(state.global_step)
 
 
+SMALL = dict(per_device_train_batch_size=4, gradient_accumulation_steps=1, per_device_eval_batch_size=16,
+             logging_steps=1, eval_steps=3, save_steps=3, warmup_steps=1)
+
+
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory, choice):
-    """An interrupted and resumed 6-step run on 16 rows: (first outcome, second outcome, steps run after resume)."""
-    settings = dataclasses.replace(
-        ft.settings_for(choice), per_device_train_batch_size=4, gradient_accumulation_steps=1,
-        per_device_eval_batch_size=16, logging_steps=1, eval_steps=3, save_steps=3, warmup_steps=1)
+    """An interrupted and resumed 6-step run on 16 rows: (first trainer, second trainer, steps after resume)."""
+    settings = dataclasses.replace(ft.settings_for(choice), **SMALL)
     adapter_dir = tmp_path_factory.mktemp("small") / "lora-adapter"
     first = ft.train_adapter(choice, adapter_dir, settings=settings, max_steps=6, limit_rows=16,
-                             callbacks=(ft.StopAfterSteps(3),), save=False, verbose=False)
+                             callbacks=(ft.stop_after_steps(3),), save=False, verbose=False)
     first.adapter_existed = adapter_dir.exists()
     first.checkpoints = sorted(p.name for p in ft.checkpoint_dir_for(adapter_dir).iterdir())
     counter = _CountSteps()
@@ -204,36 +255,64 @@ def small_run(tmp_path_factory, choice):
 
 def test_interrupted_training_resumes_from_its_last_checkpoint(small_run):
     first, second, steps_after_resume, _ = small_run
-    assert first.global_step == 3 and first.resumed_from is None
+    assert first.state.global_step == 3 and first.resumed_from is None
     assert not first.adapter_existed, "an interrupted run has no adapter yet"
-    assert first.checkpoints == ["checkpoint-3"]
+    assert first.checkpoints == ["checkpoint-3", ft.FINGERPRINT_FILE]
     assert second.resumed_from is not None and second.resumed_from.endswith("checkpoint-3")
     assert steps_after_resume == [4, 5, 6], "training continues at step 4, it does not start again"
-    assert second.global_step == 6
-    logged = [h["step"] for h in second.log_history if "loss" in h]
+    logged = [h["step"] for h in second.state.log_history if "loss" in h]
     assert logged == [1, 2, 3, 4, 5, 6], "the log of the first part is kept and continued"
     assert (second.adapter_dir / "adapter_model.safetensors").exists()
     assert ft.read_training_info(second.adapter_dir)["global_step"] == 6
 
 
-def test_reload_merge_and_no_overwrite(small_run, choice, tok, tmp_path):
+def test_resume_refuses_checkpoints_of_another_run(small_run, choice, tok, tmp_path):
+    """Checkpoints of another base model, other settings or other data are never resumed (issue 17.3)."""
+    _, run, _, settings = small_run
+    ckpt = ft.checkpoint_dir_for(run.adapter_dir)
+    rows = ft.validate_sft_file(DATA_DIR / "train_sft.csv", tok, fmt=choice.chat_format, max_length=settings.max_length)
+    same = ft.run_fingerprint(choice, settings, rows) | {"limit_rows": 16}
+    assert ft.resume_point(ckpt, same).endswith("checkpoint-6")
+    other_data = ft.validate_sft_file(DATA_DIR / "dev_sft.csv", tok, fmt=choice.chat_format)
+    other_model = dataclasses.replace(choice, path=str(tmp_path / "llama-2-7b"))
+    for fingerprint, what in ((ft.run_fingerprint(choice, settings, other_data) | {"limit_rows": 16}, "data_sha256"),
+                              (ft.run_fingerprint(other_model, settings, rows) | {"limit_rows": 16}, "base_model"),
+                              (ft.run_fingerprint(choice, dataclasses.replace(settings, lora_r=8), rows)
+                               | {"limit_rows": 16}, "settings")):
+        with pytest.raises(TutorialError, match=what) as err:
+            ft.resume_point(ckpt, fingerprint)
+        assert "删除或改名" in str(err.value) and "start fresh" in str(err.value)
+    assert ft.resume_point(ckpt, same).endswith("checkpoint-6"), "a refused resume changes nothing"
+
+
+def test_reload_check_compares_like_with_like(small_run, choice, tok):
+    """Issue 14.4: a reloaded adapter in another dtype fails a fixed atol although it is right; the
+    dtype-aware check accepts it and still rejects a different adapter."""
+    _, run, _, _ = small_run
+    probe = ft.validate_sft_file(DATA_DIR / "dev_sft.csv", tok).input_ids[:4]
+    trained, _ = ft.load_with_adapter(choice, run.adapter_dir)
+    trained_logits = ft.probe_logits(trained, probe)
+    again, _ = ft.load_with_adapter(choice, run.adapter_dir, as_trained=True)
+    assert torch.equal(ft.probe_logits(again, probe), trained_logits), "same loading path: identical logits"
+    bf16 = ft.probe_logits(trained.to(torch.bfloat16), probe)
+    old_atol = 1e-4  # the old check: a fixed tolerance from the settings, blind to the dtype compared
+    assert (bf16 - trained_logits).abs().max() > old_atol, "the old check would have failed here"
+    assert ft.logits_agree(trained_logits, bf16, torch.bfloat16)["ok"]
+    base = ft.probe_logits(AutoModelForCausalLM.from_pretrained(choice.path, dtype=torch.float32), probe)
+    assert not ft.logits_agree(trained_logits, base, torch.float32)["ok"], "the adapter changes the outputs"
+
+
+def test_merge_and_no_overwrite(small_run, choice, tok, tmp_path):
     from peft import PeftModel
 
-    _, run, _, settings = small_run
+    _, run, _, _ = small_run
     probe = ft.validate_sft_file(DATA_DIR / "dev_sft.csv", tok).input_ids[:3]
-    base_logits = ft.probe_logits(AutoModelForCausalLM.from_pretrained(choice.path, dtype=torch.float32), probe)
-
     reloaded, _ = ft.load_with_adapter(choice, run.adapter_dir)
-    again, _ = ft.load_with_adapter(choice, run.adapter_dir)
     unmerged = ft.probe_logits(reloaded, probe)
-    assert torch.equal(unmerged, ft.probe_logits(again, probe)), "two reloads on fresh bases agree exactly"
-    assert (unmerged - base_logits).abs().max() > 1e-3, "the trained adapter changes the outputs"
-
     merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(choice.path, dtype=torch.float32),
                                        str(run.adapter_dir)).merge_and_unload()
     merged_logits = ft.probe_logits(merged, probe)
-    assert (merged_logits - unmerged).abs().max() < settings.logits_atol
-
+    assert ft.logits_agree(unmerged, merged_logits, torch.float32)["ok"]
     target = ft.save_merged(merged, tok, tmp_path / "merged")
     before = {p.name: p.read_bytes() for p in target.iterdir()}
     with pytest.raises(ft.OutputExistsError):
@@ -241,64 +320,127 @@ def test_reload_merge_and_no_overwrite(small_run, choice, tok, tmp_path):
     with pytest.raises(ft.OutputExistsError):
         ft.save_adapter(reloaded, run.adapter_dir)
     assert {p.name: p.read_bytes() for p in target.iterdir()} == before, "a refused save changes nothing"
-    assert not any(p.name.startswith(".") for p in tmp_path.iterdir()), "no temporary folder is left behind"
+    stale = tmp_path / ".merged.partial-99999"  # what a killed merge leaves behind
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"x" * 1000)
     ft.save_merged(merged, tok, target, overwrite=True)
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir()), "stale and temporary folders are cleaned"
     loaded = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32)
     assert torch.allclose(ft.probe_logits(loaded, probe), merged_logits, atol=1e-6)
 
 
-def test_ensure_adapter_never_touches_an_existing_folder(small_run, choice, tmp_path):
+def test_two_writers_never_overwrite_each_other(tmp_path):
+    """Issue 17.5: two savers of one folder at once: exactly one wins, the other is refused."""
+    import threading
+
+    class Slow:
+        def __init__(self, tag):
+            self.tag = tag
+
+        def save_pretrained(self, folder):
+            Path(folder).mkdir(parents=True, exist_ok=True)
+            time.sleep(0.3)
+            (Path(folder) / "adapter_model.safetensors").write_text(self.tag)
+
+    target, results = tmp_path / "lora-adapter", {}
+
+    def writer(tag):
+        try:
+            ft.save_adapter(Slow(tag), target)
+            results[tag] = "saved"
+        except ft.OutputExistsError:
+            results[tag] = "refused"
+
+    threads = [threading.Thread(target=writer, args=(t,)) for t in ("a", "b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results.values()) == ["refused", "saved"]
+    winner = next(t for t, r in results.items() if r == "saved")
+    assert (target / "adapter_model.safetensors").read_text() == winner
+
+
+def test_a_second_training_process_gets_its_own_folder(tmp_path, monkeypatch):
+    """Two trainings at once never share a checkpoint folder (save_total_limit would prune the other's)."""
+    monkeypatch.setenv("LLAMA_TUTORIAL_OUTPUT", str(tmp_path))
+    code = ("import sys, time; from helpers import finetune as ft; print(ft.new_adapter_dir(), flush=True); "
+            "sys.stdin.read()")
+    other = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                             env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        assert other.stdout.readline().strip() == str(tmp_path / "lora-adapter")
+        assert ft.new_adapter_dir() == tmp_path / "lora-adapter-2"
+    finally:
+        other.communicate("")
+    ft._CLAIMS.pop(str((tmp_path / "lora-adapter-2-checkpoints").resolve())).close()
+    assert ft.new_adapter_dir() == tmp_path / "lora-adapter", "a finished writer frees its name"
+
+
+def test_ensure_adapter_finds_the_newest_adapter_of_this_model(small_run, choice, tmp_path, monkeypatch):
+    """Issue 12.6: lesson 05 reruns write lora-adapter-2; lesson 06's ensure_adapter returns it."""
     _, run, _, _ = small_run
-    stamp = {p.name: p.stat().st_mtime_ns for p in run.adapter_dir.iterdir()}
-    assert ft.ensure_adapter(choice, adapter_dir=run.adapter_dir) == run.adapter_dir
-    assert {p.name: p.stat().st_mtime_ns for p in run.adapter_dir.iterdir()} == stamp
-    other = tmp_path / "not-an-adapter"
-    other.mkdir()
-    (other / "notes.txt").write_text("mine")
-    with pytest.raises(TutorialError, match="adapter_config.json"):
-        ft.ensure_adapter(choice, adapter_dir=other)
-    assert [p.name for p in other.iterdir()] == ["notes.txt"]
+    monkeypatch.setenv("LLAMA_TUTORIAL_OUTPUT", str(tmp_path))
+    model, _ = ft.load_with_adapter(choice, run.adapter_dir)
+    info = ft.read_training_info(run.adapter_dir)
+    first = ft.save_adapter(model, ft.new_adapter_dir(), info=info)
+    assert first == tmp_path / "lora-adapter" and ft.ensure_adapter(choice) == first
+    time.sleep(0.01)
+    second = ft.save_adapter(model, ft.new_adapter_dir(), info=info)  # the rerun, OVERWRITE = False
+    assert second == tmp_path / "lora-adapter-2"
+    assert ft.latest_adapter(choice) == ft.ensure_adapter(choice) == second
     foreign = dataclasses.replace(choice, path=str(tmp_path / "another-base"))
-    with pytest.raises(TutorialError, match="another-base"):
-        ft.ensure_adapter(foreign, adapter_dir=run.adapter_dir)
+    ft.save_adapter(model, tmp_path / "lora-adapter-3", info=info | {"base_model": foreign.path})
+    mine = tmp_path / "lora-adapter-9"  # a learner's own folder with the same prefix, not an adapter
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    stamp = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
+    assert ft.ensure_adapter(choice) == second, "an adapter of another base model or a plain folder is never picked"
+    assert ft.latest_adapter(foreign) == tmp_path / "lora-adapter-3"
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")} == stamp, "ensure_adapter touches nothing"
 
 
-def test_settings_live_in_one_place(choice):
+def test_settings_live_in_one_place(choice, monkeypatch):
     assert ft.settings_for(device="cuda") is ft.SETTINGS["colab_t4"]
     assert ft.settings_for(device="cpu") is ft.SETTINGS["cpu_tiny"]
-    # The tiny model keeps the settings tuned for it on a GPU too (fp32, no quantization).
     assert ft.settings_for(choice, device="cuda") is ft.settings_for(choice, device="cpu") is ft.SETTINGS["cpu_tiny"]
-    assert ft.SETTINGS["cpu_tiny"].quantization is None
     t4 = ft.SETTINGS["colab_t4"]
     assert t4.quantization in ("4bit", "8bit") and t4.gradient_checkpointing and t4.merge_dtype == "float16"
     for s in ft.SETTINGS.values():
         assert {"q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"} <= set(s.target_modules), "MLP included"
-        args = ft.training_arguments(s, "/tmp/unused", progress=False)
+        args = ft.training_arguments(s, "/tmp/unused")
         assert args.train_sampling_strategy == "group_by_length" and args.eval_strategy == "steps"
         assert args.gradient_accumulation_steps == s.gradient_accumulation_steps > 1
+    # Mixed precision follows helpers.loading.pick_dtype (never torch.cuda.is_bf16_supported here).
+    import helpers.loading
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for dtype, flags in ((torch.float16, {"fp16": True, "bf16": False}), (torch.bfloat16, {"fp16": False, "bf16": True})):
+        monkeypatch.setattr(helpers.loading, "pick_dtype", lambda device=None, d=dtype: d)
+        assert ft.mixed_precision(t4) == flags
+    assert ft.mixed_precision(ft.SETTINGS["cpu_tiny"]) == {"fp16": False, "bf16": False}, "fp32 loads need no AMP"
+    assert "is_bf16_supported" not in Path(ft.__file__).read_text()
 
 
-# --------------------------------------------------------------------------- acceptance
+# --------------------------------------------------------------------------- the tiny model's outcome
 
 
-def test_lora_turns_the_tiny_models_answers_chinese(choice, tok):
-    """Lesson 05's acceptance: with the CPU settings, dev loss falls and the Chinese share of the
-    answers to the 72 dev questions goes from under 20% to over 60% (lesson 06's metric)."""
+def test_lora_turns_the_tiny_models_answers_chinese(choice, tok, tmp_path, monkeypatch):
+    """Lesson 05's outcome on the tiny model (asserted here, only printed in the lesson): dev loss
+    falls and the Chinese share of the answers to the 72 dev questions goes from under 20% to over 60%."""
+    monkeypatch.setenv("LLAMA_TUTORIAL_OUTPUT", str(tmp_path))
     settings = ft.settings_for(choice)
     adapter_dir = ft.ensure_adapter(choice)
-    assert adapter_dir == output_dir() / "lora-adapter"
+    assert adapter_dir == tmp_path / "lora-adapter"
     info = ft.read_training_info(adapter_dir)
     assert info["dev_loss_last"] < info["dev_loss_first"] - 1.0, info
-
     questions = [c[0]["content"] for c in ft.validate_sft_file(DATA_DIR / "dev_sft.csv", tok).conversations]
     assert len(questions) == 72
     kwargs = dict(fmt=choice.chat_format, generation=settings.generation, batch_size=settings.generation_batch_size,
                   seed=settings.seed)
-    with ft.torch_threads(settings.torch_threads):
-        base = AutoModelForCausalLM.from_pretrained(choice.path, dtype=torch.float32)
-        before = ft.answer_questions(base, tok, questions, **kwargs)
-        model, tokenizer = ft.load_with_adapter(choice, adapter_dir)
-        after = ft.answer_questions(model, tokenizer, questions, **kwargs)
+    before = ft.answer_questions(AutoModelForCausalLM.from_pretrained(choice.path, dtype=torch.float32), tok, questions, **kwargs)
+    model, tokenizer = ft.load_with_adapter(choice, adapter_dir)
+    after = ft.answer_questions(model, tokenizer, questions, **kwargs)
     share_before, share_after = ft.mean_chinese_share(before), ft.mean_chinese_share(after)
     assert share_before < 0.2, f"the base tiny model answers in English-like text ({share_before:.0%})"
     assert share_after > 0.6, f"after LoRA the answers are Chinese ({share_before:.0%} -> {share_after:.0%})"
