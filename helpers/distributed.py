@@ -1,0 +1,112 @@
+"""What each GPU holds when LoRA training is spread over several GPUs (notebooks/08_multi_gpu_lora.ipynb).
+
+One function, :func:`per_gpu_memory`, does the accounting for every table in lesson 08. It follows
+the ZeRO paper (Rajbhandari et al., 2020, section 3): with mixed-precision Adam a model of P
+trainable parameters keeps 2P bytes of 16-bit weights, 2P of 16-bit gradients and 12P of optimizer
+state (fp32 master weights, momentum, variance). DDP replicates all three on every GPU; ZeRO-1
+shards the optimizer state over N GPUs, ZeRO-2 also the gradients, ZeRO-3 (and FSDP FULL_SHARD)
+also the weights. FSDP SHARD_GRAD_OP splits like ZeRO-2.
+
+With LoRA the base weights are frozen: they need no gradient and no optimizer state, only their
+storage (16-bit, or 4-bit for QLoRA, as :func:`helpers.loading.estimate_memory` counts it). The
+LoRA matrices train in fp32 (peft keeps adapters in fp32): 4 bytes of weight, 4 of gradient and
+8 of Adam state per trainable parameter. The trainable count is r * (fan_in + fan_out) per adapted projection
+(a test checks it against peft's own count).
+
+Activations are per GPU and not sharded by any of these strategies (each GPU runs its own micro
+batch). The estimate uses Korthikanti et al. (2022, "Reducing Activation Recomputation in Large
+Transformer Models", eq. 1 without the attention-matrix term, which SDPA does not store):
+34 * s * b * h bytes per layer for 16-bit activations; with gradient checkpointing only each
+layer's input (2 * s * b * h bytes) is kept, plus one layer recomputed at a time. These are
+estimates: allocator slack, the CUDA context and temporary buffers come on top.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from helpers.loading import LLAMA2_SHAPES, estimate_memory
+
+STRATEGIES = ("ddp", "zero1", "zero2", "fsdp_grad_op", "zero3", "fsdp_full")
+# Which of (weights, gradients, optimizer state) each strategy shards over the GPUs.
+SHARDS = {
+    "ddp": (False, False, False),
+    "zero1": (False, False, True),
+    "zero2": (False, True, True),
+    "fsdp_grad_op": (False, True, True),
+    "zero3": (True, True, True),
+    "fsdp_full": (True, True, True),
+}
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def llama_config(name: str):
+    """A ``LlamaConfig`` with Llama-2's published shape (``"llama2-7b"``, ``"llama2-13b"``, ``"llama2-70b"``)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(**LLAMA2_SHAPES[name])
+
+
+def lora_trainable(config, r: int = 8, targets=LORA_TARGETS) -> int:
+    """Trainable LoRA parameters: r * (fan_in + fan_out) for each targeted projection of each layer.
+
+    tests/test_distributed.py checks this count against peft's own (get_nb_trainable_parameters).
+    """
+    h, inter = config.hidden_size, config.intermediate_size
+    heads = config.num_attention_heads
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    hd = getattr(config, "head_dim", None) or h // heads
+    shapes = {"q_proj": (h, heads * hd), "k_proj": (h, kv * hd), "v_proj": (h, kv * hd), "o_proj": (heads * hd, h),
+              "gate_proj": (h, inter), "up_proj": (h, inter), "down_proj": (inter, h)}
+    return config.num_hidden_layers * sum(r * sum(shapes[t]) for t in targets)
+
+
+@dataclass(frozen=True)
+class GPUMemory:
+    """Bytes one GPU holds, by kind (notebooks/08_multi_gpu_lora.ipynb)."""
+
+    weights: float
+    gradients: float
+    optimizer: float
+    activations: float
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.gradients + self.optimizer + self.activations
+
+
+def per_gpu_memory(config, method: str, strategy: str, gpus: int, *, r: int = 8, micro_batch: int = 1,
+                   seq_len: int = 2048, checkpointing: bool = True, trainable: float | None = None) -> GPUMemory:
+    """Memory per GPU for ``method`` ("full", "lora", "qlora") under ``strategy`` on ``gpus`` GPUs.
+
+    ``trainable`` overrides the count of trained parameters (all of them for "full"; the LoRA
+    matrices for "lora"/"qlora", computed by :func:`lora_trainable` when omitted).
+    """
+    if strategy not in SHARDS:
+        raise ValueError(f"strategy must be one of {STRATEGIES}")
+    shard_w, shard_g, shard_o = (gpus if s else 1 for s in SHARDS[strategy])
+    if method == "full":
+        params = estimate_memory(config, "full", torch.bfloat16).params if trainable is None else trainable
+        weights, grads, optim = 2 * params, 2 * params, 12 * params
+    elif method in ("lora", "qlora"):
+        frozen = estimate_memory(config, "4bit" if method == "qlora" else "full", torch.bfloat16).weights
+        t = lora_trainable(config, r) if trainable is None else trainable
+        weights, grads, optim = frozen + 4 * t, 4 * t, 8 * t
+    else:
+        raise ValueError('method must be "full", "lora" or "qlora"')
+    sbh = seq_len * micro_batch * config.hidden_size
+    layers = config.num_hidden_layers
+    acts = (2 * sbh * layers + 34 * sbh) if checkpointing else 34 * sbh * layers
+    return GPUMemory(weights / shard_w, grads / shard_g, optim / shard_o, float(acts))
+
+
+def smallest_gpu_count(config, method: str, strategy: str, gpu_bytes: float, *, max_gpus: int = 64, **kwargs) -> int | None:
+    """The fewest GPUs (a power of two) on which every GPU's share fits ``gpu_bytes``, or None."""
+    n = 1
+    while n <= max_gpus:
+        if per_gpu_memory(config, method, strategy, n, **kwargs).total <= gpu_bytes:
+            return n
+        n *= 2
+    return None

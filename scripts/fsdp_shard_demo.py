@@ -1,0 +1,76 @@
+"""FSDP on the CPU, with PyTorch's own `fully_shard` (lesson 08, notebooks/08_multi_gpu_lora.ipynb).
+
+    torchrun --nproc_per_node 2 scripts/fsdp_shard_demo.py [--model tiny] [--json result.json]
+
+Each rank wraps every LlamaDecoderLayer and then the whole model with `fully_shard` (FSDP2) on the
+gloo backend, so each rank keeps only its shard of every parameter. It prints how many parameter
+elements each rank holds, runs one forward and backward pass on the same batch on every rank, and
+rank 0 writes the numbers (and the loss) to --json so the lesson can compare them with one
+unsharded process. The Trainer does not use FSDP on a CPU-only machine (accelerate sets up a
+MULTI_CPU state and trains with DDP): this script shows the sharding itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from helpers.config import resolve_model  # noqa: E402
+
+
+def batch(tokenizer):
+    text = ["长城是中国古代的军事防御工程。", "Human: 你好\nAssistant: 你好，有什么可以帮你？"]
+    enc = tokenizer(text, return_tensors="pt", padding=True)
+    enc["labels"] = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+    return enc
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model(args.model, verbose=False).path
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.unk_token
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    full = sum(p.numel() for p in model.parameters())
+    inputs = batch(tokenizer)
+    if not dist.is_initialized() and "RANK" in __import__("os").environ:
+        dist.init_process_group("gloo")
+    sharded = dist.is_initialized()
+    if sharded:
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in model.model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+    held = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in model.parameters())
+    loss = model(**inputs).loss
+    loss.backward()
+    rank = dist.get_rank() if sharded else 0
+    world = dist.get_world_size() if sharded else 1
+    print(f"rank {rank}/{world}: holds {held:,} of {full:,} parameter elements, loss {loss.item():.6f}", flush=True)
+    result = {"world_size": world, "full": full, "held": [held], "loss": loss.item()}
+    if sharded:
+        gathered = [None] * world
+        dist.all_gather_object(gathered, held)
+        result["held"] = gathered
+    if rank == 0 and args.json:
+        args.json.write_text(json.dumps(result), encoding="utf-8")
+    if sharded:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
