@@ -178,8 +178,9 @@ def start_server(model=None, *, adapters: dict[str, str | Path] | None = None, p
     import torch
 
     api_key = api_key or secrets.token_urlsafe(16)
-    args = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", choice.path, "--served-model-name", choice.name,
-            "--host", host, "--port", str(port), "--api-key", api_key, "--max-model-len", str(max_model_len)]
+    args = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", choice.path,
+            "--served-model-name", choice.name, "--host", host, "--port", str(port), "--api-key", api_key,
+            "--max-model-len", str(max_model_len)]
     if not torch.cuda.is_available():
         args += ["--dtype", "float32", "--enforce-eager"]
     if adapters:
