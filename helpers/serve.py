@@ -1,0 +1,276 @@
+"""A vLLM OpenAI-compatible server as a subprocess, for notebooks/07_serving_vllm.ipynb.
+
+Lesson 07 shows the command and calls the server with the ``openai`` client; this module is the
+plumbing: find the serving environment's python, check model folder, port and adapters before
+starting, wait for ``/health`` (on failure: the server log's tail), and stop the whole process
+group, also when the kernel is interrupted, shut down or killed (``atexit``, a context manager,
+``PR_SET_PDEATHSIG``). ``python -m helpers.serve [PORT]`` (``make serve``) serves until Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import ctypes
+import functools
+import importlib.util
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+from helpers.config import REPO_ROOT, TutorialError, bilingual, resolve_model
+
+SERVE_PYTHON_ENV = "LLAMA_TUTORIAL_SERVE_PYTHON"
+SERVE_VENV = REPO_ROOT / ".venv-serve"
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the values vLLM's --max-lora-rank accepts
+_SERVERS: dict[tuple, "Server"] = {}  # one server per (model, adapters) in this process
+
+
+def serve_python() -> str:
+    """The python that runs vLLM: $LLAMA_TUTORIAL_SERVE_PYTHON, ``.venv-serve`` or this one (Colab)."""
+    if os.environ.get(SERVE_PYTHON_ENV):
+        return os.environ[SERVE_PYTHON_ENV]
+    if (SERVE_VENV / "bin" / "python").exists():
+        return str(SERVE_VENV / "bin" / "python")
+    if importlib.util.find_spec("vllm") is not None:
+        return sys.executable
+    raise TutorialError(bilingual(
+        f"找不到 vLLM 环境：没有 {SERVE_VENV}，当前 Python 里也没有 vllm。在仓库根目录运行 `make serve-env`，"
+        f"或在 Colab/GPU 上 `pip install vllm`，或用 {SERVE_PYTHON_ENV} 指向装好 vllm 的 python。",
+        f"No vLLM environment: no {SERVE_VENV} and no vllm in this python. Run `make serve-env` at the repository "
+        f"root, or `pip install vllm` on Colab/a GPU, or point {SERVE_PYTHON_ENV} at a python that has vllm."))
+
+
+def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether a server could listen on ``port`` now (SO_REUSEADDR, as servers bind: TIME_WAIT is free)."""
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def check_adapter(adapter_dir: str | Path, choice) -> Path:
+    """Make sure a LoRA adapter folder fits the served base model (lesson 05 wrote both files read here)."""
+    adapter_dir = Path(adapter_dir)
+    config = adapter_dir / "adapter_config.json"
+    if not config.is_file():
+        raise TutorialError(bilingual(
+            f"{adapter_dir} 里没有 adapter_config.json，不是 LoRA 适配器：先运行第 05 课，或调用 ensure_adapter()。",
+            f"{adapter_dir} holds no adapter_config.json, so it is not a LoRA adapter: run lesson 05 or ensure_adapter()."))
+    base = json.loads(config.read_text("utf-8")).get("base_model_name_or_path") or ""
+    info = adapter_dir / "training_info.json"  # written by lesson 05 (helpers.finetune.train_adapter)
+    trained_on = json.loads(info.read_text("utf-8")).get("model_name") if info.is_file() else None
+    same_folder = base and Path(base).expanduser().exists() and Path(base).resolve() == Path(choice.path).resolve()
+    if not (base == choice.path or same_folder or (trained_on == choice.name and not choice.is_tiny)):
+        raise TutorialError(bilingual(
+            f"适配器 {adapter_dir} 是在 {base or trained_on} 上训练的，而服务的基座是 {choice.path}。适配器只能配合"
+            "训练它的基座：换成那个基座，或者用第 05 课在这个基座上重新训练。",
+            f"The adapter {adapter_dir} was trained on {base or trained_on}, but the base served is {choice.path}. An "
+            "adapter only fits the base it was trained on: serve that base, or train one on this base (lesson 05)."))
+    return adapter_dir
+
+
+def group_members(pgid: int) -> list[int]:
+    """Running processes of the process group ``pgid`` (zombies left for init to reap do not count; Linux)."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[2]) == pgid and fields[0] not in "ZX":
+                members.append(int(stat.parent.name))
+    return members
+
+
+def _die_with_parent(parent: int):
+    """preexec_fn: the kernel's death (even SIGKILL) sends SIGTERM to the server (Linux)."""
+    def set_signal():
+        if sys.platform.startswith("linux"):
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(1)
+    return set_signal
+
+
+class Server:
+    """A running vLLM server (notebooks/07_serving_vllm.ipynb). Use as a context manager or call stop()."""
+
+    def __init__(self, key, process, base_url, api_key, model, adapters, log_path):
+        self.key, self.process, self.base_url, self.api_key = key, process, base_url, api_key
+        self.model, self.adapters, self.log_path = model, adapters, log_path
+
+    @property
+    def models(self) -> list[str]:
+        """The model names a client may ask for: the base first, then each adapter."""
+        return [self.model, *self.adapters]
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def client(self, timeout: float = 60.0):
+        """An ``openai.OpenAI`` client for this server (no retries: errors reach the caller at once)."""
+        from openai import OpenAI
+
+        return OpenAI(base_url=self.base_url, api_key=self.api_key, timeout=timeout, max_retries=0)
+
+    def log_tail(self, lines: int = 25) -> str:
+        text = Path(self.log_path).read_text("utf-8", errors="replace") if Path(self.log_path).exists() else ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def stop(self, timeout: float = 20.0) -> None:
+        """SIGTERM to the server's process group, SIGKILL to what is left after ``timeout`` s; idempotent.
+
+        Returns once no process of the group runs (the engine core too, even if the API server was killed).
+        """
+        _SERVERS.pop(self.key, None)
+        steps = [(signal.SIGTERM, timeout)] if self.alive() else []  # a dead server cannot shut its children down
+        for sig, wait in steps + [(signal.SIGKILL, 10.0)]:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, sig)
+            deadline = time.monotonic() + wait
+            while (self.alive() or group_members(self.process.pid)) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            if not group_members(self.process.pid):
+                break
+        self.process.wait()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+def start_server(model=None, *, adapters: dict[str, str | Path] | None = None, port: int | None = None,
+                 host: str = "127.0.0.1", api_key: str | None = None, max_model_len: int = 1024,
+                 timeout: float = 300.0) -> Server:
+    """Start (or reuse) a vLLM server for ``model`` (a ModelChoice or a ``resolve_model`` spec) and wait for it.
+
+    ``adapters`` maps a model name to a LoRA adapter folder (served with ``--enable-lora``); the
+    base model's name is its profile name (``tiny``, ``llama2-7b-chat``). ``port`` None takes a
+    free one; ``api_key`` None makes a random key. Introduced in notebooks/07_serving_vllm.ipynb.
+    """
+    choice = model if hasattr(model, "path") else resolve_model(model, verbose=False)
+    adapters = {name: check_adapter(path, choice) for name, path in (adapters or {}).items()}
+    key = (choice.path, tuple(sorted((n, str(p.resolve())) for n, p in adapters.items())))
+    if key in _SERVERS and _SERVERS[key].alive():
+        return _SERVERS[key]
+    python = serve_python()
+    if port is None:
+        from helpers.chat import free_port
+
+        port = free_port(host)
+    elif not port_is_free(port, host):
+        raise TutorialError(bilingual(
+            f"端口 {port} 已被占用（也许是还没停掉的服务器，`lsof -i :{port}` 可查）。换一个端口，或不传 port 自动挑选。",
+            f"Port {port} is already in use (perhaps a server still running; `lsof -i :{port}` tells). Pick another "
+            "port, or pass none to get a free one."))
+    import torch
+
+    api_key = api_key or secrets.token_urlsafe(16)
+    args = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", choice.path,
+            "--served-model-name", choice.name, "--host", host, "--port", str(port), "--api-key", api_key,
+            "--max-model-len", str(max_model_len)]
+    if not torch.cuda.is_available():
+        args += ["--dtype", "float32", "--enforce-eager"]
+    if adapters:
+        ranks = [json.loads((p / "adapter_config.json").read_text("utf-8")).get("r", 8) for p in adapters.values()]
+        rank = min(r for r in LORA_RANKS if r >= max(ranks))
+        args += ["--enable-lora", "--max-loras", str(len(adapters)), "--max-lora-rank", str(rank),
+                 "--lora-modules", *[f"{name}={path}" for name, path in adapters.items()]]
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
+    log_path = Path(tempfile.mkstemp(prefix=f"vllm-{port}-", suffix=".log")[1])
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                   start_new_session=True, preexec_fn=_die_with_parent(os.getpid()))
+    server = Server(key, process, f"http://{host}:{port}/v1", api_key, choice.name, list(adapters), log_path)
+    _SERVERS[key] = server
+    try:
+        _wait_healthy(server, host, port, timeout)
+    except BaseException:  # a failed start or Ctrl-C while waiting: never leave the process behind
+        server.stop()
+        raise
+    return server
+
+
+def _wait_healthy(server: Server, host: str, port: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while server.alive() and time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://{host}:{port}/health", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    code = server.process.poll()
+    zh, en = ((f"vLLM 服务器启动失败（退出码 {code}）", f"The vLLM server failed to start (exit code {code})")
+              if code is not None else (f"vLLM 服务器 {timeout:.0f} 秒内没有就绪（/health 无响应），已停止它",
+                                        f"The vLLM server was not ready within {timeout:.0f} s; it was stopped"))
+    raise TutorialError(bilingual(f"{zh}。日志 {server.log_path} 的最后几行：",
+                                  f"{en}. Last lines of {server.log_path}:") + "\n" + server.log_tail())
+
+
+def stop_all() -> None:
+    """Stop every server this process started (also runs at exit)."""
+    for server in list(_SERVERS.values()):
+        server.stop()
+
+
+atexit.register(stop_all)
+
+
+class OpenAIChatStream:
+    """One streamed chat answer, as lesson 04's ChatWidget backend contract asks (helpers.chat docstring)."""
+
+    def __init__(self, client, model: str, messages: list[dict], params, stop):
+        self.client, self.model, self.messages, self.params, self.stop = client, model, messages, params, stop
+        self.token_count = self.finish_reason = None
+
+    def __iter__(self):
+        p = self.params
+        sampling = {"temperature": p.temperature, "top_p": p.top_p} if p.do_sample else {"temperature": 0.0}
+        extra = {"repetition_penalty": p.repetition_penalty, **({"top_k": p.top_k} if p.do_sample and p.top_k else {})}
+        stream = self.client.chat.completions.create(
+            model=self.model, messages=self.messages, max_tokens=p.max_new_tokens, stream=True,
+            stream_options={"include_usage": True}, extra_body=extra, **sampling)
+        try:
+            for event in stream:
+                if event.usage:
+                    self.token_count = event.usage.completion_tokens
+                for choice in event.choices:
+                    if choice.finish_reason:
+                        self.finish_reason = {"stop": "eos"}.get(choice.finish_reason, choice.finish_reason)
+                    if choice.delta.content:
+                        yield choice.delta.content
+                if self.stop.is_set():
+                    self.finish_reason = "stop"
+                    break
+        finally:
+            stream.close()
+
+
+def openai_backend(client, model: str):
+    """A ChatWidget backend that streams from an OpenAI-compatible server (notebooks/07_serving_vllm.ipynb).
+
+    ``ChatWidget(backend=openai_backend(server.client(), "tiny"))``: called with (messages, params,
+    stop_event), it returns an :class:`OpenAIChatStream`.
+    """
+    return functools.partial(OpenAIChatStream, client, model)
+
+
+if __name__ == "__main__":  # make serve: serve LLAMA_TUTORIAL_MODEL on the port given (8000) until Ctrl-C
+    with start_server(port=int(sys.argv[1]) if len(sys.argv) > 1 else 8000) as running:
+        print(f"vLLM 服务器已就绪 / ready: {running.base_url} models={running.models} api_key={running.api_key}")
+        with contextlib.suppress(KeyboardInterrupt):
+            running.process.wait()
