@@ -15,7 +15,9 @@ import shutil
 from pathlib import Path
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
-SHAPE = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+# Every in_features a multiple of 64, as in Llama-2 (4096, 11008): bitsandbytes 0.50's CPU 4-bit path
+# (AVX512-BF16 packing) fails on layers whose input is not a whole number of 64-blocks.
+SHAPE = dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=1024)
 
 
