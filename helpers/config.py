@@ -126,8 +126,8 @@ def _hub_reachable(repo_id: str) -> bool:
 
 def resolve_model(spec: str | None = None, *, verbose: bool = True) -> ModelChoice:
     """Turn ``spec`` (default: ``$LLAMA_TUTORIAL_MODEL`` or ``auto``) into a :class:`ModelChoice`,
-    printing one Chinese line on which model runs and why. Raises :class:`TutorialError` for an
-    unknown name, a path that is no model folder, or an unfinished download of a profile."""
+    printing one Chinese line on which model runs and why (an unfinished download is named there).
+    Raises :class:`TutorialError` for an unknown name or a path that is no model folder."""
     choice = _resolve((spec if spec is not None else os.environ.get(ENV_MODEL, "auto")).strip() or "auto")
     if verbose:
         print(f"将运行的模型：{choice.name}（{choice.reason}）")
@@ -154,13 +154,10 @@ def _resolve(spec: str) -> ModelChoice:
         local, missing = _local_weights(profile)
         if local is not None:
             return ModelChoice(profile.name, str(local), f"{how}，使用本地权重 {local}", profile)
-        if missing and spec != "auto":  # an unfinished lesson-01 download: say what it lacks
-            from helpers.loading import missing_message
-
-            raise TutorialError(missing_message(models_dir() / profile.name, missing))
+        # An unfinished lesson-01 download is not the model; say what it lacks (lesson 01 resumes it).
+        unfinished = f"（{models_dir() / profile.name} 下载未完成，缺 {'; '.join(missing[:3])}）" if missing else ""
         if spec != "auto" or _hub_reachable(profile.repo_id):
-            return ModelChoice(profile.name, profile.repo_id, f"{how}，从 Hub 加载 {profile.repo_id}", profile)
-        unfinished = f"（本地下载不完整，缺 {missing[0]} 等）" if missing else ""
+            return ModelChoice(profile.name, profile.repo_id, f"{how}{unfinished}，从 Hub 加载 {profile.repo_id}", profile)
         return _tiny(f"auto：GPU {gpu[0]} 可用，但拿不到完整的 Llama-2 权重{unfinished}（先做第 01 课下载），暂用 tiny")
 
     folder = _local_folder(spec)
