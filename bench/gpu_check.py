@@ -8,7 +8,8 @@ On a CUDA GPU it builds a random-weight ``LlamaForCausalLM`` with Llama-2-7B's e
 weights' values change neither memory nor speed), saves it once as safetensors, and for fp16,
 8-bit and 4-bit measures:
 
-* load time, ``get_memory_footprint()`` and peak allocated memory;
+* load time, memory footprint (``helpers.loading.memory_footprint``: ``get_memory_footprint()``
+  plus the quantization scales it leaves out) and peak allocated memory;
 * decode tokens/s at batch 1 and batch 8 with plain ``generate``, and at batch 1 through the
   lesson-04 streaming path (``helpers.chat.stream_reply``; streaming is one conversation at a
   time, so it has no batch-8 figure);
@@ -41,7 +42,16 @@ import torch
 
 from bench.loading import measure_load, save_random_checkpoint, warm_page_cache
 from helpers.config import REPO_ROOT
-from helpers.loading import GIB, LLAMA2_SHAPES, check_bitsandbytes, free_memory, pick_device, pick_dtype, quiet_bitsandbytes
+from helpers.loading import (
+    GIB,
+    LLAMA2_SHAPES,
+    check_bitsandbytes,
+    free_memory,
+    memory_footprint,
+    pick_device,
+    pick_dtype,
+    quiet_bitsandbytes,
+)
 
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
 TIME_BUDGET_S = 7 * 60  # the whole GPU run must end within 8 minutes
@@ -80,19 +90,19 @@ def measure_copy_bandwidth(device: str, mib: int = 1024, repeats: int = 10) -> f
 
 
 def weight_bytes_per_step(model) -> int:
-    """Bytes of weights one decode step reads: every parameter and quantization buffer, except the
+    """Bytes of weights one decode step reads: every parameter and quantization scale, except the
     input embedding table, of which a step reads only one row per sequence."""
-    total = model.get_memory_footprint()
+    total = memory_footprint(model)
     embed = model.get_input_embeddings().weight
     return int(total - embed.numel() * embed.element_size())
 
 
 def _prompt_ids(tok, device: str) -> torch.Tensor:
-    enc = tok.apply_chat_template(
-        [{"role": "user", "content": "请用中文介绍一下长城的历史。"}], add_generation_prompt=True, return_tensors="pt",
-        return_dict=True,
-    )
-    return enc["input_ids"].to(device)
+    """The prompt through the course's own llama2 template (no ``chat_template`` needed)."""
+    from helpers.prompts import encode_prompt
+
+    ids = encode_prompt(tok, [{"role": "user", "content": "请用中文介绍一下长城的历史。"}], "llama2")
+    return torch.tensor([ids], device=device)
 
 
 def decode_plain(model, tok, batch: int, new_tokens: int, device: str) -> float:
@@ -132,22 +142,29 @@ def decode_streaming(model, tok, new_tokens: int) -> float:
 
 
 def lora_step(path: Path, tok, device: str, dtype: torch.dtype, seq_len: int) -> dict:
-    """One LoRA optimizer step on a 4-bit base with lesson 05's LoRA settings; time and peak memory."""
+    """One LoRA optimizer step on a 4-bit base with lesson 05's LoRA settings; time and peak memory.
+
+    The model is put in training mode: transformers 5 checkpoints activations only while
+    ``model.training`` is True (and LoRA dropout only acts then), so without ``model.train()`` the
+    "gradient checkpointing" figures would be those of no checkpointing. Non-reentrant
+    checkpointing, as PyTorch recommends."""
     from peft import get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM
 
     from helpers.finetune import lora_config, settings_for
     from helpers.loading import quantization_config
 
-    s = settings_for(device=device)
-    # finetune.load_base quantizes only on a GPU; here the CPU path loads 4-bit too, so the CI run
-    # exercises the same code as the GPU run.
+    s = settings_for(device="cuda")
+    # The GPU recipe (colab_t4: 4-bit base, checkpointing) on every device: finetune.load_base
+    # quantizes only on a GPU, but here the CPU run exercises the same code as the GPU run.
     model = AutoModelForCausalLM.from_pretrained(
         str(path), dtype=dtype, quantization_config=quantization_config("4bit", dtype, double_quant=True),
         device_map="auto",
     )
-    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=s.gradient_checkpointing)
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=s.gradient_checkpointing,
+                                            gradient_checkpointing_kwargs={"use_reentrant": False})
     model = get_peft_model(model, lora_config(s))
+    model.train()
     optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=s.learning_rate)
     batch = s.per_device_train_batch_size
     gen = torch.Generator().manual_seed(0)
@@ -169,7 +186,8 @@ def lora_step(path: Path, tok, device: str, dtype: torch.dtype, seq_len: int) ->
     seconds = time.perf_counter() - start
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     row = {"seq_len": seq_len, "batch": batch, "lora_r": s.lora_r, "target_modules": list(s.target_modules),
-           "gradient_checkpointing": s.gradient_checkpointing, "trainable_params": trainable,
+           "gradient_checkpointing": model.is_activation_checkpointing,
+           "training_mode": model.training, "trainable_params": trainable,
            "step_s": round(seconds, 3), "tokens_per_s": round(batch * seq_len / seconds, 1)}
     if device == "cuda":
         row["peak_gib"] = round(torch.cuda.max_memory_allocated() / GIB, 2)
@@ -194,7 +212,7 @@ def check_shape(name: str, shape: dict, modes: list[str], tok, device: str, dtyp
                 free_memory()
                 torch.cuda.reset_peak_memory_stats()
             model, load_s = measure_load(tmp, mode, dtype, device)
-            row = {"mode": mode, "load_s": round(load_s, 2), "footprint_gib": round(model.get_memory_footprint() / GIB, 3)}
+            row = {"mode": mode, "load_s": round(load_s, 2), "footprint_gib": round(memory_footprint(model) / GIB, 3)}
             if device == "cuda":
                 row["peak_load_gib"] = round(torch.cuda.max_memory_allocated() / GIB, 3)
             per_step = weight_bytes_per_step(model)

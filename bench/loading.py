@@ -14,8 +14,10 @@ Every mode is compared with the full-precision baseline measured in the same run
 columns). Load seconds are measured with the weight files already in the OS page cache (the
 benchmark reads them once first), so they show the cost of building and quantizing, not the disk.
 
-The functions (:func:`build_random_model`, :func:`measure_load`, :func:`measure_decode`,
-:func:`run_benchmark`) are reused by later benchmarks.
+The functions (:func:`build_random_model`, :func:`measure_load`, :func:`time_generation`,
+:func:`measure_decode`, :func:`run_benchmark`) are reused by later benchmarks. Prompts are built with
+the course's own template for the model's chat format (``helpers.prompts.encode_prompt``), so a
+tokenizer without a ``chat_template`` (FlagAlpha's models) works too.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ import shutil
 import sys
 import tempfile
 import time
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -39,18 +43,15 @@ from helpers.loading import (
     ModelTooLargeError,
     check_bitsandbytes,
     check_fits,
-    check_weights_complete,
-    dtype_name,
     estimate_memory,
     free_memory,
-    linear_layer_types,
+    memory_footprint,
     mode_label,
     pick_attn_implementation,
     pick_device,
     pick_dtype,
     quantization_config,
     quiet_bitsandbytes,
-    time_generation,
 )
 
 BENCH_CONTEXT = 256
@@ -60,6 +61,64 @@ CONFIGS = ("tiny", *[name for name in LLAMA2_SHAPES if name != "llama2-70b"])
 def _sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
+
+
+def linear_layer_types(model) -> Counter:
+    """How many linear layers of each class the model holds, e.g.
+    ``{"bitsandbytes.nn.Linear8bitLt": 28, "torch.nn.Linear": 1}`` (the 1 is lm_head, which
+    transformers leaves unquantized)."""
+    counts: Counter = Counter()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            top = type(module).__module__.split(".")[0]
+            prefix = {"torch": "torch.nn", "bitsandbytes": "bitsandbytes.nn"}.get(top, type(module).__module__)
+            counts[f"{prefix}.{type(module).__name__}"] += 1
+    return counts
+
+
+@dataclass
+class GenerationTiming:
+    """Result of :func:`time_generation`: tokens/s = batch x new_tokens / seconds."""
+
+    batch: int
+    new_tokens: int
+    seconds: float
+    text: str = ""
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.batch * self.new_tokens / self.seconds if self.seconds > 0 else float("inf")
+
+
+def time_generation(model, tokenizer=None, prompt: str | None = None, *, chat_format: str = "llama2", batch: int = 1,
+                    new_tokens: int = 32, warmup: bool = True) -> GenerationTiming:
+    """Greedy-generate exactly ``new_tokens`` tokens for ``batch`` copies of ``prompt`` and time it.
+
+    The prompt is built with the course's template for ``chat_format`` (helpers.prompts, which
+    needs no ``chat_template`` in the tokenizer); without a tokenizer, 16 fixed random ids.
+    """
+    if tokenizer is not None:
+        from helpers.prompts import encode_prompt
+
+        messages = [{"role": "user", "content": prompt or "请用中文介绍一下长城。"}]
+        input_ids = torch.tensor([encode_prompt(tokenizer, messages, chat_format)])
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.unk_token_id or 0
+    else:
+        input_ids = torch.randint(3, model.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
+        pad_id = 0
+    input_ids = input_ids.repeat(batch, 1).to(model.device)
+    kwargs = dict(do_sample=False, pad_token_id=pad_id, attention_mask=torch.ones_like(input_ids))
+    sync = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
+    with torch.inference_mode():
+        if warmup:
+            model.generate(input_ids, max_new_tokens=2, min_new_tokens=2, **kwargs)
+        sync()
+        start = time.perf_counter()
+        out = model.generate(input_ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs)
+        sync()
+        seconds = time.perf_counter() - start
+    text = tokenizer.decode(out[0, input_ids.shape[1]:], skip_special_tokens=True) if tokenizer is not None else ""
+    return GenerationTiming(batch, out.shape[1] - input_ids.shape[1], seconds, text)
 
 
 def llama_config(shape: dict):
@@ -93,7 +152,7 @@ def save_random_checkpoint(shape: dict, folder: Path, dtype: torch.dtype, device
 def warm_page_cache(folder: Path) -> float:
     """Read every weight file once so later loads do not measure the disk. Returns GiB read."""
     total = 0
-    for file in check_weights_complete(folder):
+    for file in sorted(Path(folder).glob("*.safetensors")):
         with open(file, "rb") as f:
             while chunk := f.read(64 * 1024 * 1024):
                 total += len(chunk)
@@ -115,11 +174,12 @@ def measure_load(path, mode: str, dtype: torch.dtype | None = None, device: str 
     return model.eval(), time.perf_counter() - start
 
 
-def measure_decode(model, tok, batch: int, new_tokens: int, repeats: int = 3) -> dict:
+def measure_decode(model, tok, batch: int, new_tokens: int, repeats: int = 3, chat_format: str = "llama2") -> dict:
     """Greedy decode of exactly ``new_tokens`` tokens for ``batch`` sequences, ``repeats`` times
     after one warm-up; tokens/s of the fastest run (the least disturbed by other processes) and
     the median."""
-    runs = [time_generation(model, tok, batch=batch, new_tokens=new_tokens, warmup=(i == 0)) for i in range(repeats)]
+    runs = [time_generation(model, tok, chat_format=chat_format, batch=batch, new_tokens=new_tokens, warmup=(i == 0))
+            for i in range(repeats)]
     seconds = sorted(t.seconds for t in runs)
     produced = runs[0].new_tokens
     return {
@@ -137,7 +197,7 @@ def _environment(device: str, dtype: torch.dtype) -> dict:
 
     env = {
         "device": torch.cuda.get_device_name(0) if device == "cuda" else f"CPU ({platform.processor() or platform.machine()})",
-        "dtype": dtype_name(dtype),
+        "dtype": mode_label("full", dtype),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "threads": torch.get_num_threads(),
@@ -233,7 +293,7 @@ def run_benchmark(config: str = "tiny", *, new_tokens: int | None = None, batche
                 model, seconds = measure_load(path, mode, dtype, device)
                 row["load_s"] = round(min(seconds, row.get("load_s", seconds)), 3)
             row["load_repeats"] = loads
-            row["footprint_bytes"] = model.get_memory_footprint()
+            row["footprint_bytes"] = memory_footprint(model)  # quantization scales included
             row["footprint_gib"] = round(row["footprint_bytes"] / GIB, 4)
             row["linear_layers"] = dict(linear_layer_types(model))
             row["decode"] = [measure_decode(model, tok, b, new_tokens) for b in batches]

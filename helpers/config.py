@@ -1,30 +1,22 @@
-"""Which model the lessons run, and where the series keeps its files.
+"""Which model the lessons run, and where the series keeps its files (notebooks/00_overview.ipynb).
 
-Introduced in notebooks/00_overview.ipynb. Every lesson calls :func:`resolve_model` once and
-then loads ``choice.path`` with the ordinary ``AutoTokenizer`` / ``AutoModelForCausalLM`` code,
-so the same cells run the real Llama-2 on a GPU and the tiny offline model on a CPU.
-
-``LLAMA_TUTORIAL_MODEL`` takes:
-
-* ``auto`` (default): the real Llama-2-7b-chat when a CUDA GPU with enough free memory is present
-  and its weights are reachable, else ``tiny``;
-* a profile name from :data:`PROFILES`;
-* a Hub repo id such as ``meta-llama/Llama-2-7b-chat-hf``;
-* a local folder holding ``config.json`` (for instance what lesson 01 downloaded).
+``LLAMA_TUTORIAL_MODEL`` takes ``auto`` (default: Llama-2-7b-chat when a CUDA GPU with enough free
+memory is present and the weights are reachable, else ``tiny``), a profile name from
+:data:`PROFILES`, a Hub repo id (``owner/name``) or a local model folder.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DATA_DIR = REPO_ROOT / "data"
 ENV_MODEL = "LLAMA_TUTORIAL_MODEL"
-# Written by lesson 01's download into the model folder once every file is verified; a folder
-# without it is an unfinished download, not local weights.
+# Lesson 01's record of a verified download, in the model folder: {"files": {path: {"size": ...}}}.
 DOWNLOAD_MARKER = Path(".cache") / "llama2-tutorial" / "verified.json"
+AUTO_MIN_FREE_GPU_GB = 8.1  # 8-bit Llama-2-7b with a 2048-token KV cache, by helpers.loading.estimate_memory
 
 
 class TutorialError(RuntimeError):
@@ -38,54 +30,24 @@ def bilingual(zh: str, en: str) -> str:
 
 @dataclass(frozen=True)
 class Profile:
-    """A model the series knows by a short name (see notebooks/00_overview.ipynb)."""
+    """A model the series knows by a short name, and the chat format it was tuned on: "llama2"
+    ([INST] ...) or "human_assistant" (FlagAlpha's). See notebooks/00_overview.ipynb."""
 
     name: str
     repo_id: str | None
-    description: str
-    params_billion: float
-    # Chat format the model was tuned on: "llama2" ([INST] ...) or "human_assistant" (FlagAlpha).
     chat_format: str = "llama2"
     modelscope_id: str | None = None
-    extra: dict = field(default_factory=dict)
 
 
 PROFILES: dict[str, Profile] = {
-    "tiny": Profile(
-        "tiny", None, "离线小模型（本地构建，CPU 可跑）/ tiny offline Llama built locally", 0.004
-    ),
-    "llama2-7b-chat": Profile(
-        "llama2-7b-chat",
-        "meta-llama/Llama-2-7b-chat-hf",
-        "Meta Llama-2-7b-chat",
-        6.74,
-        modelscope_id="modelscope/Llama-2-7b-chat-ms",
-    ),
-    "llama2-13b-chat": Profile(
-        "llama2-13b-chat",
-        "meta-llama/Llama-2-13b-chat-hf",
-        "Meta Llama-2-13b-chat",
-        13.0,
-        modelscope_id="modelscope/Llama-2-13b-chat-ms",
-    ),
-    "chinese-7b-chat": Profile(
-        "chinese-7b-chat",
-        "FlagAlpha/Llama2-Chinese-7b-Chat",
-        "FlagAlpha Llama2-Chinese-7b-Chat",
-        6.74,
-        chat_format="human_assistant",
-    ),
-    "chinese-13b-chat": Profile(
-        "chinese-13b-chat",
-        "FlagAlpha/Llama2-Chinese-13b-Chat",
-        "FlagAlpha Llama2-Chinese-13b-Chat",
-        13.0,
-        chat_format="human_assistant",
-    ),
+    "tiny": Profile("tiny", None),
+    "llama2-7b-chat": Profile("llama2-7b-chat", "meta-llama/Llama-2-7b-chat-hf",
+                              modelscope_id="modelscope/Llama-2-7b-chat-ms"),
+    "llama2-13b-chat": Profile("llama2-13b-chat", "meta-llama/Llama-2-13b-chat-hf",
+                               modelscope_id="modelscope/Llama-2-13b-chat-ms"),
+    "chinese-7b-chat": Profile("chinese-7b-chat", "FlagAlpha/Llama2-Chinese-7b-Chat", "human_assistant"),
+    "chinese-13b-chat": Profile("chinese-13b-chat", "FlagAlpha/Llama2-Chinese-13b-Chat", "human_assistant"),
 }
-
-# 8-bit Llama-2-7b needs about 7 GB for weights plus room for activations and the KV cache.
-AUTO_MIN_FREE_GPU_GB = 8.0
 
 
 def home_dir() -> Path:
@@ -100,11 +62,7 @@ def models_dir() -> Path:
 
 
 def output_dir() -> Path:
-    """Where lessons write what the learner makes (adapters, answers, reports).
-
-    ``LLAMA_TUTORIAL_OUTPUT``, default ``outputs/`` at the top of the checkout, so the learner
-    sees the files in JupyterLab's file browser.
-    """
+    """Where lessons write what the learner makes (``LLAMA_TUTORIAL_OUTPUT``, default ``outputs/``)."""
     return Path(os.environ.get("LLAMA_TUTORIAL_OUTPUT", REPO_ROOT / "outputs")).expanduser()
 
 
@@ -129,129 +87,51 @@ class ModelChoice:
         return f"模型 / model: {self.name} ({self.path}) — {self.reason}"
 
 
-def _unknown_message(spec: str) -> str:
-    names = ", ".join(PROFILES)
-    return bilingual(
-        f"不认识 {ENV_MODEL}={spec!r}：它既不是已知的配置名，也不是 Hub 仓库名（形如 组织/名称），"
-        f"也不是本地文件夹。可用的配置名：auto, {names}；或者给出含 config.json 的本地文件夹路径。",
-        f"Unknown {ENV_MODEL}={spec!r}: not a profile name, not a Hub repo id (owner/name) and not "
-        f"a local folder. Profiles: auto, {names}; or give the path of a local folder with config.json.",
-    )
+def _local_weights(profile: Profile) -> tuple[Path | None, list[str]]:
+    """A complete copy of the profile's weights (lesson 01's folder, the Hub cache), or what it lacks."""
+    from huggingface_hub import try_to_load_from_cache
+
+    from helpers.loading import missing_weights
+
+    folder = models_dir() / profile.name
+    if folder.is_dir():
+        missing = missing_weights(folder)
+        return (None, missing) if missing else (folder, [])
+    hit = try_to_load_from_cache(profile.repo_id, "config.json")  # a path, None, or "known absent"
+    if isinstance(hit, str) and not missing_weights(Path(hit).parent):
+        return Path(hit).parent, []
+    return None, []
 
 
 def _cuda_free_gb() -> tuple[str, float] | None:
-    try:
-        import torch
-    except ImportError:  # pragma: no cover - torch is a hard dependency
-        return None
+    import torch
+
     if not torch.cuda.is_available():
         return None
     free, _total = torch.cuda.mem_get_info()
     return torch.cuda.get_device_name(0), free / 1024**3
 
 
-def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in {"1", "true", "yes", "on"}
-
-
-def _local_weights(profile: Profile) -> Path | None:
-    """A complete local copy of the profile's weights: lesson 01's folder or the Hub cache."""
-    folder = models_dir() / profile.name
-    if (folder / "config.json").exists():
-        return folder
-    if profile.repo_id:
-        try:
-            from huggingface_hub import try_to_load_from_cache
-
-            hit = try_to_load_from_cache(profile.repo_id, "config.json")
-        except Exception:
-            hit = None
-        if isinstance(hit, str):
-            return Path(hit).parent
-    return None
-
-
 def _hub_reachable(repo_id: str) -> bool:
-    if _offline():
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in {"1", "true", "yes", "on"}:
         return False
-    try:
-        from huggingface_hub import auth_check
+    from huggingface_hub import auth_check
 
-        auth_check(repo_id)
-        return True
+    try:
+        auth_check(repo_id)  # gated repos need a token and Meta's approval
     except Exception:
         return False
+    return True
 
 
 def resolve_model(spec: str | None = None, *, verbose: bool = True) -> ModelChoice:
-    """Turn ``spec`` (default: ``$LLAMA_TUTORIAL_MODEL`` or ``auto``) into a :class:`ModelChoice`.
-
-    Prints one line in Chinese saying which model runs and why (``verbose=False`` silences it).
-    Raises :class:`TutorialError` for an unknown name or a folder without ``config.json``.
-    """
-    spec = (spec if spec is not None else os.environ.get(ENV_MODEL, "auto")).strip() or "auto"
-    choice = _resolve(spec)
+    """Turn ``spec`` (default: ``$LLAMA_TUTORIAL_MODEL`` or ``auto``) into a :class:`ModelChoice`,
+    printing one Chinese line on which model runs and why (an unfinished download is named there).
+    Raises :class:`TutorialError` for an unknown name or a path that is no model folder."""
+    choice = _resolve((spec if spec is not None else os.environ.get(ENV_MODEL, "auto")).strip() or "auto")
     if verbose:
         print(f"将运行的模型：{choice.name}（{choice.reason}）")
     return choice
-
-
-def _resolve(spec: str) -> ModelChoice:
-    if spec == "auto":
-        gpu = _cuda_free_gb()
-        if gpu is None:
-            return _tiny("auto：没有检测到 CUDA GPU，使用离线小模型 tiny")
-        name, free_gb = gpu
-        if free_gb < AUTO_MIN_FREE_GPU_GB:
-            return _tiny(
-                f"auto：GPU {name} 只有 {free_gb:.1f} GB 空闲显存，不足 {AUTO_MIN_FREE_GPU_GB:.0f} GB，使用 tiny"
-            )
-        profile = PROFILES["llama2-7b-chat"]
-        local = _local_weights(profile)
-        if local is not None:
-            return ModelChoice(profile.name, str(local), f"auto：GPU {name} 显存足够，使用本地权重 {local}", profile)
-        if _hub_reachable(profile.repo_id):
-            return ModelChoice(
-                profile.name, profile.repo_id, f"auto：GPU {name} 显存足够，可从 Hub 获取 {profile.repo_id}", profile
-            )
-        return _tiny(f"auto：GPU {name} 可用，但拿不到 Llama-2 权重（先做第 01 课下载），暂用 tiny")
-
-    if spec in PROFILES:
-        profile = PROFILES[spec]
-        if profile.name == "tiny":
-            return _tiny(f"{ENV_MODEL}=tiny")
-        local = _local_weights(profile)
-        if local is not None:
-            return ModelChoice(profile.name, str(local), f"{ENV_MODEL}={spec}，使用本地权重 {local}", profile)
-        return ModelChoice(profile.name, profile.repo_id, f"{ENV_MODEL}={spec}，从 Hub 加载 {profile.repo_id}", profile)
-
-    path = Path(spec).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise TutorialError(
-                bilingual(
-                    f"文件夹 {path} 里没有 config.json，所以它不是一个模型文件夹。"
-                    "请指向下载完成的模型目录（第 01 课会告诉你路径），或者重新下载。",
-                    f"The folder {path} has no config.json, so it is not a model folder. Point "
-                    f"{ENV_MODEL} at a complete model folder (lesson 01 prints its path) or download it again.",
-                )
-            )
-        return ModelChoice(str(path), str(path), f"{ENV_MODEL} 指向本地文件夹 {path}")
-
-    if _looks_like_repo_id(spec):
-        return ModelChoice(spec, spec, f"{ENV_MODEL}={spec}，按 Hub 仓库名加载")
-
-    raise TutorialError(_unknown_message(spec))
-
-
-def _looks_like_repo_id(spec: str) -> bool:
-    parts = spec.split("/")
-    if len(parts) != 2 or not all(parts):
-        return False
-    if spec.startswith((".", "/", "~")):
-        return False
-    allowed = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
-    return all(set(p) <= allowed for p in parts)
 
 
 def _tiny(reason: str) -> ModelChoice:
@@ -260,47 +140,88 @@ def _tiny(reason: str) -> ModelChoice:
     return ModelChoice("tiny", str(ensure_tiny_model()), reason, PROFILES["tiny"])
 
 
-def bitsandbytes_backend() -> str:
-    """Which backend bitsandbytes runs on here ("CUDA", "CPU", ...), or why it cannot run."""
-    try:
-        import bitsandbytes  # noqa: F401
-        from bitsandbytes import cextension
-    except ImportError:
-        return "未安装 / not installed"
-    except Exception as err:  # a broken native library raises at import
-        return f"不可用 / unusable: {err}"
-    backend = getattr(cextension, "BNB_BACKEND", "?")
-    lib = getattr(cextension, "lib", None)
-    if lib is None or type(lib).__name__.startswith("ErrorHandler"):
-        return f"{backend}（原生库未加载 / native library missing）"
-    return backend
+def _resolve(spec: str) -> ModelChoice:
+    if spec in ("auto", *PROFILES):
+        if spec == "tiny":
+            return _tiny(f"{ENV_MODEL}=tiny")
+        gpu = _cuda_free_gb() if spec == "auto" else None
+        if spec == "auto" and gpu is None:
+            return _tiny("auto：没有检测到 CUDA GPU，使用离线小模型 tiny")
+        if gpu is not None and gpu[1] < AUTO_MIN_FREE_GPU_GB:
+            return _tiny(f"auto：GPU {gpu[0]} 只有 {gpu[1]:.1f} GB 空闲显存，不足 {AUTO_MIN_FREE_GPU_GB:.0f} GB，使用 tiny")
+        profile = PROFILES["llama2-7b-chat" if spec == "auto" else spec]
+        how = f"auto：GPU {gpu[0]} 显存足够" if gpu else f"{ENV_MODEL}={spec}"
+        local, missing = _local_weights(profile)
+        if local is not None:
+            return ModelChoice(profile.name, str(local), f"{how}，使用本地权重 {local}", profile)
+        # An unfinished lesson-01 download is not the model; say what it lacks (lesson 01 resumes it).
+        unfinished = f"（{models_dir() / profile.name} 下载未完成，缺 {'; '.join(missing[:3])}）" if missing else ""
+        if spec != "auto" or _hub_reachable(profile.repo_id):
+            return ModelChoice(profile.name, profile.repo_id, f"{how}{unfinished}，从 Hub 加载 {profile.repo_id}", profile)
+        return _tiny(f"auto：GPU {gpu[0]} 可用，但拿不到完整的 Llama-2 权重{unfinished}（先做第 01 课下载），暂用 tiny")
+
+    folder = _local_folder(spec)
+    if folder is not None:
+        return ModelChoice(str(folder), str(folder), f"{ENV_MODEL} 指向本地文件夹 {folder}")
+    parts = spec.split("/")
+    allowed = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
+    if len(parts) == 2 and all(parts) and all(set(p) <= allowed for p in parts):
+        return ModelChoice(spec, spec, f"{ENV_MODEL}={spec}，按 Hub 仓库名加载")
+    names = ", ".join(PROFILES)
+    raise TutorialError(bilingual(
+        f"不认识 {ENV_MODEL}={spec!r}：它既不是已知的配置名，也不是 Hub 仓库名（形如 组织/名称），"
+        f"也不是本地文件夹。可用的配置名：auto, {names}；或者给出含 config.json 的本地文件夹路径。",
+        f"Unknown {ENV_MODEL}={spec!r}: not a profile name, not a Hub repo id (owner/name) and not "
+        f"a local folder. Profiles: auto, {names}; or give the path of a local folder with config.json.",
+    ))
+
+
+def _local_folder(spec: str) -> Path | None:
+    """The model folder ``spec`` names (relative: from the repository root, then the current
+    directory); None when it does not look like a path. A spec that looks like one (starts with
+    . / ~, has a backslash or two slashes, names something that exists, or its first part is a
+    local folder such as outputs/) but holds no config.json is refused, never sent to the Hub."""
+    path = Path(spec).expanduser()
+    candidates = list(dict.fromkeys([path] if path.is_absolute() else [REPO_ROOT / path, Path.cwd() / path]))
+    for candidate in candidates:
+        if (candidate / "config.json").is_file():
+            return candidate.resolve()
+    nested = len(path.parts) > 1
+    looks_like_path = spec.startswith((".", "~", os.sep)) or "\\" in spec or spec.count("/") > 1
+    if not (looks_like_path or any(c.exists() or (nested and c.parent.is_dir()) for c in candidates)):
+        return None
+    where = ", ".join(str(c) for c in candidates)
+    raise TutorialError(bilingual(
+        f"{ENV_MODEL}={spec!r} 看起来是路径，但那里没有含 config.json 的模型文件夹（找过：{where}）。"
+        "请给出模型文件夹（第 01 课会打印它的路径）；路径不会被当作 Hub 仓库名。",
+        f"{ENV_MODEL}={spec!r} looks like a path, but there is no model folder with config.json (looked at: "
+        f"{where}). Point it at a model folder (lesson 01 prints its path); a path is never taken as a Hub repo id.",
+    ))
 
 
 def environment_report() -> dict:
     """Facts about this machine that decide how the lessons run (see notebooks/00_overview.ipynb)."""
-    import platform
     import shutil
+    from importlib.metadata import version
 
     import torch
     import transformers
 
-    report = {
-        "Python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "CUDA": torch.version.cuda or "无（CPU 版 torch）",
-    }
+    from helpers.loading import check_bitsandbytes, pick_dtype
+
+    report = {"torch": torch.__version__, "transformers": transformers.__version__,
+              "CUDA": torch.version.cuda or "无（CPU 版 torch）", "GPU": "无"}
     if torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(0)
         free, total = torch.cuda.mem_get_info()
-        report["GPU"] = props.name
-        report["显存 GPU memory"] = f"{free / 1024**3:.1f} GB 空闲 / {total / 1024**3:.1f} GB"
-        report["bf16"] = "支持" if torch.cuda.is_bf16_supported() else "不支持（用 fp16）"
-    else:
-        report["GPU"] = "无 / none"
-    report["bitsandbytes"] = bitsandbytes_backend()
+        major, minor = torch.cuda.get_device_capability(0)
+        report["GPU"] = f"{torch.cuda.get_device_name(0)}（计算能力 {major}.{minor}）"
+        report["显存"] = f"空闲 {free / 1024**3:.1f} / 共 {total / 1024**3:.1f} GiB"
+        report["bf16"] = "支持" if pick_dtype("cuda") == torch.bfloat16 else "不支持（计算能力低于 8.0），用 fp16"
+    try:
+        report["bitsandbytes"] = f"{version('bitsandbytes')}（后端 {check_bitsandbytes()}）"
+    except Exception as err:  # not installed, or it cannot quantize here
+        report["bitsandbytes"] = str(err).splitlines()[0]
     home = home_dir()
     home.mkdir(parents=True, exist_ok=True)
-    report["空闲磁盘 free disk"] = f"{shutil.disk_usage(home).free / 1024**3:.1f} GB（{home}）"
-    report["CPU 线程 threads"] = str(torch.get_num_threads())
+    report["空闲磁盘"] = f"{shutil.disk_usage(home).free / 1024**3:.1f} GiB（{home}）"
     return report

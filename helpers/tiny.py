@@ -1,16 +1,12 @@
-"""Build the tiny offline Llama-2 the course runs on a CPU (profile ``tiny``).
+"""Build the tiny offline Llama-2 the course runs on a CPU (profile ``tiny``; notebooks/00_overview.ipynb).
 
-Introduced in notebooks/00_overview.ipynb. The tiny model has Llama-2's architecture
-(``LlamaForCausalLM``) and a tokenizer built the way Llama-2's is (byte-fallback BPE, ``▁`` for
-spaces, the 256 ``<0xNN>`` byte pieces as ordinary vocabulary, ``<unk>``/``<s>``/``</s>`` at ids
-0/1/2, BOS added, Meta's chat template). It is pretrained for a minute on the small English
-corpus in ``data/pretrain_en.jsonl`` plus a little Chinese (``data/pretrain_zh.txt``), so that,
-like the article's Llama-2-chat, it reads a Chinese question but answers in English-like text.
-Lesson 05 then turns it to Chinese with LoRA.
-
-The build is deterministic (fixed seed, fixed data order) and cached under
-``<home>/tiny/<recipe hash>``; any change to the recipe or the corpus gives a new hash and so a
-rebuild. Run ``python -m helpers.tiny`` to build it ahead of time.
+Llama-2's architecture and a tokenizer built the way Llama-2's is (byte-fallback BPE, the 256
+``<0xNN>`` byte pieces as ordinary vocabulary, ``<unk>``/``<s>``/``</s>`` at ids 0/1/2, Meta's chat
+template), pretrained for a minute on data/pretrain_en.jsonl and a little Chinese. Its training
+pairs Chinese questions with English answers on purpose, to stand in for the article's
+Llama-2-chat; lesson 05 turns it to Chinese with LoRA. The build is deterministic and cached under
+``<home>/tiny/<recipe hash>`` (a new recipe or corpus gives a new hash). ``python -m helpers.tiny``
+builds it ahead of time.
 """
 
 from __future__ import annotations
@@ -51,40 +47,18 @@ RECIPE: dict = {
     "version": 3,
     "seed": 1234,
     "tokenizer": {"vocab_size": 3000, "character_coverage": 0.9995},
-    "model": {
-        "hidden_size": 192,
-        "intermediate_size": 512,
-        "num_hidden_layers": 4,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 4,
-        "max_position_embeddings": 1024,
-        "rms_norm_eps": 1e-5,
-        "rope_theta": 10000.0,
-    },
-    "train": {
-        "steps": 360,
-        "batch_size": 16,
-        "lr": 3e-3,
-        "warmup": 30,
-        "weight_decay": 0.01,
-        "max_len": 128,
-        "zh_question_share": 0.3,
-        "system_prompt_share": 0.15,
-    },
+    "model": {"hidden_size": 192, "intermediate_size": 512, "num_hidden_layers": 4, "num_attention_heads": 4,
+              "num_key_value_heads": 4, "max_position_embeddings": 1024, "rms_norm_eps": 1e-5, "rope_theta": 10000.0},
+    "train": {"steps": 360, "batch_size": 16, "lr": 3e-3, "warmup": 30, "weight_decay": 0.01, "max_len": 128,
+              "zh_question_share": 0.3, "system_prompt_share": 0.15},
 }
 
 CORPUS_FILES = ("pretrain_en.jsonl", "pretrain_zh.txt", "train_sft.csv")
-SYSTEM_PROMPTS = (
-    "You are a helpful assistant.",
-    "You are a helpful, respectful and honest assistant.",
-)
+SYSTEM_PROMPTS = ("You are a helpful assistant.", "You are a helpful, respectful and honest assistant.")
 
 
 def recipe_hash() -> str:
-    """Hash of the recipe and the corpus files: the cache key.
-
-    Bump ``RECIPE["version"]`` whenever the build code changes what it produces.
-    """
+    """The cache key: hash of RECIPE and the corpus (bump ``RECIPE["version"]`` when the build changes)."""
     h = hashlib.sha256(json.dumps(RECIPE, sort_keys=True).encode())
     for name in CORPUS_FILES:
         h.update(name.encode())
@@ -117,9 +91,6 @@ def ensure_tiny_model(verbose: bool = True) -> Path:
     return target
 
 
-# --------------------------------------------------------------------------- corpus
-
-
 def _load_corpus() -> tuple[list[dict], list[str], list[str]]:
     import csv
 
@@ -131,24 +102,17 @@ def _load_corpus() -> tuple[list[dict], list[str], list[str]]:
 
 
 def _tokenizer_training_text(en: list[dict], zh: list[str], sft: list[str]) -> list[str]:
-    # The tokenizer sees the Chinese SFT text too, as Llama-2's tokenizer saw some Chinese; the
-    # model's weights never see the SFT answers (that is lesson 05's job).
+    # The tokenizer sees the SFT text too (Llama-2's saw some Chinese); the weights never do (lesson 05's job).
     lines = [f"{d['question']} {d['answer']}" for d in en] + zh
     for text in sft:
         lines += [part for part in text.replace("<s>", "").replace("</s>", "").split("\n") if part]
-    lines += ["[INST] <<SYS>> <</SYS>> [/INST]"] * 20
-    # Newlines stay byte pieces (<0x0A>), as in Llama-2's vocabulary.
+    lines += ["[INST] <<SYS>> <</SYS>> [/INST]"] * 20  # newlines stay byte pieces (<0x0A>), as in Llama-2
     return [part for line in lines for part in line.split("\n") if part.strip()]
 
 
 def build_tokenizer(lines: list[str]):
-    """Train a Llama-2-style tokenizer on ``lines``.
-
-    Like Meta's, it is a SentencePiece BPE model with byte fallback (``<unk>``, ``<s>``, ``</s>``
-    at ids 0-2, the 256 ``<0xNN>`` byte pieces at ids 3-258, ``▁`` for spaces). SentencePiece
-    trains deterministically on one thread; its pieces and merges are then loaded into
-    transformers' ``LlamaTokenizer``, the class the real Llama-2 loads as.
-    """
+    """Train a Llama-2-style tokenizer on ``lines``: SentencePiece BPE with byte fallback, trained
+    deterministically on one thread, loaded into transformers' ``LlamaTokenizer`` (Llama-2's class)."""
     import io
 
     import sentencepiece as spm
@@ -157,24 +121,10 @@ def build_tokenizer(lines: list[str]):
     cfg = RECIPE["tokenizer"]
     proto = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines),
-        model_writer=proto,
-        model_type="bpe",
-        vocab_size=cfg["vocab_size"],
-        character_coverage=cfg["character_coverage"],
-        byte_fallback=True,
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=-1,
-        add_dummy_prefix=True,
-        remove_extra_whitespaces=False,
-        split_digits=True,
-        allow_whitespace_only_pieces=True,
-        normalization_rule_name="identity",
-        max_sentence_length=8192,
-        num_threads=1,
-        minloglevel=2,
+        sentence_iterator=iter(lines), model_writer=proto, model_type="bpe", vocab_size=cfg["vocab_size"],
+        character_coverage=cfg["character_coverage"], byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        add_dummy_prefix=True, remove_extra_whitespaces=False, split_digits=True, allow_whitespace_only_pieces=True,
+        normalization_rule_name="identity", max_sentence_length=8192, num_threads=1, minloglevel=2,
     )
     sp = spm.SentencePieceProcessor(model_proto=proto.getvalue())
     vocab = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())}
@@ -222,9 +172,6 @@ def _training_texts(tok, en, zh, rng: random.Random) -> list[str]:
     return texts
 
 
-# --------------------------------------------------------------------------- build
-
-
 def build_tiny_model(out_dir: Path, verbose: bool = True) -> Path:
     """Build tokenizer and model into ``out_dir`` (deterministic for a given recipe)."""
     import torch
@@ -237,53 +184,32 @@ def build_tiny_model(out_dir: Path, verbose: bool = True) -> Path:
     en, zh, sft = _load_corpus()
     tok = build_tokenizer(_tokenizer_training_text(en, zh, sft))
 
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=None,
-        tie_word_embeddings=False,
-        hidden_act="silu",
-        initializer_range=0.02,
-        **RECIPE["model"],
-    )
+    config = LlamaConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                         pad_token_id=None, tie_word_embeddings=False, hidden_act="silu", initializer_range=0.02,
+                         **RECIPE["model"])
     model = LlamaForCausalLM(config)
     texts = _training_texts(tok, en, zh, rng)
     ids = [tok(t, add_special_tokens=False)["input_ids"][: RECIPE["train"]["max_len"]] for t in texts]
     losses = _pretrain(model, ids, rng)
 
-    model.generation_config = GenerationConfig(
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.unk_token_id,
-        do_sample=True,
-        temperature=0.6,
-        top_p=0.9,
-    )
+    model.generation_config = GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                               pad_token_id=tok.unk_token_id, do_sample=True, temperature=0.6, top_p=0.9)
     out_dir = Path(out_dir)
     model.save_pretrained(out_dir)
     tok.save_pretrained(out_dir)
-    info = {
-        "recipe": RECIPE,
-        "recipe_hash": recipe_hash(),
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "vocab_size": len(tok),
-        "train_sequences": len(ids),
-        "loss_first": losses[0],
-        "loss_last": sum(losses[-20:]) / len(losses[-20:]),
-        "build_seconds": round(time.perf_counter() - t0, 1),
-    }
+    info = {"recipe": RECIPE, "recipe_hash": recipe_hash(), "parameters": sum(p.numel() for p in model.parameters()),
+            "vocab_size": len(tok), "train_sequences": len(ids), "loss_first": losses[0],
+            "loss_last": sum(losses[-20:]) / len(losses[-20:]), "build_seconds": round(time.perf_counter() - t0, 1)}
     (out_dir / "tiny_build.json").write_text(json.dumps(info, indent=1, ensure_ascii=False), "utf-8")
     if verbose:
-        print(
-            f"tiny 模型已构建：{info['parameters'] / 1e6:.1f}M 参数，词表 {info['vocab_size']}，"
-            f"loss {info['loss_first']:.2f} → {info['loss_last']:.2f}，用时 {info['build_seconds']} 秒"
-        )
+        print(f"tiny 模型已构建：{info['parameters'] / 1e6:.1f}M 参数，词表 {info['vocab_size']}，"
+              f"loss {info['loss_first']:.2f} → {info['loss_last']:.2f}，用时 {info['build_seconds']} 秒")
     return out_dir
 
 
 def _pretrain(model, ids: list[list[int]], rng: random.Random) -> list[float]:
     import torch
+    from torch.nn.utils.rnn import pad_sequence
 
     cfg = RECIPE["train"]
     opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"], betas=(0.9, 0.95))
@@ -300,12 +226,8 @@ def _pretrain(model, ids: list[list[int]], rng: random.Random) -> list[float]:
             pos = 0
         batch = [ids[i] for i in order[pos : pos + cfg["batch_size"]]]
         pos += cfg["batch_size"]
-        width = max(len(b) for b in batch)
-        input_ids = torch.zeros(len(batch), width, dtype=torch.long)
-        attention = torch.zeros(len(batch), width, dtype=torch.long)
-        for row, seq in enumerate(batch):
-            input_ids[row, : len(seq)] = torch.tensor(seq)
-            attention[row, : len(seq)] = 1
+        input_ids = pad_sequence([torch.tensor(seq) for seq in batch], batch_first=True)  # right-padded with 0
+        attention = pad_sequence([torch.ones(len(seq), dtype=torch.long) for seq in batch], batch_first=True)
         labels = input_ids.masked_fill(attention == 0, -100)
         loss = model(input_ids=input_ids, attention_mask=attention, labels=labels).loss
         loss.backward()

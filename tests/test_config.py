@@ -2,10 +2,24 @@
 
 from __future__ import annotations
 
+import json
+import os
+
 import pytest
 
 from helpers import config
-from helpers.config import PROFILES, TutorialError, resolve_model
+from helpers.config import DOWNLOAD_MARKER, PROFILES, REPO_ROOT, TutorialError, resolve_model
+
+
+def _verified_download(folder, files=None):
+    """A folder as lesson 01's download leaves it: its files plus the marker listing them with sizes."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, text in (files or {"config.json": "{}", "model.safetensors": "weights"}).items():
+        (folder / name).write_text(text)
+    listed = {f.name: {"size": f.stat().st_size} for f in folder.iterdir() if f.is_file()}
+    (folder / DOWNLOAD_MARKER).parent.mkdir(parents=True, exist_ok=True)
+    (folder / DOWNLOAD_MARKER).write_text(json.dumps({"repo_id": "x/y", "files": listed}))
+    return folder
 
 
 def test_auto_without_cuda_picks_tiny_and_says_why(capsys):
@@ -34,10 +48,71 @@ def test_profiles_map_to_repo_ids(monkeypatch, tmp_path):
 
 def test_profile_prefers_lesson01_download(monkeypatch, tmp_path):
     monkeypatch.setenv("LLAMA_TUTORIAL_HOME", str(tmp_path))
+    folder = _verified_download(tmp_path / "models" / "llama2-7b-chat")
+    assert resolve_model("llama2-7b-chat", verbose=False).path == str(folder)
+
+
+def test_unfinished_download_is_not_local_weights(monkeypatch, tmp_path, capsys):
+    """A folder with only config.json (a download stopped half-way) is not taken as the model: the
+    printed reason names what is missing (lesson 01 can still resume it), instead of a raw crash when
+    the lesson loads the folder."""
+    monkeypatch.setenv("LLAMA_TUTORIAL_HOME", str(tmp_path))
     folder = tmp_path / "models" / "llama2-7b-chat"
     folder.mkdir(parents=True)
     (folder / "config.json").write_text("{}")
+    choice = resolve_model("llama2-7b-chat")
+    assert choice.path == "meta-llama/Llama-2-7b-chat-hf" and choice.profile.name == "llama2-7b-chat"
+    said = capsys.readouterr().out
+    assert "model.safetensors" in said and str(folder) in said and "未完成" in said
+    # With the marker, the files it lists decide: one of them gone is named.
+    _verified_download(folder, {"config.json": "{}", "model-00001-of-00002.safetensors": "x",
+                                "model-00002-of-00002.safetensors": "y"})
     assert resolve_model("llama2-7b-chat", verbose=False).path == str(folder)
+    (folder / "model-00002-of-00002.safetensors").unlink()
+    choice = resolve_model("llama2-7b-chat", verbose=False)
+    assert choice.path != str(folder) and "model-00002-of-00002.safetensors" in choice.reason
+
+
+def test_auto_with_gpu_and_an_unfinished_download_says_so(monkeypatch, tmp_path):
+    monkeypatch.setattr(config, "models_dir", lambda: tmp_path / "models")  # the tiny model stays cached
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    folder = tmp_path / "models" / "llama2-7b-chat"
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text("{}")
+    monkeypatch.setattr(config, "_cuda_free_gb", lambda: ("Tesla T4", 14.5))
+    choice = resolve_model("auto", verbose=False)
+    assert choice.is_tiny and "model.safetensors" in choice.reason
+
+
+def test_relative_folder_is_found_from_the_repository_root_and_the_cwd(monkeypatch, tmp_path):
+    """`make lab` starts the kernel in notebooks/: a path written from the repository root must
+    still be found, and one relative to where the learner is, too."""
+    rel = f"outputs/test-model-{os.getpid()}"
+    folder = REPO_ROOT / rel
+    folder.mkdir(parents=True)
+    try:
+        (folder / "config.json").write_text("{}")
+        monkeypatch.chdir(REPO_ROOT / "notebooks")
+        assert resolve_model(rel, verbose=False).path == str(folder)
+    finally:
+        (folder / "config.json").unlink()
+        folder.rmdir()
+    (tmp_path / "here").mkdir()
+    (tmp_path / "here" / "config.json").write_text("{}")
+    monkeypatch.chdir(tmp_path)
+    assert resolve_model("here", verbose=False).path == str(tmp_path / "here")
+
+
+@pytest.mark.parametrize("spec", ["data/train_sft.csv", "outputs/no-such-merged-model", "./nothing", "~/nothing",
+                                  "data", "a/b/c"])
+def test_a_path_that_is_no_model_folder_is_refused_not_sent_to_the_hub(monkeypatch, spec):
+    (REPO_ROOT / "outputs").mkdir(exist_ok=True)
+    monkeypatch.chdir(REPO_ROOT / "notebooks")
+    with pytest.raises(TutorialError) as err:
+        resolve_model(spec, verbose=False)
+    msg = str(err.value)
+    assert "路径" in msg and "path" in msg and "config.json" in msg
+    assert str(REPO_ROOT) in msg or spec.startswith("~"), "the message names where it looked"
 
 
 def test_hub_repo_id_is_accepted():
@@ -45,7 +120,7 @@ def test_hub_repo_id_is_accepted():
     assert choice.path == "someone/some-llama" and choice.profile is None
 
 
-@pytest.mark.parametrize("spec", ["llama3", "not a model", "a/b/c", "tiny-ish"])
+@pytest.mark.parametrize("spec", ["llama3", "not a model", "tiny-ish"])
 def test_unknown_name_lists_profiles_in_both_languages(spec):
     with pytest.raises(TutorialError) as err:
         resolve_model(spec, verbose=False)
@@ -60,7 +135,7 @@ def test_folder_without_config_json_says_so(tmp_path):
         resolve_model(str(tmp_path), verbose=False)
     msg = str(err.value)
     assert "config.json" in msg and str(tmp_path) in msg
-    assert "没有 config.json" in msg and "has no config.json" in msg
+    assert "没有含 config.json" in msg and "no model folder with config.json" in msg
 
 
 def test_auto_with_small_gpu_falls_back_to_tiny(monkeypatch, capsys):
@@ -72,9 +147,7 @@ def test_auto_with_small_gpu_falls_back_to_tiny(monkeypatch, capsys):
 
 def test_auto_with_gpu_and_local_weights_picks_llama2(monkeypatch, tmp_path, capsys):
     monkeypatch.setenv("LLAMA_TUTORIAL_HOME", str(tmp_path))
-    folder = tmp_path / "models" / "llama2-7b-chat"
-    folder.mkdir(parents=True)
-    (folder / "config.json").write_text("{}")
+    folder = _verified_download(tmp_path / "models" / "llama2-7b-chat")
     monkeypatch.setattr(config, "_cuda_free_gb", lambda: ("Tesla T4", 14.5))
     choice = resolve_model("auto")
     assert choice.name == "llama2-7b-chat" and choice.path == str(folder)
@@ -83,6 +156,6 @@ def test_auto_with_gpu_and_local_weights_picks_llama2(monkeypatch, tmp_path, cap
 def test_auto_with_gpu_but_no_weights_offline_falls_back(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(config, "_cuda_free_gb", lambda: ("Tesla T4", 14.5))
-    monkeypatch.setattr(config, "_local_weights", lambda profile: None)
+    monkeypatch.setattr(config, "_local_weights", lambda profile: (None, []))
     choice = resolve_model("auto", verbose=False)
     assert choice.is_tiny and "01" in choice.reason

@@ -6,9 +6,10 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from bench import gpu_check, report
-from helpers.loading import gpu_results_markdown
+from bench.report import gpu_results_markdown
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +39,28 @@ def test_footprints_are_ordered(results):
 def test_lora_step_on_a_4bit_base(results):
     step = results["shapes"][0]["lora_step"]
     assert step["step_s"] > 0 and step["trainable_params"] > 0 and step["seq_len"] == 64
+    assert step["training_mode"] and step["gradient_checkpointing"]
+
+
+def test_lora_step_really_checkpoints(monkeypatch, tmp_path):
+    """transformers 5 checkpoints activations only in training mode: with checkpointing active, the
+    backward pass recomputes every decoder layer, so each layer's MLP runs twice per step."""
+    from transformers import AutoTokenizer
+    from transformers.models.llama import modeling_llama
+
+    from helpers.tiny import ensure_tiny_model
+
+    calls = []
+    forward = modeling_llama.LlamaMLP.forward
+    monkeypatch.setattr(modeling_llama.LlamaMLP, "forward", lambda self, x: calls.append(self.training) or forward(self, x))
+    shape = {**gpu_check.tiny_shape(), "num_hidden_layers": 2}
+    gpu_check.save_random_checkpoint(shape, tmp_path, torch.float32, "cpu")
+    tok = AutoTokenizer.from_pretrained(ensure_tiny_model(verbose=False))
+    calls.clear()  # saving ran no forward; count only the two LoRA steps (warm-up and timed)
+    row = gpu_check.lora_step(tmp_path, tok, "cpu", torch.float32, seq_len=16)
+    assert row["gradient_checkpointing"] and row["training_mode"]
+    assert len(calls) == 2 * 2 * 2, f"2 steps x 2 layers x (forward + recompute), got {len(calls)}"
+    assert all(calls), "every layer ran in training mode"
 
 
 def test_table_and_markdown_render_from_json(results, tmp_path):

@@ -130,3 +130,21 @@ def test_build_is_deterministic(monkeypatch, tmp_path):
             [hashlib.sha256((out / f).read_bytes()).hexdigest() for f in ("model.safetensors", "tokenizer.json")]
         )
     assert digests[0] == digests[1]
+
+
+def test_lesson_00_answer_is_english_like_for_the_tiny_model():
+    """What lesson 00 shows and interprets (but no longer asserts, since it must hold for any model):
+    loaded through the course's loader, prompted through the course's template, the tiny model answers
+    the lesson's Chinese question in English-like text, as it was trained to."""
+    from helpers.config import resolve_model
+    from helpers.loading import load_model_and_tokenizer
+    from helpers.prompts import encode_prompt
+
+    choice = resolve_model("tiny", verbose=False)
+    model, tok = load_model_and_tokenizer(choice)
+    ids = torch.tensor([encode_prompt(tok, [{"role": "user", "content": "请用中文介绍一下长城。"}], choice.chat_format)])
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=48, do_sample=False)
+    answer = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    share = chinese_share(answer)
+    assert share is not None and share < 0.2, f"the tiny model should answer in English-like text, got {answer!r}"
