@@ -23,7 +23,9 @@ estimates: allocator slack, the CUDA context and temporary buffers come on top.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 
@@ -63,6 +65,14 @@ def lora_trainable(config, r: int = 8, targets=LORA_TARGETS) -> int:
     return config.num_hidden_layers * sum(r * sum(shapes[t]) for t in targets)
 
 
+@lru_cache(maxsize=64)
+def _estimate(config_json: str, mode: str):
+    """estimate_memory for a config given as JSON (cached: the tables ask for the same shapes many times)."""
+    from transformers import LlamaConfig
+
+    return estimate_memory(LlamaConfig.from_dict(json.loads(config_json)), mode, torch.bfloat16)
+
+
 @dataclass(frozen=True)
 class GPUMemory:
     """Bytes one GPU holds, by kind (notebooks/08_multi_gpu_lora.ipynb)."""
@@ -88,10 +98,10 @@ def per_gpu_memory(config, method: str, strategy: str, gpus: int, *, r: int = 8,
         raise ValueError(f"strategy must be one of {STRATEGIES}")
     shard_w, shard_g, shard_o = (gpus if s else 1 for s in SHARDS[strategy])
     if method == "full":
-        params = estimate_memory(config, "full", torch.bfloat16).params if trainable is None else trainable
+        params = _estimate(config.to_json_string(), "full").params if trainable is None else trainable
         weights, grads, optim = 2 * params, 2 * params, 12 * params
     elif method in ("lora", "qlora"):
-        frozen = estimate_memory(config, "4bit" if method == "qlora" else "full", torch.bfloat16).weights
+        frozen = _estimate(config.to_json_string(), "4bit" if method == "qlora" else "full").weights
         t = lora_trainable(config, r) if trainable is None else trainable
         weights, grads, optim = frozen + 4 * t, 4 * t, 8 * t
     else:
