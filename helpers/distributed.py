@@ -1,24 +1,11 @@
 """What each GPU holds when LoRA training is spread over several GPUs (notebooks/08_multi_gpu_lora.ipynb).
 
-One function, :func:`per_gpu_memory`, does the accounting for every table in lesson 08. It follows
-the ZeRO paper (Rajbhandari et al., 2020, section 3): with mixed-precision Adam a model of P
-trainable parameters keeps 2P bytes of 16-bit weights, 2P of 16-bit gradients and 12P of optimizer
-state (fp32 master weights, momentum, variance). DDP replicates all three on every GPU; ZeRO-1
-shards the optimizer state over N GPUs, ZeRO-2 also the gradients, ZeRO-3 (and FSDP FULL_SHARD)
-also the weights. FSDP SHARD_GRAD_OP splits like ZeRO-2.
-
-With LoRA the base weights are frozen: they need no gradient and no optimizer state, only their
-storage (16-bit, or 4-bit for QLoRA, as :func:`helpers.loading.estimate_memory` counts it). The
-LoRA matrices train in fp32 (peft keeps adapters in fp32): 4 bytes of weight, 4 of gradient and
-8 of Adam state per trainable parameter. The trainable count is r * (fan_in + fan_out) per adapted projection
-(a test checks it against peft's own count).
-
-Activations are per GPU and not sharded by any of these strategies (each GPU runs its own micro
-batch). The estimate uses Korthikanti et al. (2022, "Reducing Activation Recomputation in Large
-Transformer Models", eq. 1 without the attention-matrix term, which SDPA does not store):
-34 * s * b * h bytes per layer for 16-bit activations; with gradient checkpointing only each
-layer's input (2 * s * b * h bytes) is kept, plus one layer recomputed at a time. These are
-estimates: allocator slack, the CUDA context and temporary buffers come on top.
+:func:`per_gpu_memory` does the accounting for every table in lesson 08, which explains it. Sources:
+the ZeRO paper (Rajbhandari et al., 2020, section 3: 2 + 2 + 12 bytes per trained parameter with
+mixed-precision Adam; what DDP, ZeRO-1/2/3 shard) and, for activations, Korthikanti et al. (2022,
+eq. 1 without the attention-matrix term, which SDPA does not store). LoRA matrices train in fp32
+(peft upcasts adapters): 4 + 4 + 8 bytes per trainable parameter; the frozen base costs only its
+storage, as :func:`helpers.loading.estimate_memory` counts it. All results are estimates.
 """
 
 from __future__ import annotations
@@ -31,7 +18,6 @@ import torch
 
 from helpers.loading import LLAMA2_SHAPES, estimate_memory
 
-STRATEGIES = ("ddp", "zero1", "zero2", "fsdp_grad_op", "zero3", "fsdp_full")
 # Which of (weights, gradients, optimizer state) each strategy shards over the GPUs.
 SHARDS = {
     "ddp": (False, False, False),
@@ -41,6 +27,7 @@ SHARDS = {
     "zero3": (True, True, True),
     "fsdp_full": (True, True, True),
 }
+STRATEGIES = tuple(SHARDS)
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
