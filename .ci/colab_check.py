@@ -138,6 +138,7 @@ def main() -> int:
                *args.pytest_args]
     _say("running: " + shlex.join(command))
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env["PYDEVD_DISABLE_FILE_VALIDATION"] = "1"  # ipykernel 6.17's debugger warns about frozen modules
     start = time.perf_counter()
     code = subprocess.run(command, cwd=ROOT, env=env).returncode
     _say(f"tests ran in {time.perf_counter() - start:.1f} s, exit code {code}")
