@@ -100,6 +100,7 @@ def run_install_cell(python: Path) -> None:
 
 
 def add_test_tools(python: Path, index: list[str], keep: dict[str, str]) -> None:
+    start = time.perf_counter()
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["test"]
     with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as pins:
         pins.write("".join(f"{name}=={version}\n" for name, version in keep.items()))
@@ -107,6 +108,7 @@ def add_test_tools(python: Path, index: list[str], keep: dict[str, str]) -> None
         uv("pip", "install", "--quiet", "--python", str(python), *index, "--constraint", pins.name, *extras)
     finally:
         os.unlink(pins.name)
+    _say(f"test tools added in {time.perf_counter() - start:.1f} s")
 
 
 def main() -> int:
