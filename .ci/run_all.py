@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+INLINE_BACKEND = "module://matplotlib_inline.backend_inline"
 
 
 def run(only: list[str] | None, out: Path, timeout: int) -> list[dict]:
@@ -28,7 +29,9 @@ def run(only: list[str] | None, out: Path, timeout: int) -> list[dict]:
 
     out = out.resolve()
     os.environ.setdefault("LLAMA_TUTORIAL_OUTPUT", str(out / "outputs"))
-    os.environ.setdefault("MPLBACKEND", "Agg")
+    # Figures go into the executed copies and the HTML: the kernel's inline backend, whatever
+    # MPLBACKEND the caller has (Agg, for instance, would draw nothing into the notebook).
+    os.environ["MPLBACKEND"] = INLINE_BACKEND
     (out / "notebooks").mkdir(parents=True, exist_ok=True)
     (out / "html").mkdir(parents=True, exist_ok=True)
     results = []

@@ -18,7 +18,8 @@ OFFLINE_ENV = {
     "DO_NOT_TRACK": "1",
     "LLAMA_TUTORIAL_MODEL": "tiny",
     "LLAMA_TUTORIAL_TEST": "1",
-    "MPLBACKEND": "Agg",
+    # Lessons show their figures in the notebook, as for a learner (Agg would draw nothing there).
+    "MPLBACKEND": "module://matplotlib_inline.backend_inline",
     "TOKENIZERS_PARALLELISM": "false",
     "PYTHONHASHSEED": "0",
     # The test process and a notebook kernel share 2 cores: idle OpenMP threads must sleep, not spin.

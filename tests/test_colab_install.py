@@ -64,3 +64,24 @@ def test_install_cell_in_simulated_colab_installs_without_touching_torch(colab_p
     assert torch_line.split(" ", 1)[1] == torch.__file__, "torch must stay the preinstalled one"
     helpers_line = [line for line in out.stdout.splitlines() if line.startswith("HELPERS ")][0]
     assert helpers_line.split(" ", 1)[1].startswith(str(REPO_ROOT))
+
+
+def test_install_cell_asks_for_a_restart_when_an_imported_package_changed(colab_python, tmp_path):
+    """A package imported before the install and changed by it: say restart, don't run the old one."""
+    env = dict(os.environ, COLAB_RELEASE_TAG="simulated", LLAMA_TUTORIAL_SOURCE=str(REPO_ROOT), PIP_NO_INPUT="1")
+    env.pop("PYTHONPATH", None)
+    # transformers imported before and left as it is (no restart needed); peft imported in a version
+    # the install then replaced (stands in for an upgrade pip made).
+    prelude = "import sys, types, transformers\nsys.modules['peft'] = types.SimpleNamespace(__version__='0.0.1')\n"
+    out = subprocess.run(
+        [colab_python, "-c", prelude + INSTALL_CELL + "\nprint('RAN ON')"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 1, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "Restart the session" in out.stderr and "重启会话" in out.stderr
+    assert "['peft']" in out.stderr, "only the changed package is named"
+    assert "RAN ON" not in out.stdout and "Colab 环境已就绪" not in out.stdout

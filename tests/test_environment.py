@@ -1,4 +1,4 @@
-"""environment.yml (conda) and pyproject.toml (pip) must install the same packages."""
+"""environment.yml (conda) and pyproject.toml (pip) install the same packages; the floors are Colab's versions."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ def _name(spec: str) -> str:
 
 def _pyproject():
     data = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
-    return data["dependencies"] + data["optional-dependencies"]["test"]
+    extras = data["optional-dependencies"]
+    return data["dependencies"] + extras["lab"] + extras["test"] + extras["multigpu"]
 
 
 def _conda_pip():
@@ -41,3 +42,36 @@ def test_same_version_bounds_except_the_torch_pin():
 
 def test_makefile_pins_the_same_torch():
     assert "TORCH_VERSION ?= 2.13.0" in (REPO_ROOT / "Makefile").read_text()
+
+
+def _colab_pins():
+    lines = (REPO_ROOT / ".ci" / "colab-preinstalled.txt").read_text().splitlines()
+    return dict(line.split("==") for line in lines if line and not line.startswith("#"))
+
+
+def test_lower_bounds_are_the_colab_versions_that_colab_check_proves():
+    """No untested floor: each dependency Colab preinstalls has Colab's version as its lower bound.
+
+    `make colab-check` builds exactly those versions and runs the tests there; the install cell
+    then keeps them (pip finds them satisfying the floors).
+    """
+    from packaging.version import Version
+
+    pins = {_name(n): Version(v) for n, v in _colab_pins().items()}
+    deps = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    checked = []
+    for spec in deps:
+        name = _name(spec)
+        if name not in pins:
+            continue
+        floor = re.search(r">=\s*([\w.]+)", spec)
+        assert floor, f"{spec}: needs a lower bound"
+        assert Version(floor.group(1)) == pins[name], f"{spec}: the floor should be Colab's {pins[name]}"
+        checked.append(name)
+    assert {"transformers", "huggingface-hub", "peft", "accelerate", "datasets", "gradio", "ipywidgets"} <= set(checked)
+
+
+def test_colab_runtime_does_not_get_local_tools():
+    """`pip install -e .` (what the Colab cell runs) installs only what lessons need."""
+    deps = {_name(s) for s in tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["dependencies"]}
+    assert not deps & {"jupyterlab", "playwright", "pytest", "nbval", "nbstripout", "hypothesis", "notebook"}

@@ -13,7 +13,7 @@ from helpers.config import REPO_ROOT
 from tests.notebook_conventions import COLAB_PREFIX, INSTALL_CELL
 
 NOTEBOOKS = sorted((REPO_ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
-EXPECTED_LESSONS = ["00", "01", "02", "03", "04", "05", "06", "07"]
+CORE_LESSONS = ["00", "01", "02", "03", "04", "05", "06"]
 
 
 def _ids(paths):
@@ -21,7 +21,9 @@ def _ids(paths):
 
 
 def test_the_series_is_complete():
-    assert [p.name[:2] for p in NOTEBOOKS] == EXPECTED_LESSONS
+    numbers = [p.name[:2] for p in NOTEBOOKS]
+    assert numbers[: len(CORE_LESSONS)] == CORE_LESSONS
+    assert numbers == [f"{i:02d}" for i in range(len(numbers))], "lessons are numbered without gaps"
 
 
 @pytest.fixture(params=NOTEBOOKS, ids=_ids(NOTEBOOKS))
@@ -51,12 +53,12 @@ def test_first_cell_title_goal_time_and_badge(nb):
     assert "T4" in src and "CPU" in src, "the first cell gives the time on a Colab T4 and on a CPU"
     assert "目标" in src or "你将学到" in src
     links = re.findall(r"\((https://colab\.research\.google\.com/github/[^)]+)\)", src)
-    assert links == [COLAB_PREFIX + "notebooks/" + nb.path.name], "the Colab badge must point at this file"
+    assert links == [COLAB_PREFIX + "notebooks/" + nb.path.name], "run `python -m tests.notebook_conventions`"
 
 
 def test_install_cell_is_the_guarded_one(nb):
     code = [c for c in nb.cells if c.cell_type == "code"]
-    assert code[0].source == INSTALL_CELL, "the first code cell is the shared Colab-only install cell"
+    assert code[0].source == INSTALL_CELL, "run `python -m tests.notebook_conventions` to stamp the install cell"
     tree = ast.parse(INSTALL_CELL)
     guarded = [n for n in tree.body if isinstance(n, ast.If)]
     assert guarded and "IN_COLAB" in ast.unparse(guarded[0].test)
