@@ -69,7 +69,7 @@ def _read_text(path: Path, what: tuple[str, str]) -> str:
     if not path.is_file():
         _fail(f"找不到{what[0]}文件 {path}。请检查路径。", f"The {what[1]} file {path} does not exist. Check the path.")
     try:
-        return path.read_text(encoding="utf-8-sig")
+        return path.read_bytes().decode("utf-8-sig")  # no newline translation: a \r inside an answer stays
     except UnicodeDecodeError as err:
         _fail(f"{path} 不是 UTF-8 编码（第 {err.start} 个字节）。请另存为 UTF-8，或运行 iconv -f gb18030 -t utf-8。",
               f"{path} is not UTF-8 (byte {err.start}). Save it as UTF-8, or run iconv -f gb18030 -t utf-8.")
@@ -296,7 +296,7 @@ def read_published_answers(path: str | Path):
         _fail(f"不支持的文件类型 {path.suffix!r}：请用 .csv 或 .md。", f"Unsupported file type {path.suffix!r}: use .csv or .md.")
     text = _read_text(path, ("回答", "answers"))
     if path.suffix.lower() == ".md":  # rows of the pipe table; the last column keeps any " | " it contains
-        rows = [line.strip()[1:-1] for line in text.splitlines() if re.fullmatch(r"\s*\|.*\|\s*", line)]
+        rows = [line.strip()[1:-1] for line in text.split("\n") if re.fullmatch(r"\s*\|.*\|\s*", line)]
         header = [c.strip() for c in rows[0].split("|")] if rows else []
         frame = pd.DataFrame([dict(zip(header, (c.strip() for c in r.split(" | ", len(header) - 1))))
                               for r in rows[1:] if not re.fullmatch(r"[\s|:-]*", r)])  # skips the | --- | line
