@@ -96,13 +96,14 @@ def load_questions(path: str | Path | None = None) -> list[dict]:
     questions, seen = [], {}
     for n, item in enumerate(data, 1):
         item = item if isinstance(item, dict) else {}
-        bad = [k for k in REQUIRED_FIELDS if not isinstance(item.get(k), (str, int)) or not str(item[k]).strip()]
+        bad = [k for k in REQUIRED_FIELDS if not isinstance(item.get(k), (str, int) if k == "qid" else str)
+               or isinstance(item[k], bool) or not str(item[k]).strip()]
         bad += ["reference"] if not isinstance(item.get("reference") or "", str) else []
         bad += ["task"] if item.get("task") not in (None, TASK_TRANSLATE_TO_EN) else []
-        if bad or isinstance(item["qid"], bool):
-            _fail(f"{path} 第 {n} 题的 {', '.join(bad) or 'qid'} 缺失或无效。每题是一个对象：{', '.join(REQUIRED_FIELDS)} 不能为空；"
+        if bad:
+            _fail(f"{path} 第 {n} 题的 {', '.join(bad)} 缺失或无效。每题是一个对象：{', '.join(REQUIRED_FIELDS)} 不能为空；"
                   f"reference 为字符串或 null；task 为 null 或 \"{TASK_TRANSLATE_TO_EN}\"。",
-                  f"{path}, item {n}: {', '.join(bad) or 'qid'} missing or invalid. Each item is an object with non-empty "
+                  f"{path}, item {n}: {', '.join(bad)} missing or invalid. Each item is an object with non-empty "
                   f"{', '.join(REQUIRED_FIELDS)}; reference a string or null; task null or \"{TASK_TRANSLATE_TO_EN}\".")
         if item["qid"] in seen:
             _fail(f"{path} 第 {n} 题的 qid {item['qid']!r} 与第 {seen[item['qid']]} 题重复。续跑靠 qid 认题，必须唯一。",
@@ -145,17 +146,19 @@ def read_answers(path: str | Path, *, drop_cut_line: bool = False) -> list[dict]
     path = Path(path)
     lines, records = path.read_bytes().split(b"\n") if path.exists() else [], []
     for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
         try:
-            rec = json.loads(line.decode("utf-8")) if line.strip() else None
+            rec = json.loads(line.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError):
-            rec = "cut"
+            rec = None
         if isinstance(rec, dict) and {"qid", "answer"} <= rec.keys():
             records.append(rec)
-        elif rec is not None and n < len(lines):
+        elif rec is not None or n < len(lines):
             _fail(f"回答文件 {path} 第 {n} 行不是完整的回答记录（含 qid 和 answer 的 JSON）。文件不会被改写：请修好这一行，或写到另一个文件。",
                   f"Answers file {path} line {n} is not a complete answer record (JSON with qid and answer). "
                   "The file is not rewritten: fix that line or write to another file.")
-        elif rec is not None:  # the last line, without a newline: a write cut off by a kill or a full disk
+        else:  # the last line, undecodable or unparsable: a write cut off by a kill or a full disk
             warnings.warn(f"{path}: ignoring an incomplete last line (an interrupted write); that question is asked again.")
             if drop_cut_line:
                 with open(path, "r+b") as fh:

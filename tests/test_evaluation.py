@@ -414,6 +414,10 @@ def test_broken_line_in_the_middle_is_an_error(tmp_path):
     with pytest.raises(ev.EvalDataError, match="line 2") as err:
         ev.read_answers(path)
     assert _bilingual(str(err.value))
+    path.write_text('{"qid": 1, "answer": "a"}\n{"note": "written by hand"}', encoding="utf-8")
+    with pytest.raises(ev.EvalDataError, match="line 2"):  # complete JSON, not an answer: never cut away
+        ev.read_answers(path, drop_cut_line=True)
+    assert path.read_text(encoding="utf-8").endswith('{"note": "written by hand"}')
 
 
 def test_right_padding_is_refused(tiny, tmp_path):
