@@ -513,3 +513,31 @@ def test_lesson_06_reaches_the_end_with_a_random_weight_model(tmp_path, monkeypa
     sent = printed.split("其后的 token 解码为：\n", 1)[1]
     assert sent.startswith(article_prompt(ev.load_questions()[0]["question"], SYSTEM_PROMPT_ARTICLE))
     assert "中文回答率为" in printed and list((tmp_path / "outputs" / "eval").glob("answers-lora-*.jsonl"))
+
+
+def test_tiny_models_outcome_in_lesson_06(tiny, tmp_path, monkeypatch):
+    """What lesson 06 prints for the tiny model, asserted here (the lesson itself asserts no outcome):
+    with the article's prompt the base answers in English (trained in on purpose) and lesson 05's adapter
+    does not change that; in the format the adapter was trained on, it turns the answers Chinese."""
+    from helpers.finetune import ensure_adapter, load_with_adapter
+
+    choice, _, _ = tiny
+    monkeypatch.setenv("LLAMA_TUTORIAL_OUTPUT", str(tmp_path))
+    model, tokenizer = load_with_adapter(choice, ensure_adapter(choice))
+    tokenizer.padding_side, tokenizer.pad_token = "left", tokenizer.unk_token
+    qs = ev.load_questions()[::4]
+    article = {"do_sample": True, "top_k": 50, "top_p": 0.95, "temperature": 0.3, "repetition_penalty": 1.3}
+    article_run = {**_settings(choice, max_new_tokens=32, **article), "seed": 42}
+    train_format = {**article_run, "layout": choice.chat_format, "system_prompt": None}
+
+    def rate(settings_, adapter_on):
+        path = tmp_path / f"{ev.run_id(settings_)}-{adapter_on}.jsonl"
+        if adapter_on:
+            records = ev.generate_answers(model, tokenizer, qs, path, settings_, progress=False)
+        else:
+            with model.disable_adapter():
+                records = ev.generate_answers(model, tokenizer, qs, path, settings_, progress=False)
+        return ev.summarize(ev.score_answers(records, qs)).loc[ev.OVERALL, ev.COL_ZH]
+
+    assert rate(article_run, False) < 0.2 and rate(article_run, True) < 0.2
+    assert rate(train_format, False) < 0.2 and rate(train_format, True) > 0.6
