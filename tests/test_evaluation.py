@@ -515,14 +515,13 @@ def test_lesson_06_reaches_the_end_with_a_random_weight_model(tmp_path, monkeypa
     assert "中文回答率为" in printed and list((tmp_path / "outputs" / "eval").glob("answers-lora-*.jsonl"))
 
 
-def test_tiny_models_outcome_in_lesson_06(tiny, tmp_path, monkeypatch):
+def test_tiny_models_outcome_in_lesson_06(tiny, tmp_path):
     """What lesson 06 prints for the tiny model, asserted here (the lesson itself asserts no outcome):
     with the article's prompt the base answers in English (trained in on purpose) and lesson 05's adapter
     does not change that; in the format the adapter was trained on, it turns the answers Chinese."""
     from helpers.finetune import ensure_adapter, load_with_adapter
 
-    choice, _, _ = tiny
-    monkeypatch.setenv("LLAMA_TUTORIAL_OUTPUT", str(tmp_path))
+    choice, _, _ = tiny  # the session's output folder (tests/nbenv.py): lesson 05's adapter, when it ran, is reused
     model, tokenizer = load_with_adapter(choice, ensure_adapter(choice))
     tokenizer.padding_side, tokenizer.pad_token = "left", tokenizer.unk_token
     qs = ev.load_questions()[::4]
