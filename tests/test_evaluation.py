@@ -1,11 +1,12 @@
-"""Lesson 06 (helpers/evaluation.py): language metric, ROUGE-L/BLEU, perplexity, resumable
-generation, question files and published answers."""
+"""Lesson 06 (helpers/evaluation.py): language metric, ROUGE-L/BLEU, question files, prompt layouts,
+resumable generation, published answers (FlagAlpha's markdown tables), and lesson 06 on other models."""
 
 from __future__ import annotations
 
 import json
 import math
 import re
+from collections import Counter
 
 import pandas as pd
 import pytest
@@ -14,7 +15,7 @@ from hypothesis import strategies as st
 
 from helpers import evaluation as ev
 from helpers.config import TutorialError
-from helpers.prompts import SYSTEM_PROMPT_ARTICLE, encode, encode_prompt
+from helpers.prompts import SYSTEM_PROMPT_ARTICLE, article_prompt, encode_prompt
 
 HAN = re.compile(r"[\u4e00-\u9fff]")
 
@@ -29,131 +30,93 @@ def _bilingual(message: str) -> bool:
 @pytest.mark.parametrize(
     "text, share, label",
     [
-        ("长城是中国古代的军事防御工程。", 1.0, "zh"),  # pure Chinese
-        ("The Great Wall is an ancient defence work.", 0.0, "en"),  # pure English
+        ("长城是中国古代的军事防御工程。", 1.0, "zh"),
+        ("The Great Wall is an ancient defence work.", 0.0, "en"),
         ("我喜欢 Python 和 machine learning", 4 / 7, "mixed"),  # 4 Han, 3 Latin words
         ("我们学习 Python", 0.8, "zh"),  # exactly the Chinese threshold
         ("他 reads books every day", 0.2, "mixed"),  # exactly the English threshold
         ("Sure, here is the answer: 好", 1 / 6, "en"),
         ("用下面的代码：\n```python\ndef reverse(text):\n    return text[::-1]\n```\n调用 `reverse(s)` 即可。", 1.0, "zh"),
-        ("答案如下\n```python\nprint('hello world')  # no closing fence", 1.0, "zh"),  # unclosed fence
-        ("", None, "none"),  # empty
-        ("   \n  ", None, "none"),
-        ("😀🎉👍", None, "none"),  # emoji only
-        ("太棒了😀！", 1.0, "zh"),  # emoji with Chinese
-        ("你好，世界！（测试）：“引号”。", 1.0, "zh"),  # full-width punctuation
-        ("！？。，（）【】", None, "none"),  # only full-width punctuation
-        ("12345 3.14 2024", None, "none"),  # numbers only
-        ("公元前221年", 1.0, "zh"),  # numbers do not dilute Chinese
-        ("It is 221 BC.", 0.0, "en"),
-        ("`x = 1`", None, "none"),  # only inline code
+        ("答案如下\n```python\nprint('hello world')  # no closing fence", 1.0, "zh"),
+        ("", None, "none"),
+        ("😀🎉👍", None, "none"),
+        ("太棒了😀！", 1.0, "zh"),
+        ("！？。，（）【】", None, "none"),
+        ("12345 3.14 2024", None, "none"),
+        ("公元前221年", 1.0, "zh"),
+        ("`x = 1`", None, "none"),
     ],
 )
 def test_chinese_share_and_label(text, share, label):
     got = ev.chinese_share(text)
-    if share is None:
-        assert got is None
-    else:
-        assert got == pytest.approx(share)
-    assert ev.language_label(got) == label
+    assert got is None if share is None else got == pytest.approx(share)
     assert ev.answer_language(text)["label"] == label
 
 
-@pytest.mark.parametrize(
-    "text, starts",
-    [
-        ("好的，Sure thing", True),
-        ("Sure! 好的，我来回答。", False),
-        ("2024年是龙年", True),  # digits are skipped
-        ("```python\nprint(1)\n```\n这是代码", True),  # code is skipped
-        ("", False),
-        ("😀 Hello", False),
-    ],
-)
+@pytest.mark.parametrize("text, starts", [("好的，Sure thing", True), ("Sure! 好的，我来回答。", False),
+                                          ("2024年是龙年", True), ("```python\nprint(1)\n```\n这是代码", True),
+                                          ("", False), ("😀 Hello", False)])
 def test_starts_in_chinese(text, starts):
-    assert ev.starts_in_chinese(text) is starts
-
-
-def test_chinese_share_none_input_is_handled():
-    assert ev.chinese_share(None) is None
+    assert ev.answer_language(text)["starts_zh"] is starts
 
 
 @settings(max_examples=200, deadline=None)
 @given(st.text(alphabet=st.sampled_from(list("中文回答abcXYZ 12，。！`\n😀é")), max_size=60))
 def test_share_is_a_fraction_and_label_follows_it(text):
-    share = ev.chinese_share(text)
     facts = ev.answer_language(text)
-    if share is None:
-        assert facts["label"] == "none" and not ev.HAN_RE.search(ev.strip_code(text))
+    if facts["share"] is None:
+        assert facts["label"] == "none" and not facts["starts_zh"]
     else:
-        assert 0.0 <= share <= 1.0
-        assert facts["label"] == ("zh" if share >= 0.8 else "mixed" if share >= 0.2 else "en")
-    if facts["starts_zh"]:
-        assert share is not None and share > 0
+        assert 0.0 <= facts["share"] <= 1.0
+        assert facts["label"] == ("zh" if facts["share"] >= 0.8 else "mixed" if facts["share"] >= 0.2 else "en")
 
 
-# --------------------------------------------------------------------------- ROUGE-L and BLEU
-
-
-def test_rouge_l_on_chinese_words():
+def test_rouge_l_and_bleu_on_chinese():
     ref = "太平洋是世界上面积最大的大洋"
-    overlap = ev.rouge_l("太平洋是最大的大洋", ref)
-    assert 0.3 < overlap < 1.0
+    assert 0.3 < ev.rouge_l("太平洋是最大的大洋", ref) < 1.0
     assert ev.rouge_l(ref, ref) == pytest.approx(1.0, abs=1e-6)
     assert ev.rouge_l("今天晚饭吃面条", ref) == 0.0
     assert ev.rouge_l("The Pacific is the largest ocean", ref) == 0.0
-    # Chinese characters are words here, not dropped: jieba segments them.
-    assert ev.segment("太平洋是最大的大洋。") == ["太平洋", "是", "最大", "的", "大洋"]
-
-
-def test_rouge_l_counts_word_order():
-    ref = "先 分组 再 统计"
-    assert ev.rouge_l("先分组再统计", ref) > ev.rouge_l("统计再分组先", ref)
-
-
-@pytest.mark.parametrize("hyp, ref", [("", "长江"), ("长江", ""), ("", ""), ("。！？", "长江"), ("😀", "长江")])
-def test_rouge_l_empty_is_zero(hyp, ref):
-    assert ev.rouge_l(hyp, ref) == 0.0
-
-
-def test_bleu_zh_tokenizer():
-    ref = "长江是中国最长的河流，全长约6300公里。"
-    assert ev.bleu([ref], [ref]) == pytest.approx(100.0)
-    assert 0 < ev.bleu(["长江是中国最长的河流。"], [ref]) < 100
-    assert ev.bleu([""], [ref]) == 0.0
-    assert ev.sentence_bleu("", ref) == 0.0
-    assert ev.sentence_bleu(ref, ref) == pytest.approx(100.0)
-    assert math.isnan(ev.bleu([], []))
+    assert ev.rouge_l("先分组再统计", "先 分组 再 统计") > ev.rouge_l("统计再分组先", "先 分组 再 统计")
+    for hyp, r in [("", "长江"), ("长江", ""), ("。！？", "长江"), ("😀", "长江")]:
+        assert ev.rouge_l(hyp, r) == 0.0
+    long_ref = "长江是中国最长的河流，全长约6300公里。"
+    assert ev.bleu([long_ref], [long_ref]) == pytest.approx(100.0)
+    assert 0 < ev.bleu(["长江是中国最长的河流。"], [long_ref]) < 100
+    assert ev.bleu([""], [long_ref]) == 0.0 and math.isnan(ev.bleu([], []))
 
 
 # --------------------------------------------------------------------------- question files
 
 
-def test_shipped_question_set():
+def test_shipped_question_set_follows_the_article():
     qs = ev.load_questions()
-    assert len(qs) == 95
-    cats = {q["first_level_class"] for q in qs}
-    assert cats == {"通用知识", "语言理解", "文本生成", "逻辑推理", "代码编程", "工作技能", "个性化"}
+    counts = Counter(q["first_level_class"] for q in qs)
+    assert len(qs) == 95 and len({q["qid"] for q in qs}) == 95
+    assert set(counts) <= set(ev.CATEGORIES) and "使用工具" not in counts  # empty in the article's run too
+    article = {"通用知识": 24, "语言理解": 21, "创作能力": 15, "工作技能": 12, "代码编程": 10, "逻辑推理": 9, "人格特征": 3}
+    assert all(abs(counts[c] - n) <= 1 for c, n in article.items()), counts
     assert sum(q["reference"] is not None for q in qs) >= len(qs) / 2
-    assert len({q["qid"] for q in qs}) == len(qs)
-    translate = [q for q in qs if q["task"] == ev.TASK_TRANSLATE_TO_EN]
+    translate = [q["qid"] for q in qs if q["task"] == ev.TASK_TRANSLATE_TO_EN]
     assert len(translate) == 4
-    # The automatic detector (used for a learner's own files) agrees with the hand-set tasks.
-    assert [q["qid"] for q in qs if ev.is_translate_to_en(q["question"])] == [q["qid"] for q in translate]
-    for q in qs:
-        assert HAN.search(q["question"]) and q["second_level_class"]
+    assert [q["qid"] for q in qs if ev.TRANSLATE_TO_EN_RE.search(q["question"])] == translate
+    assert all(HAN.search(q["question"]) for q in qs)
 
 
-def test_public_layout_file_loads(tmp_path):
+def test_atombulb_question_file_loads_unchanged(tmp_path):
+    """AtomBulb's eval_question.json: a JSON list, 4-space indent, qid from 0, exactly four fields."""
     items = [
-        {"qid": 1, "question": "介绍一下长城。", "first_level_class": "通用知识", "second_level_class": "历史"},
-        {"qid": "b2", "question": "把“你好”翻译成英文。", "first_level_class": "语言理解", "second_level_class": "翻译"},
+        {"qid": 0, "question": "请你写出一个可以生成五个不同随机数的 Python 程序。", "first_level_class": "代码编程",
+         "second_level_class": "代码生成"},
+        {"qid": 1, "question": "回答以下问题的答案。 中国有多少个省？", "first_level_class": "通用知识", "second_level_class": "社会人文"},
+        {"qid": 22, "question": "将以下文本翻译为英语：“我最喜欢的季节是春天。”", "first_level_class": "语言理解",
+         "second_level_class": "翻译"},
     ]
-    path = tmp_path / "article.json"
-    path.write_text(json.dumps(items, ensure_ascii=False), encoding="utf-8")
+    path = tmp_path / "eval_question.json"
+    path.write_text(json.dumps(items, ensure_ascii=False, indent=4), encoding="utf-8")
     qs = ev.load_questions(path)
-    assert [q["qid"] for q in qs] == [1, "b2"]
-    assert [q["task"] for q in qs] == [None, ev.TASK_TRANSLATE_TO_EN]
+    assert [q["qid"] for q in qs] == [0, 1, 22]
+    assert [q["task"] for q in qs] == [None, None, ev.TASK_TRANSLATE_TO_EN]
     assert all(q["reference"] is None for q in qs)
 
 
@@ -163,17 +126,17 @@ GOOD = {"qid": 1, "question": "问题", "first_level_class": "通用知识", "se
 @pytest.mark.parametrize(
     "content, needle",
     [
-        ('[{"qid": 1, "question": "问题",}]', "JSON"),  # trailing comma
-        ("{'qid': 1}", "JSON"),  # single quotes
+        ('[{"qid": 1, "question": "问题",}]', "column"),  # trailing comma: line and column named
+        ("{'qid': 1}", "JSON"),
         (json.dumps({"questions": [GOOD]}), "questions"),  # an object, not a list
         ("[]", "non-empty"),
         (json.dumps([GOOD, "just a string"]), "item 2"),
         (json.dumps([{"qid": 1, "question": "问题", "first_level_class": "通用知识"}]), "second_level_class"),
-        (json.dumps([GOOD, dict(GOOD, question="另一个")]), "repeats item 1"),  # duplicate qid
+        (json.dumps([GOOD, dict(GOOD, question="另一个")]), "repeats item 1"),
         (json.dumps([dict(GOOD, question="  ")]), "question"),
         (json.dumps([dict(GOOD, qid=None)]), "qid"),
         (json.dumps([dict(GOOD, qid=True)]), "qid"),
-        (json.dumps([dict(GOOD, task="summarize")]), "summarize"),
+        (json.dumps([dict(GOOD, task="summarize")]), "task"),
         (json.dumps([dict(GOOD, reference=42)]), "reference"),
     ],
 )
@@ -182,32 +145,28 @@ def test_malformed_question_files(tmp_path, content, needle):
     path.write_text(content, encoding="utf-8")
     with pytest.raises(ev.EvalDataError) as err:
         ev.load_questions(path)
-    message = str(err.value)
-    assert _bilingual(message), message
-    assert str(path) in message and needle in message
+    assert _bilingual(str(err.value)) and str(path) in str(err.value) and needle in str(err.value), str(err.value)
     assert isinstance(err.value, TutorialError)
 
 
-def test_missing_question_file(tmp_path):
+def test_question_file_saved_as_gbk_gets_a_clear_error(tmp_path):
+    path = tmp_path / "gbk.json"
+    path.write_bytes(json.dumps([GOOD], ensure_ascii=False).encode("gb18030"))
+    with pytest.raises(ev.EvalDataError, match="UTF-8") as err:
+        ev.load_questions(path)
+    assert "iconv" in str(err.value) and _bilingual(str(err.value))
     with pytest.raises(ev.EvalDataError, match="does not exist"):
         ev.load_questions(tmp_path / "nope.json")
 
 
-def test_invalid_json_names_line_and_column(tmp_path):
-    path = tmp_path / "bad.json"
-    path.write_text('[\n  {"qid": 1,\n   "question": "问题"\n   "first_level_class": "x"}\n]', encoding="utf-8")
-    with pytest.raises(ev.EvalDataError, match=r"line 4, column 4"):
-        ev.load_questions(path)
-
-
-# --------------------------------------------------------------------------- scoring and summary
+# --------------------------------------------------------------------------- scoring
 
 
 def _questions():
     return [
         {"qid": 1, "question": "长江有多长？", "first_level_class": "通用知识", "second_level_class": "地理",
          "reference": "长江全长约6300公里。", "task": None},
-        {"qid": 2, "question": "写一首诗。", "first_level_class": "文本生成", "second_level_class": "诗歌",
+        {"qid": 2, "question": "写一首诗。", "first_level_class": "创作能力", "second_level_class": "诗歌",
          "reference": None, "task": None},
         {"qid": 3, "question": "请翻译成英文：你好。", "first_level_class": "语言理解", "second_level_class": "翻译",
          "reference": "Hello.", "task": ev.TASK_TRANSLATE_TO_EN},
@@ -217,69 +176,96 @@ def _questions():
 
 
 def test_score_and_summarize():
-    records = [
-        {"qid": 1, "answer": "长江全长约6300公里，是中国最长的河流。"},
-        {"qid": 2, "answer": "Spring comes, 花开了"},
-        {"qid": 3, "answer": "Hello."},
-        {"qid": 4, "answer": "The Yellow River is long."},
-    ]
+    records = [{"qid": 1, "answer": "长江全长约6300公里，是中国最长的河流。"}, {"qid": 2, "answer": "Spring comes, 花开了"},
+               {"qid": 3, "answer": "Hello."}, {"qid": 4, "answer": "The Yellow River is long."}]
     scored = ev.score_answers(records, _questions())
     assert list(scored["language"]) == ["zh", "mixed", "en", "en"]
-    assert list(scored["in_language_rate"]) == [True, True, False, True]
-    assert scored.loc[0, "rouge_l"] > 0 and scored.loc[3, "rouge_l"] == 0
-    assert math.isnan(scored.loc[1, "rouge_l"]) and math.isnan(scored.loc[1, "bleu"])
+    assert list(scored["counted"]) == [True, True, False, True]
+    assert scored.loc[0, "rouge_l"] > 0 and scored.loc[3, "rouge_l"] == 0 and math.isnan(scored.loc[1, "rouge_l"])
     table = ev.summarize(scored)
-    assert list(table.index) == ["通用知识", "文本生成", "语言理解", ev.OVERALL]
+    assert list(table.index) == ["通用知识", "创作能力", "语言理解", ev.OVERALL]
     overall = table.loc[ev.OVERALL]
-    # The translation question (answered in English, as asked) is left out of the language rates.
-    assert overall[ev.COL_ZH] == pytest.approx(1 / 3)
-    assert overall[ev.COL_MIXED] == pytest.approx(1 / 3)
-    assert overall[ev.COL_EN] == pytest.approx(1 / 3)
-    assert overall[ev.COL_COUNT] == 4
-    assert math.isnan(table.loc["语言理解", ev.COL_ZH])
-    assert table.loc["通用知识", ev.COL_ROUGE] == pytest.approx((scored.loc[0, "rouge_l"] + 0) / 2)
-    rates = overall[[ev.COL_ZH, ev.COL_MIXED, ev.COL_EN, ev.COL_NONE]].sum()
-    assert rates == pytest.approx(1.0)
+    assert overall[ev.COL_ZH] == pytest.approx(1 / 3) and overall[ev.COL_EN] == pytest.approx(1 / 3)
+    assert overall[ev.COL_COUNT] == 4 and table[ev.COL_COUNT].dtype.kind == "i"
+    assert math.isnan(table.loc["语言理解", ev.COL_ZH])  # only a translation question: nothing counted
+    assert table.loc["通用知识", ev.COL_ROUGE] == pytest.approx(scored.loc[0, "rouge_l"] / 2)
+    assert overall[[ev.COL_ZH, ev.COL_MIXED, ev.COL_EN, ev.COL_NONE]].sum() == pytest.approx(1.0)
+    empty = ev.summarize(ev.score_answers([], _questions()))  # no answers at all: nothing crashes
+    assert empty.loc[ev.OVERALL, ev.COL_NONE] == 1.0 and empty.loc[ev.OVERALL, ev.COL_BLEU] == 0.0
 
 
-def test_empty_answers_do_not_crash_any_metric(tmp_path):
-    qs = _questions()
-    scored = ev.score_answers([{"qid": q["qid"], "answer": ""} for q in qs[:2]], qs)  # two missing records too
-    assert (scored["answer"] == "").all()
-    assert set(scored["language"]) == {"none"}
-    assert (scored["rouge_l"].dropna() == 0).all() and (scored["bleu"].dropna() == 0).all()
-    table = ev.summarize(scored)
-    assert table.loc[ev.OVERALL, ev.COL_NONE] == 1.0 and table.loc[ev.OVERALL, ev.COL_ZH] == 0.0
-    assert table.loc[ev.OVERALL, ev.COL_BLEU] == 0.0
-    comparison = ev.compare_runs({"a": table, "b": table})
-    fig = ev.plot_comparison(comparison)
-    paths = ev.export_report(comparison, {"a": scored}, figure=fig, out_dir=tmp_path)
-    assert all(p.exists() for p in paths.values())
-    result = ev.answer_perplexity(None, None, [])
-    assert math.isnan(result["perplexity"]) and result["tokens"] == 0
+# --------------------------------------------------------------------------- FlagAlpha's published tables
+
+HEADER = "| 一级分类 | 二级分类 | 问题 | 答案 |\n| --- | --- | --- | --- |\n"
+# Rows written the way assets/meta_eval_7B.md writes them: literal \n, \" and a closing </s>".
+SAMPLE_MD = HEADER + (
+    '| 通用知识 | 社会人文 | 回答以下问题的答案。 中国有多少个省？ | Hello! China has 23 provinces.\\n\\n* Anhui\\n* Fujian</s>" |\n'
+    "| 代码编程 | 代码解释 | 简述下面这段代码的功能：'for i in range(1, 11): print(i)' | "
+    '这段代码输出 1 到 10，例如 \\"1\\"。\\n```python\\nprint(i)\\n```</s>" |\n'
+    '| 语言理解 | 翻译 | 将以下文本翻译为英语：我喜欢春天。 | I like spring. A | B</s>" |\n'
+)
 
 
-def test_compare_and_export_report(tmp_path):
-    qs = _questions()
-    a = ev.score_answers([{"qid": q["qid"], "answer": "The answer is yes."} for q in qs], qs)
-    b = ev.score_answers([{"qid": q["qid"], "answer": q["reference"] or "好的，这是一首诗。"} for q in qs], qs)
-    comparison = ev.compare_runs({"base": ev.summarize(a), "lora": ev.summarize(b)})
-    assert comparison.columns[0] == (ev.COL_COUNT, "base") and comparison.columns[1] == (ev.COL_COUNT, "lora")
-    assert comparison.loc[ev.OVERALL, (ev.COL_ZH, "lora")] > comparison.loc[ev.OVERALL, (ev.COL_ZH, "base")]
-    fig = ev.plot_comparison(comparison)
-    ppl = pd.DataFrame({"困惑度": [12.5, 3.25]}, index=["base", "lora"])
-    paths = ev.export_report(comparison, {"base": a, "lora": b}, figure=fig, conclusion="结论：中文回答率上升。",
-                             extra_tables={"困惑度 perplexity": ppl}, out_dir=tmp_path, stem="r")
-    page = paths["html"].read_text(encoding="utf-8")
-    assert "data:image/png;base64," in page and "结论：中文回答率上升。" in page
-    assert not re.search(r"""(src|href)=['"]?https?:""", page), "the HTML report must not load anything from the web"
-    payload = json.loads(paths["json"].read_text(encoding="utf-8"))
-    assert payload["summary"]["lora"][ev.OVERALL][ev.COL_ZH] == pytest.approx(comparison.loc[ev.OVERALL, (ev.COL_ZH, "lora")])
-    assert payload["summary"]["base"]["文本生成"][ev.COL_ROUGE] is None  # NaN becomes null
-    assert payload["tables"]["困惑度 perplexity"]["lora"]["困惑度"] == 3.25
-    assert len(payload["answers"]["base"]) == 4
-    back = pd.read_csv(paths["csv"], index_col=0, encoding="utf-8-sig")
-    assert f"{ev.COL_ZH} | lora" in back.columns and ev.OVERALL in back.index
+def test_published_markdown_table_is_read_as_flagalpha_writes_it(tmp_path):
+    path = tmp_path / "meta_eval_7B.md"
+    path.write_text(SAMPLE_MD, encoding="utf-8")
+    frame = ev.read_published_answers(path)
+    assert list(frame["first_level_class"]) == ["通用知识", "代码编程", "语言理解"]
+    assert frame.loc[0, "answer"] == "Hello! China has 23 provinces.\n\n* Anhui\n* Fujian"
+    assert frame.loc[1, "answer"].startswith('这段代码输出 1 到 10，例如 "1"。\n```python')
+    assert frame.loc[2, "answer"] == "I like spring. A | B", "a | inside the last column stays"
+    table = ev.score_published_answers(path)
+    assert table.loc["通用知识", ev.COL_EN] == 1.0 and table.loc["代码编程", ev.COL_ZH] == 1.0
+    assert math.isnan(table.loc["语言理解", ev.COL_ZH]), "a translation into English is not counted"
+
+
+def test_95_published_rows_give_seven_categories(tmp_path):
+    counts = {"通用知识": 24, "语言理解": 21, "创作能力": 15, "工作技能": 12, "代码编程": 10, "逻辑推理": 9, "人格特征": 4}
+    rows = [f"| {cat} | 子类 | {cat}第{i}题：请介绍一下你自己。 | Sure! I am an assistant.\\n\\n我是助手。</s>\" |"
+            for cat, n in counts.items() for i in range(n)]
+    path = tmp_path / "meta_eval_13B.md"
+    path.write_text(HEADER + "\n".join(rows) + "\n", encoding="utf-8")
+    table = ev.score_published_answers(path)
+    assert table.loc[ev.OVERALL, ev.COL_COUNT] == 95
+    per_category = table.drop(index=ev.OVERALL)
+    assert len(per_category) == 7 and (per_category[ev.COL_COUNT] > 0).all()
+    assert (per_category[ev.COL_MIXED] == 1.0).all()  # 4 Latin words, 4 Han characters: mixed
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.text(alphabet=st.sampled_from(list("中文ab Z|\n\r\t\"'`。，😀\u2028\x85\x1c")), max_size=40))
+def test_answers_survive_the_flagalpha_layout(tmp_path_factory, answer):
+    """Lesson 06 writes answers in FlagAlpha's layout (newlines as literal \\n, </s> at the end) and reads them back."""
+    path = tmp_path_factory.mktemp("md") / "answers.md"
+    row = f"| 通用知识 | 子类 | 问题？ | {answer}</s> |".replace("\n", "\\n")
+    path.write_text(HEADER + row + "\n", encoding="utf-8")
+    back = ev.read_published_answers(path).loc[0, "answer"]
+    assert ev.chinese_share(back) == ev.chinese_share(answer)
+
+
+@pytest.mark.parametrize("columns", [("category", "subcategory"), ("一级分类", "二级分类"), ("first_level_class", "x")])
+def test_published_csv_with_category_columns(tmp_path, columns):
+    path = tmp_path / "answers.csv"
+    pd.DataFrame({columns[0]: ["通用知识", "逻辑推理"], columns[1]: ["a", "b"], "Question": ["长江有多长？", "1+1=?"],
+                  "Answer": ["约6300公里。", "It is 2."]}).to_csv(path, index=False)
+    table = ev.score_published_answers(path)
+    assert list(table.index) == ["通用知识", "逻辑推理", ev.OVERALL]
+    assert table.loc["通用知识", ev.COL_ZH] == 1.0 and table.loc["逻辑推理", ev.COL_EN] == 1.0
+
+
+def test_published_answers_with_wrong_columns_or_type(tmp_path):
+    path = tmp_path / "p.csv"
+    pd.DataFrame({"q": ["问题"], "a": ["回答"]}).to_csv(path, index=False)
+    with pytest.raises(ev.EvalDataError) as err:
+        ev.score_published_answers(path)
+    assert "q, a" in str(err.value) and _bilingual(str(err.value))
+    (tmp_path / "empty.csv").write_text("", encoding="utf-8")
+    (tmp_path / "no_table.md").write_text("# nothing here\n", encoding="utf-8")
+    for name in ("empty.csv", "no_table.md"):
+        with pytest.raises(ev.EvalDataError, match="question"):
+            ev.score_published_answers(tmp_path / name)
+    with pytest.raises(ev.EvalDataError, match="Unsupported"):
+        ev.read_published_answers(tmp_path / "p.txt")
 
 
 # --------------------------------------------------------------------------- generation (tiny model)
@@ -292,136 +278,146 @@ def tiny():
 
     choice = resolve_model("tiny", verbose=False)
     model, tokenizer = load_model_and_tokenizer(choice)
-    ev.use_left_padding(tokenizer)
+    tokenizer.padding_side, tokenizer.pad_token = "left", tokenizer.unk_token
     return choice, model, tokenizer
 
 
 class CountingGenerate:
-    """Wraps model.generate: counts calls, records inputs, can fail on a given call."""
+    """Wraps model.generate: counts calls, records inputs and the model's dtype, can fail on a given call."""
 
     def __init__(self, model, fail_on: int | None = None):
         self.model, self.inner, self.fail_on = model, model.generate, fail_on
-        self.calls, self.inputs = 0, []
+        self.calls, self.inputs, self.dtypes = 0, [], []
 
     def __call__(self, **kwargs):
         self.calls += 1
         if self.fail_on is not None and self.calls == self.fail_on:
             raise KeyboardInterrupt("simulated interruption")
         self.inputs.append(kwargs)
+        self.dtypes.append(next(self.model.parameters()).dtype)
         return self.inner(**kwargs)
 
 
-def _settings(choice, **extra):
-    return {"model": choice.path, "chat_format": choice.chat_format, "system_prompt": SYSTEM_PROMPT_ARTICLE,
-            "max_new_tokens": 6, "do_sample": False, **extra}
+def _settings(choice, layout="article", **generate):
+    return {"model": choice.path, "layout": layout, "system_prompt": SYSTEM_PROMPT_ARTICLE,
+            "generate": {"max_new_tokens": 6, "do_sample": False, **generate}}
 
 
-def test_generation_uses_the_prompt_template_and_left_padding(tiny, monkeypatch, tmp_path):
+@pytest.mark.parametrize("layout", ["article", "llama2"])
+def test_prompts_follow_the_layout_and_are_left_padded(tiny, monkeypatch, tmp_path, layout):
     choice, model, tokenizer = tiny
     qs = ev.load_questions()[:3]
     counter = CountingGenerate(model)
     monkeypatch.setattr(model, "generate", counter)
-    records = ev.generate_answers(model, tokenizer, qs, tmp_path / "a.jsonl", _settings(choice), batch_size=3, progress=False)
+    records = ev.generate_answers(model, tokenizer, qs, tmp_path / "a.jsonl", _settings(choice, layout), batch_size=3,
+                                  progress=False)
     assert counter.calls == 1
     ids, mask = counter.inputs[0]["input_ids"], counter.inputs[0]["attention_mask"]
     for row, q in enumerate(qs):
-        expected = encode_prompt(tokenizer, ev.question_messages(q["question"], SYSTEM_PROMPT_ARTICLE), choice.chat_format)
+        if layout == "article":  # the article's text exactly, with one BOS from the tokenizer
+            expected = tokenizer(article_prompt(q["question"], SYSTEM_PROMPT_ARTICLE))["input_ids"]
+            assert expected[0] == tokenizer.bos_token_id and expected.count(tokenizer.bos_token_id) == 1
+            assert tokenizer.decode(expected, skip_special_tokens=True).startswith("[INST] \n<<SYS>>\nYou are a helpful")
+        else:
+            expected = encode_prompt(tokenizer, ev.question_messages(q["question"], SYSTEM_PROMPT_ARTICLE), "llama2")
         n = len(expected)
-        assert ids[row, -n:].tolist() == expected, "the prompt comes from helpers.prompts, at the right end"
+        assert ids[row, -n:].tolist() == expected
         assert mask[row].tolist() == [0] * (ids.shape[1] - n) + [1] * n, "padding is on the left"
         assert set(ids[row, : ids.shape[1] - n].tolist()) <= {tokenizer.unk_token_id}, "pads are <unk>"
-    assert counter.inputs[0]["do_sample"] is False and counter.inputs[0]["max_new_tokens"] == 6
+    assert counter.inputs[0]["do_sample"] is False and counter.inputs[0]["temperature"] is None
     assert [r["qid"] for r in records] == [q["qid"] for q in qs]
     assert all(0 <= r["new_tokens"] <= 6 and isinstance(r["answer"], str) for r in records)
 
 
+def test_batched_greedy_answers_equal_one_at_a_time(tiny, tmp_path):
+    choice, model, tokenizer = tiny
+    qs = ev.load_questions()[:12]
+    one = ev.generate_answers(model, tokenizer, qs, tmp_path / "one.jsonl", _settings(choice, max_new_tokens=12),
+                              batch_size=1, progress=False)
+    eight = ev.generate_answers(model, tokenizer, qs, tmp_path / "eight.jsonl", _settings(choice, max_new_tokens=12),
+                                batch_size=8, progress=False)
+    assert [r["answer"] for r in one] == [r["answer"] for r in eight]
+
+
+def test_sampling_with_a_seed_is_reproducible(tiny, tmp_path):
+    choice, model, tokenizer = tiny
+    qs = ev.load_questions()[:8]
+    article = {"do_sample": True, "top_k": 50, "top_p": 0.95, "temperature": 0.3, "repetition_penalty": 1.3}
+    runs = [ev.generate_answers(model, tokenizer, qs, tmp_path / f"{name}.jsonl",
+                                {**_settings(choice, max_new_tokens=10, **article), "seed": seed}, progress=False)
+            for name, seed in (("a", 7), ("b", 7))]
+    assert [r["answer"] for r in runs[0]] == [r["answer"] for r in runs[1]]
+    assert runs[0][0]["settings"]["seed"] == 7
+
+
 def test_resume_skips_answered_questions(tiny, monkeypatch, tmp_path):
     choice, model, tokenizer = tiny
-    qs = ev.load_questions()[:10]
-    path = tmp_path / "answers.jsonl"
-    settings = _settings(choice)
-
-    counter = CountingGenerate(model, fail_on=3)  # interrupted during the third batch
-    monkeypatch.setattr(model, "generate", counter)
+    qs, path, settings_ = ev.load_questions()[:10], tmp_path / "answers.jsonl", _settings(choice)
+    monkeypatch.setattr(model, "generate", CountingGenerate(model, fail_on=3))  # interrupted in the third batch
     with pytest.raises(KeyboardInterrupt):
-        ev.generate_answers(model, tokenizer, qs, path, settings, batch_size=3, progress=False)
+        ev.generate_answers(model, tokenizer, qs, path, settings_, batch_size=3, progress=False)
     first = path.read_bytes()
     assert [r["qid"] for r in ev.read_answers(path)] == [q["qid"] for q in qs[:6]]
-
     counter = CountingGenerate(model)
     monkeypatch.setattr(model, "generate", counter)
-    records = ev.generate_answers(model, tokenizer, qs, path, settings, batch_size=3, progress=False)
+    records = ev.generate_answers(model, tokenizer, qs, path, settings_, batch_size=3, progress=False)
     assert counter.calls == 2, "only the 4 unanswered questions are generated (batches of 3 and 1)"
     assert path.read_bytes().startswith(first), "earlier answers are kept byte for byte"
-    assert [r["qid"] for r in ev.read_answers(path)] == [q["qid"] for q in qs]
     assert [r["qid"] for r in records] == [q["qid"] for q in qs]
-
     counter = CountingGenerate(model)
     monkeypatch.setattr(model, "generate", counter)
-    again = ev.generate_answers(model, tokenizer, qs, path, settings, batch_size=3, progress=False)
-    assert counter.calls == 0
-    assert [r["answer"] for r in again] == [r["answer"] for r in records]
-
-    # Two more questions: only those are generated.
-    more = ev.load_questions()[:12]
-    counter = CountingGenerate(model)
-    monkeypatch.setattr(model, "generate", counter)
-    ev.generate_answers(model, tokenizer, more, path, settings, batch_size=8, progress=False)
-    assert counter.calls == 1 and len(counter.inputs[0]["input_ids"]) == 2
+    edited = [dict(q, question="长江有多长？") if q["qid"] == qs[1]["qid"] else q for q in qs]
+    again = ev.generate_answers(model, tokenizer, edited, path, settings_, batch_size=3, progress=False)
+    assert counter.calls == 1 and len(counter.inputs[0]["input_ids"]) == 1, "only the edited question is asked again"
+    assert [r["answer"] for r in again][2:] == [r["answer"] for r in records][2:]
 
 
-def test_an_edited_question_is_asked_again(tiny, monkeypatch, tmp_path):
+def test_other_settings_never_overwrite_answers(tiny, tmp_path):
     choice, model, tokenizer = tiny
-    qs = ev.load_questions()[:3]
-    path = tmp_path / "answers.jsonl"
+    qs, path = ev.load_questions()[:2], tmp_path / "answers.jsonl"
     ev.generate_answers(model, tokenizer, qs, path, _settings(choice), progress=False)
     before = path.read_bytes()
-    edited = [qs[0], dict(qs[1], question="长江有多长？"), qs[2]]
-    counter = CountingGenerate(model)
-    monkeypatch.setattr(model, "generate", counter)
-    records = ev.generate_answers(model, tokenizer, edited, path, _settings(choice), progress=False)
-    assert counter.calls == 1 and len(counter.inputs[0]["input_ids"]) == 1
-    assert [r["question"] for r in records] == [q["question"] for q in edited]
-    assert path.read_bytes().startswith(before), "the old answer stays in the file; the new one is appended"
-
-
-def test_answers_from_other_settings_are_never_overwritten(tiny, tmp_path):
-    choice, model, tokenizer = tiny
-    qs = ev.load_questions()[:2]
-    path = tmp_path / "answers.jsonl"
-    ev.generate_answers(model, tokenizer, qs, path, _settings(choice), progress=False)
-    before = path.read_bytes()
-    with pytest.raises(ev.EvalDataError) as err:
-        ev.generate_answers(model, tokenizer, qs, path, _settings(choice, max_new_tokens=7), progress=False)
-    assert _bilingual(str(err.value)) and "run_id" in str(err.value)
-    assert path.read_bytes() == before
+    ev.generate_answers(model, tokenizer, qs, path, _settings(choice, max_new_tokens=7), progress=False)
+    assert path.read_bytes().startswith(before), "a second run is appended, the first stays byte for byte"
+    assert len({r["run"] for r in ev.read_answers(path)}) == 2
     assert ev.run_id(_settings(choice)) != ev.run_id(_settings(choice, max_new_tokens=7))
     assert ev.run_id(_settings(choice)) == ev.run_id(dict(reversed(list(_settings(choice).items()))))
 
 
-def test_interrupted_last_line_is_redone(tiny, monkeypatch, tmp_path):
+def test_answers_file_cut_mid_character_is_resumed(tiny, monkeypatch, tmp_path):
+    """A kill or a full disk cuts the last line inside a UTF-8 character: the next runs still resume."""
     choice, model, tokenizer = tiny
-    qs = ev.load_questions()[:3]
-    path = tmp_path / "answers.jsonl"
-    ev.generate_answers(model, tokenizer, qs[:2], path, _settings(choice), progress=False)
-    with open(path, "a", encoding="utf-8") as fh:
-        fh.write('{"qid": 3, "answ')  # a write cut off by a crash
+    qs, path = ev.load_questions()[:3], tmp_path / "answers.jsonl"
+    ev.generate_answers(model, tokenizer, qs, path, _settings(choice), progress=False)
+    whole = path.read_bytes()
+    last = whole.rstrip(b"\n").rsplit(b"\n", 1)[1]
+    first_multibyte = next(i for i, byte in enumerate(last) if byte >= 0xE0)  # the lead byte of a 3-byte character
+    cut = len(whole) - len(last) - 1 + first_multibyte + 1  # cut one byte into that character
+    path.write_bytes(whole[:cut])
+    with pytest.raises(UnicodeDecodeError):
+        path.read_text(encoding="utf-8")
     counter = CountingGenerate(model)
     monkeypatch.setattr(model, "generate", counter)
     with pytest.warns(UserWarning, match="incomplete last line"):
         records = ev.generate_answers(model, tokenizer, qs, path, _settings(choice), progress=False)
-    assert counter.calls == 1 and len(counter.inputs[0]["input_ids"]) == 1
-    assert [r["qid"] for r in records] == [1, 2, 3]
-    lines = path.read_text(encoding="utf-8").splitlines()
-    assert lines[2] == '{"qid": 3, "answ', "the broken line is left as it was"
-    assert json.loads(lines[3])["qid"] == 3
+    assert counter.calls == 1 and len(counter.inputs[0]["input_ids"]) == 1, "only the cut question is redone"
+    assert [r["qid"] for r in records] == [q["qid"] for q in qs]
+    assert path.read_bytes().startswith(whole[: len(whole) - len(last) - 1]), "the complete lines are kept"
+    path.read_text(encoding="utf-8")  # valid UTF-8 again
+    again = ev.generate_answers(model, tokenizer, qs, path, _settings(choice), progress=False)
+    assert counter.calls == 1 and [r["answer"] for r in again] == [r["answer"] for r in records]
 
 
 def test_broken_line_in_the_middle_is_an_error(tmp_path):
     path = tmp_path / "answers.jsonl"
     path.write_text('{"qid": 1, "answer": "a"}\nnot json\n{"qid": 2, "answer": "b"}\n', encoding="utf-8")
-    with pytest.raises(ev.EvalDataError, match="line 2"):
+    with pytest.raises(ev.EvalDataError, match="line 2") as err:
         ev.read_answers(path)
+    assert _bilingual(str(err.value))
+    path.write_text('{"qid": 1, "answer": "a"}\n{"note": "written by hand"}', encoding="utf-8")
+    with pytest.raises(ev.EvalDataError, match="line 2"):  # complete JSON, not an answer: never cut away
+        ev.read_answers(path, drop_cut_line=True)
+    assert path.read_text(encoding="utf-8").endswith('{"note": "written by hand"}')
 
 
 def test_right_padding_is_refused(tiny, tmp_path):
@@ -431,93 +427,116 @@ def test_right_padding_is_refused(tiny, tmp_path):
         with pytest.raises(TutorialError, match="left"):
             ev.generate_answers(model, tokenizer, ev.load_questions()[:1], tmp_path / "a.jsonl", _settings(choice), progress=False)
     finally:
-        ev.use_left_padding(tokenizer)
+        tokenizer.padding_side = "left"
     assert not (tmp_path / "a.jsonl").exists()
-    assert tokenizer.pad_token_id == tokenizer.unk_token_id != tokenizer.eos_token_id
 
 
-def test_perplexity_counts_answer_tokens_only(tiny):
+def test_base_and_lora_runs_share_one_dtype(tiny, monkeypatch, tmp_path):
+    """Lesson 06 loads once (load_with_adapter) and measures the base with the adapter disabled. With a
+    loader that picks bf16, as on an Ampere GPU, both runs see bf16 weights; the base run equals the
+    plain base model's answers."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from helpers import finetune
+
     choice, model, tokenizer = tiny
-    convs = ev.load_dev_conversations()[:5]
-    one = ev.answer_perplexity(model, tokenizer, convs, chat_format=choice.chat_format, batch_size=1)
-    batched = ev.answer_perplexity(model, tokenizer, convs, chat_format=choice.chat_format, batch_size=5)
-    expected_tokens = sum(encode(tokenizer, c, choice.chat_format, add_generation_prompt=False).answer_token_count for c in convs)
-    assert one["tokens"] == batched["tokens"] == expected_tokens
-    assert one["perplexity"] == pytest.approx(batched["perplexity"], rel=1e-4), "padding must not change the result"
-    assert 1.0 < one["perplexity"] < len(tokenizer) * 10
-    # A longer prompt (system prompt) changes the context, never which tokens are counted.
-    with_system = ev.answer_perplexity(model, tokenizer, convs, chat_format=choice.chat_format,
-                                       system_prompt=SYSTEM_PROMPT_ARTICLE)
-    assert with_system["tokens"] == expected_tokens
+    torch.manual_seed(0)
+    adapter = get_peft_model(AutoModelForCausalLM.from_pretrained(choice.path),
+                             LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    adapter.save_pretrained(tmp_path / "adapter")
+    monkeypatch.setattr(finetune, "load_base", lambda *a, **k: AutoModelForCausalLM.from_pretrained(
+        choice.path, dtype=torch.bfloat16))
+    lora, tok = finetune.load_with_adapter(choice, tmp_path / "adapter")
+    tok.padding_side, tok.pad_token = "left", tok.unk_token
+    qs = ev.load_questions()[:4]
+    counter = CountingGenerate(lora)
+    monkeypatch.setattr(lora, "generate", counter)
+    with lora.disable_adapter():
+        base = ev.generate_answers(lora, tok, qs, tmp_path / "base.jsonl", _settings(choice), progress=False)
+    with_adapter = ev.generate_answers(lora, tok, qs, tmp_path / "lora.jsonl", _settings(choice), progress=False)
+    assert counter.dtypes == [torch.bfloat16, torch.bfloat16]
+    plain = AutoModelForCausalLM.from_pretrained(choice.path, dtype=torch.bfloat16)
+    alone = ev.generate_answers(plain, tok, qs, tmp_path / "plain.jsonl", _settings(choice), progress=False)
+    assert [r["answer"] for r in base] == [r["answer"] for r in alone], "disable_adapter() gives the base model"
+    assert [r["answer"] for r in with_adapter] != [r["answer"] for r in base], "the adapter is on outside the block"
 
 
-# --------------------------------------------------------------------------- published answers
+# --------------------------------------------------------------------------- lesson 06 on other models
 
 
-def _published_rows():
-    return [
-        {"question": "秦始皇是在哪一年完成统一六国的？", "answer": "Qin Shi Huang unified the six states in 221 BC."},
-        {"question": "请把这句话翻译成英文：今天天气很好，我们去公园散步吧。", "answer": "The weather is nice today."},
-        {"question": "一道不在题库里的题：你好吗？", "answer": "我很好，谢谢你的关心！"},
-        {"question": "Please translate into English: 谢谢", "answer": "Thank you"},
-        {"question": "造纸术是由谁改进的？", "answer": ""},
-    ]
+def _random_llama_folder(tmp_path, chat_template: bool):
+    """A random-weight Llama folder with the tiny model's tokenizer, with or without a chat template.
+
+    Stand-in for tests/model_fixtures.random_llama_folder (another branch): its answers are noise,
+    so nothing the tiny model was trained to do holds for it.
+    """
+    import shutil
+
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from helpers.tiny import ensure_tiny_model
+
+    tiny_dir, folder = ensure_tiny_model(verbose=False), tmp_path / f"random-llama-{chat_template}"
+    folder.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+        if (tiny_dir / name).is_file() and (chat_template or name != "chat_template.jinja"):
+            shutil.copy(tiny_dir / name, folder / name)
+    if not chat_template:
+        config = json.loads((folder / "tokenizer_config.json").read_text("utf-8"))
+        config.pop("chat_template", None)
+        (folder / "tokenizer_config.json").write_text(json.dumps(config, ensure_ascii=False), "utf-8")
+    tok = AutoTokenizer.from_pretrained(folder)
+    assert (tok.chat_template is not None) == chat_template
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                                 bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)).save_pretrained(folder)
+    return folder
 
 
-@pytest.mark.parametrize("fmt", ["json", "jsonl", "csv"])
-def test_score_published_answers(tmp_path, fmt):
-    rows = _published_rows()
-    path = tmp_path / f"published.{fmt}"
-    if fmt == "json":
-        path.write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
-    elif fmt == "jsonl":
-        path.write_text("".join(json.dumps({"prompt": r["question"], "response": r["answer"]}, ensure_ascii=False) + "\n"
-                                for r in rows), encoding="utf-8")
-    else:
-        pd.DataFrame(rows).rename(columns={"question": "Question", "answer": "Answer"}).to_csv(path, index=False)
-    scored = ev.score_published_answers(path)
-    assert list(scored["language"]) == ["en", "en", "zh", "en", "none"]
-    assert list(scored["first_level_class"]) == ["通用知识", "语言理解", ev.UNCATEGORIZED, ev.UNCATEGORIZED, "通用知识"]
-    assert list(scored["in_language_rate"]) == [True, False, True, False, True]
-    assert scored.loc[0, "reference"] and not math.isnan(scored.loc[0, "rouge_l"])
-    assert math.isnan(scored.loc[2, "rouge_l"])
-    table = ev.summarize(scored)
-    assert table.loc[ev.OVERALL, ev.COL_ZH] == pytest.approx(1 / 3)
+@pytest.mark.parametrize("chat_template", [True, False])
+def test_lesson_06_reaches_the_end_with_a_random_weight_model(tmp_path, monkeypatch, chat_template):
+    """Issue 13.6: no model-dependent assert stops the lesson; it prints the article's prompt as the one sent."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    from helpers.config import REPO_ROOT
+
+    monkeypatch.setenv("LLAMA_TUTORIAL_MODEL", str(_random_llama_folder(tmp_path, chat_template)))
+    monkeypatch.setenv("LLAMA_TUTORIAL_OUTPUT", str(tmp_path / "outputs"))
+    nb = nbformat.read(REPO_ROOT / "notebooks" / "06_evaluation.ipynb", as_version=4)
+    NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(REPO_ROOT / "notebooks")}}).execute()
+    printed = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    sent = printed.split("其后的 token 解码为：\n", 1)[1]
+    assert sent.startswith(article_prompt(ev.load_questions()[0]["question"], SYSTEM_PROMPT_ARTICLE))
+    assert "中文回答率为" in printed and list((tmp_path / "outputs" / "eval").glob("answers-lora-*.jsonl"))
 
 
-def test_published_answers_with_wrong_columns(tmp_path):
-    path = tmp_path / "p.csv"
-    pd.DataFrame({"q": ["问题"], "a": ["回答"]}).to_csv(path, index=False)
-    with pytest.raises(ev.EvalDataError) as err:
-        ev.score_published_answers(path)
-    assert "q, a" in str(err.value) and _bilingual(str(err.value))
-    with pytest.raises(ev.EvalDataError, match="Unsupported"):
-        ev.read_published_answers(tmp_path / "p.txt")
+def test_tiny_models_outcome_in_lesson_06(tiny, tmp_path):
+    """What lesson 06 prints for the tiny model, asserted here (the lesson itself asserts no outcome):
+    with the article's prompt the base answers in English (trained in on purpose) and lesson 05's adapter
+    does not change that; in the format the adapter was trained on, it turns the answers Chinese."""
+    from helpers.finetune import ensure_adapter, load_with_adapter
 
+    choice, _, _ = tiny  # the session's output folder (tests/nbenv.py): lesson 05's adapter, when it ran, is reused
+    model, tokenizer = load_with_adapter(choice, ensure_adapter(choice))
+    tokenizer.padding_side, tokenizer.pad_token = "left", tokenizer.unk_token
+    qs = ev.load_questions()[::4]
+    article = {"do_sample": True, "top_k": 50, "top_p": 0.95, "temperature": 0.3, "repetition_penalty": 1.3}
+    article_run = {**_settings(choice, max_new_tokens=32, **article), "seed": 42}
+    train_format = {**article_run, "layout": choice.chat_format, "system_prompt": None}
 
-def test_chart_labels_fall_back_to_english_without_a_chinese_font(monkeypatch):
-    qs = _questions()
-    table = ev.summarize(ev.score_answers([{"qid": q["qid"], "answer": "好"} for q in qs], qs))
-    comparison = ev.compare_runs({"base": table, "lora": table})
-    monkeypatch.setattr(ev, "cjk_font", lambda: None)
-    fig = ev.plot_comparison(comparison, metrics=(ev.COL_ZH,))
-    ticks = [t.get_text() for t in fig.axes[0].get_xticklabels()]
-    assert ticks == ["General knowledge", "Creative writing", "Language understanding", "Overall"]
-    assert fig.axes[0].get_ylabel() == "Chinese-answer rate"
-    assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["base", "lora"]
+    def rate(settings_, adapter_on):
+        path = tmp_path / f"{ev.run_id(settings_)}-{adapter_on}.jsonl"
+        if adapter_on:
+            records = ev.generate_answers(model, tokenizer, qs, path, settings_, progress=False)
+        else:
+            with model.disable_adapter():
+                records = ev.generate_answers(model, tokenizer, qs, path, settings_, progress=False)
+        return ev.summarize(ev.score_answers(records, qs)).loc[ev.OVERALL, ev.COL_ZH]
 
-
-def test_chart_uses_the_chinese_font_when_there_is_one(monkeypatch):
-    from matplotlib.text import Text
-
-    qs = _questions()
-    table = ev.summarize(ev.score_answers([{"qid": q["qid"], "answer": "好"} for q in qs], qs))
-    comparison = ev.compare_runs({"基座 base": table, "基座+LoRA": table})
-    monkeypatch.setattr(ev, "cjk_font", lambda: "Some CJK Font")
-    fig = ev.plot_comparison(comparison, metrics=(ev.COL_ZH,))
-    assert [t.get_text() for t in fig.axes[0].get_xticklabels()][0] == "通用知识"
-    texts = [t for t in fig.findobj(Text) if t.get_text()]
-    assert texts and all(t.get_fontfamily()[0] == "Some CJK Font" for t in texts), "set on each text, not via rcParams"
-    monkeypatch.setattr(ev, "cjk_font", lambda: None)
-    fig = ev.plot_comparison(comparison, metrics=(ev.COL_ZH,))
-    assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["base", "LoRA"]
+    assert rate(article_run, False) < 0.2 and rate(article_run, True) < 0.2
+    assert rate(train_format, False) < 0.2 and rate(train_format, True) > 0.6
