@@ -1,8 +1,8 @@
 """A Hugging Face Hub on 127.0.0.1 serving the tiny model, so lesson 01's download runs offline.
 
 Introduced in notebooks/01_download_weights.ipynb (the tiny model is on no Hub). It answers the
-requests of ``snapshot_download``, ``HfApi.model_info`` and ``verify_repo_checksums``, with
-``Range`` (416 for a bad one). One server per process, stopped at exit; ``HF_ENDPOINT`` untouched.
+requests of ``snapshot_download``, ``HfApi.model_info`` and ``verify_repo_checksums``; tests/hub_fixture.py
+adds resume and faults. One server per process, stopped at exit; ``HF_ENDPOINT`` untouched.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import atexit
 import hashlib
 import io
 import json
-import re
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -102,18 +101,12 @@ class Handler(BaseHTTPRequestHandler):
     def json(self, payload):
         self.send(200, json.dumps(payload).encode(), {"Content-Type": "application/json"})
 
-    def send_file(self, f: HubFile, repo_commit: str, data: bytes | None = None):
-        data = f.data if data is None else data
+    def send_file(self, f: HubFile, repo_commit: str):
+        """The whole file; a ``Range`` (a resumed download) is ignored, which huggingface_hub handles."""
         headers = {"X-Repo-Commit": repo_commit, "ETag": f'"{f.sha256 if f.lfs else f.blob_id}"'}
         if f.lfs:
             headers.update({"X-Linked-Etag": f'"{f.sha256}"', "X-Linked-Size": str(f.size)})
-        match = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range", "bytes=0-").strip())
-        if match is None or int(match[1]) >= max(len(data), 1) or (match[2] and int(match[2]) < int(match[1])):
-            return self.send(416, b"", {"Content-Range": f"bytes */{len(data)}"})
-        start, end = int(match[1]), min(int(match[2] or len(data) - 1), len(data) - 1)
-        if "Range" in self.headers:
-            headers["Content-Range"] = f"bytes {start}-{end}/{len(data)}"
-        self.send(206 if "Range" in self.headers else 200, data[start:end + 1], headers, f)
+        self.send(200, f.data, headers, f)
 
 
 def commit(repo_id: str, files: dict[str, HubFile]) -> str:
