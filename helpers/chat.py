@@ -87,10 +87,8 @@ class ReplyStream:
     def _generate(self, streamer: TextIteratorStreamer) -> None:  # the worker thread
         try:
             input_ids = torch.tensor([self.prompt_ids], device=self.model.device)
-            pad = self.tokenizer.pad_token_id
-            kwargs = {**self.params.generate_kwargs(), "pad_token_id": self.tokenizer.eos_token_id if pad is None else pad,
-                      **self.generate_kwargs}
-            criteria = StoppingCriteriaList([*kwargs.pop("stopping_criteria", []), StopOnEvent(self.stop_event)])
+            kwargs = {**self.params.generate_kwargs(), "pad_token_id": self.tokenizer.eos_token_id, **self.generate_kwargs}
+            criteria = StoppingCriteriaList([StopOnEvent(self.stop_event)])
             output = self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                                          streamer=streamer, stopping_criteria=criteria, **kwargs)
             self.token_ids = output[0, input_ids.shape[1]:].tolist()
