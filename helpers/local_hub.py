@@ -1,9 +1,6 @@
-"""A Hugging Face Hub on 127.0.0.1 serving the tiny model, so lesson 01's download runs offline.
-
-Introduced in notebooks/01_download_weights.ipynb (the tiny model is on no Hub). It answers the
-requests of ``snapshot_download``, ``HfApi.model_info`` and ``verify_repo_checksums``; tests/hub_fixture.py
-adds resume and faults. One server per process, stopped at exit; ``HF_ENDPOINT`` untouched.
-"""
+"""A Hugging Face Hub on 127.0.0.1 serving the tiny model (on no Hub), so notebooks/01_download_weights.ipynb
+runs offline: enough for ``snapshot_download``, ``model_info`` and ``verify_repo_checksums``; tests/hub_fixture.py
+adds resume and faults. One server per process, stopped at exit; ``HF_ENDPOINT`` untouched."""
 
 from __future__ import annotations
 
@@ -74,29 +71,21 @@ class Handler(BaseHTTPRequestHandler):
         self.send(status, json.dumps({"error": message}).encode(), {"X-Error-Code": code, "X-Error-Message": message})
 
     def route(self, parts: list[str]):
-        if len(parts) >= 4 and parts[:2] == ["api", "models"]:
-            repo_id, rest = "/".join(parts[2:4]), parts[4:]
-            files = self.repo(repo_id)
-            if files is not None and rest[:1] == ["tree"]:
-                self.json([files[p].entry for p in sorted(files)])
-            elif files is not None:
-                siblings = [{"rfilename": p, "size": f.size, "blobId": f.blob_id,
-                             "lfs": f.lfs and {**f.entry["lfs"], "sha256": f.sha256}} for p, f in files.items()]
-                self.json({"id": repo_id, "sha": commit(repo_id, files), "gated": False, "siblings": siblings})
-        elif len(parts) >= 5 and parts[2] == "resolve":
-            files = self.repo(f"{parts[0]}/{parts[1]}")
-            if files is not None and "/".join(parts[4:]) in files:
-                self.send_file(files["/".join(parts[4:])], commit(f"{parts[0]}/{parts[1]}", files))
-            elif files is not None:
-                self.error(404, "EntryNotFound", "Entry not found")
-        else:
-            self.error(404, "NotFound", "Not found")
-
-    def repo(self, repo_id: str) -> dict[str, HubFile] | None:
+        api = parts[:2] == ["api", "models"]  # /api/models/<repo>[/tree/...], else /<repo>/resolve/<rev>/<path>
+        repo_id = "/".join(parts[2:4] if api else parts[:2])
         files = self.server.repos.get(repo_id)
         if files is None:
             self.error(401, "RepoNotFound", "Repository not found")  # the Hub's answer without a token
-        return files
+        elif api and parts[4:5] == ["tree"]:
+            self.json([files[p].entry for p in sorted(files)])
+        elif api:
+            siblings = [{"rfilename": p, "size": f.size, "blobId": f.blob_id,
+                         "lfs": f.lfs and {**f.entry["lfs"], "sha256": f.sha256}} for p, f in files.items()]
+            self.json({"id": repo_id, "sha": commit(repo_id, files), "gated": False, "siblings": siblings})
+        elif parts[2:3] == ["resolve"] and "/".join(parts[4:]) in files:
+            self.send_file(files["/".join(parts[4:])], commit(repo_id, files))
+        else:
+            self.error(404, "EntryNotFound", "Entry not found")
 
     def json(self, payload):
         self.send(200, json.dumps(payload).encode(), {"Content-Type": "application/json"})
