@@ -3,8 +3,7 @@
 notebooks/03_prompt_templates.ipynb writes out by hand what these helpers do. Each format is a Jinja
 chat template in :data:`TEMPLATES` for ``apply_chat_template``: ``"llama2"`` (Meta's), ``"article"``
 (:func:`article_prompt`), ``"human_assistant"`` (FlagAlpha's, the article's CSV files; a system prompt
-opens the first ``Human:`` line). Answers sit in ``{% generation %}`` blocks, which give the answer mask.
-"""
+opens the first ``Human:`` line). Answers sit in ``{% generation %}`` blocks, which give the answer mask."""
 
 from __future__ import annotations
 
@@ -94,9 +93,8 @@ class Encoded:
 
 
 def check_messages(messages: list[dict], *, where: str = "", where_en: str | None = None) -> None:
-    """Raise :class:`PromptFormatError` unless roles are [system] user (assistant user)* [assistant].
-
-    Introduced in notebooks/03_prompt_templates.ipynb. ``where``/``where_en`` name the place (``"第 3 行"``)."""
+    """Raise :class:`PromptFormatError` unless roles are [system] user (assistant user)* [assistant]; ``where``
+    and ``where_en`` name the place (``"第 3 行"``) (notebooks/03_prompt_templates.ipynb)."""
     zh, en = (f"{where}：" if where else ""), (f"{where_en or where}: " if (where_en or where) else "")
     if not isinstance(messages, (list, tuple)) or not messages:
         raise PromptFormatError(bilingual(f"{zh}对话是空的。", f"{en}the conversation is empty."))
@@ -130,7 +128,13 @@ def build_prompt(messages: list[dict], fmt: str = "llama2", *, add_generation_pr
     return (bos if fmt == "article" else "") + rendered[0]
 
 
-def _refuse_literal_specials(tokenizer, messages: list[dict]) -> None:
+def encode(tokenizer, messages: list[dict], fmt: str = "llama2", *, add_generation_prompt: bool = True) -> Encoded:
+    """Token ids and labels (-100 outside each answer and its EOS), from one tokenization of the whole text.
+
+    notebooks/03_prompt_templates.ipynb writes this answer mask out from ``return_offsets_mapping``. Raises
+    :class:`PromptFormatError` for roles out of order, an unknown ``fmt`` or a literal ``<s>``/``</s>`` in a message."""
+    text = build_prompt(messages, fmt, add_generation_prompt=add_generation_prompt,  # checks fmt and roles
+                        bos=tokenizer.bos_token, eos=tokenizer.eos_token)
     specials = sorted({t for t in tokenizer.all_special_tokens if t}, key=len, reverse=True)
     for n, msg in enumerate(messages, 1):
         for special in (s for s in specials if s in msg["content"]):
@@ -139,17 +143,6 @@ def _refuse_literal_specials(tokenizer, messages: list[dict]) -> None:
                 f"（BOS/EOS），模型会以为对话在这里断开。请删掉或改写它（例如写成 “{special.replace('<', '< ')}”）。",
                 f"Message {n} ({msg['role']}) contains the literal special token {special!r}, which the "
                 "tokenizer would read as a real control token (BOS/EOS). Remove or rewrite it."))
-
-
-def encode(tokenizer, messages: list[dict], fmt: str = "llama2", *, add_generation_prompt: bool = True) -> Encoded:
-    """Token ids and labels (-100 outside each answer and its EOS), from one tokenization of the whole text.
-
-    notebooks/03_prompt_templates.ipynb writes this answer mask out from ``return_offsets_mapping``. Raises
-    :class:`PromptFormatError` for roles out of order, an unknown ``fmt`` or a literal ``<s>``/``</s>`` in a message.
-    """
-    text = build_prompt(messages, fmt, add_generation_prompt=add_generation_prompt,  # checks fmt and roles
-                        bos=tokenizer.bos_token, eos=tokenizer.eos_token)
-    _refuse_literal_specials(tokenizer, messages)
     out = tokenizer.apply_chat_template(list(messages), chat_template=TEMPLATES[fmt], tokenize=True, return_dict=True,
                                         add_generation_prompt=add_generation_prompt, return_assistant_tokens_mask=True)
     ids, mask = list(out["input_ids"]), list(out["assistant_masks"])
@@ -176,10 +169,8 @@ def token_table(tokenizer, input_ids: list[int], labels: list[int] | None = None
 
 
 def truncate_history(tokenizer, messages: list[dict], max_tokens: int, fmt: str = "llama2") -> tuple[list, list]:
-    """Drop the oldest whole turns until the prompt fits in ``max_tokens``; returns ``(kept, dropped)``.
-
-    Introduced in notebooks/03_prompt_templates.ipynb. Keeps the system prompt and the latest question;
-    leave room for the answer (``max_tokens = context window - max_new_tokens``)."""
+    """Drop the oldest whole turns until the prompt fits in ``max_tokens`` (context window - max_new_tokens);
+    returns ``(kept, dropped)`` (notebooks/03_prompt_templates.ipynb)."""
     check_messages(messages)
     head = list(messages[:1]) if messages[0]["role"] == "system" else []
     body = list(messages[len(head):])
@@ -237,9 +228,8 @@ def csv_text_to_messages(text: str, *, row: int | None = None) -> list[dict]:
 
 
 def messages_to_csv_text(messages: list[dict]) -> str:
-    """One row of the article's CSV, the inverse of :func:`csv_text_to_messages` (notebooks/03_prompt_templates.ipynb).
-
-    Refuses what would not read back the same: no final answer, an empty message, a turn boundary."""
+    """One row of the article's CSV, the inverse of :func:`csv_text_to_messages` (notebooks/03_prompt_templates.ipynb);
+    refuses what would not read back the same: no final answer, an empty message, a turn boundary."""
     check_messages(messages)
     if messages[-1]["role"] != "assistant":
         raise PromptFormatError(bilingual("文章的 CSV 每一行都以回答结尾：最后一条消息必须来自 assistant。",
