@@ -1,25 +1,20 @@
-"""Streaming chat (notebooks/04_streaming_chat.ipynb writes out the taught steps): widget, Gradio page, CLI.
+"""Streaming chat (notebooks/04_streaming_chat.ipynb writes out the taught steps): the core and the widget.
 
-Backend contract, for :class:`ChatWidget` and :func:`build_gradio_app` (lesson 07 plugs in its server)::
+Backend contract, for :class:`ChatWidget` (also scripts/gradio_chat.py; lesson 07 plugs in its server)::
 
     backend(messages: list[dict], params: GenerationParams, stop: threading.Event) -> Iterable[str]
 
-* ``messages``: ``{"role": "system" | "user" | "assistant", "content": str}`` dicts, an optional
-  system message first, the new user question last;
+* ``messages``: role/content dicts, an optional system message first, the new user question last;
 * the result yields the answer, in order, as text chunks without special tokens (no ``</s>``);
-* once ``stop`` is set it ends soon (the local model: after the current token), without raising;
-* a failure is an exception from the call or the iteration; the caller may close the iterator
-  early (Gradio's Stop), so free resources in ``finally``;
+* once ``stop`` is set it ends soon, without raising; a failure is an exception from the call or the
+  iteration; the caller may close the iterator early (Gradio's Stop), so free resources in ``finally``;
 * optional attributes of the result the widget shows: ``token_count``, ``finish_reason``
   (``"eos"``, ``"length"``, ``"stop"``) and ``dropped`` (old messages left out of the prompt).
 """
 
 from __future__ import annotations
 
-import argparse
 import html
-import inspect
-import ipaddress
 import socket
 import threading
 import time
@@ -92,19 +87,14 @@ class ReplyStream:
     def _generate(self, streamer: TextIteratorStreamer) -> None:  # the worker thread
         try:
             input_ids = torch.tensor([self.prompt_ids], device=self.model.device)
-            pad = self.tokenizer.pad_token_id
-            kwargs = {**self.params.generate_kwargs(), "pad_token_id": self.tokenizer.eos_token_id if pad is None else pad,
-                      **self.generate_kwargs}
-            criteria = StoppingCriteriaList([*kwargs.pop("stopping_criteria", []), StopOnEvent(self.stop_event)])
+            kwargs = {**self.params.generate_kwargs(), "pad_token_id": self.tokenizer.eos_token_id, **self.generate_kwargs}
+            criteria = StoppingCriteriaList([StopOnEvent(self.stop_event)])
             output = self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                                          streamer=streamer, stopping_criteria=criteria, **kwargs)
             self.token_ids = output[0, input_ids.shape[1]:].tolist()
         except BaseException as err:  # out of memory, bad parameters, ...: hand it to the reader
             self.error = err
-            try:
-                streamer.end()  # flush the text so far and wake the reader
-            except BaseException:
-                streamer.text_queue.put(streamer.stop_signal)
+            streamer.end()  # flush the text so far and wake the reader
 
     def __iter__(self) -> Iterator[str]:
         if self._started:
@@ -140,9 +130,7 @@ class ReplyStream:
         return self.text
 
 
-def stream_reply(model, tokenizer, messages: list[dict], params: GenerationParams | None = None, **options) -> ReplyStream:
-    """The model's answer to ``messages`` as a :class:`ReplyStream` (notebooks/04_streaming_chat.ipynb)."""
-    return ReplyStream(model, tokenizer, messages, params, **options)
+stream_reply = ReplyStream  # the name lesson 04 calls: stream_reply(model, tokenizer, messages, params, fmt=...)
 
 
 def local_backend(model, tokenizer, fmt: str = "llama2", **options) -> Backend:
@@ -161,16 +149,6 @@ def explain_error(err: BaseException, *, detail: bool = True) -> str:
         return bilingual(f"显存不足，回答没有生成完{what}。请调小 max_new_tokens、清空对话，或用 4-bit 加载（第 02 课）。",
                          "Out of memory: lower max_new_tokens, clear the chat, or load the model in 4-bit (lesson 02).")
     return bilingual(f"生成时出错{what}。请检查生成参数后再试。", "Generation failed: check the parameters and try again.")
-
-
-def render_conversation(entries: list[tuple[str, str]]) -> str:
-    """HTML of ``(role, text)`` pairs (role user, assistant or error), text escaped, newest kept in view."""
-    labels = {"user": "你", "assistant": "助手", "error": "出错"}
-    turns = "".join(f'<div class="chat-turn chat-{role}" style="border-left:3px solid #999;padding:2px 8px;margin:6px 0">'
-                    f'<small>{labels[role]}</small><div class="chat-text" style="white-space:pre-wrap">{html.escape(text)}'
-                    "</div></div>" for role, text in entries)
-    return ('<div style="display:flex;flex-direction:column-reverse;max-height:460px;overflow-y:auto">'
-            f'<div>{turns or "（还没有对话）"}</div></div>')
 
 
 class ChatWidget:
@@ -198,7 +176,7 @@ class ChatWidget:
         self.temperature = w.FloatSlider(value=p.temperature, min=0.05, max=2.0, step=0.05, description="temperature")
         self.max_new_tokens = w.IntSlider(value=p.max_new_tokens, min=1, max=2048, description="max_new_tokens")
         self.do_sample = w.Checkbox(value=p.do_sample, description="do_sample（关掉 = 贪心）")
-        self.log, self.status = w.HTML(render_conversation([])), w.HTML("就绪。")
+        self.log, self.status = w.HTML(), w.HTML()  # _show fills them
         self.input = w.Textarea(placeholder="输入问题，然后点“发送”", layout=w.Layout(width="95%"))
         buttons = []
         for name, label, action in (("send", "发送", self.send), ("stop", "停止", self.stop), ("clear", "清空", self.clear)):
@@ -260,18 +238,23 @@ class ChatWidget:
         self.entries.clear()
         self._show(False, "已清空。")
 
-    def wait(self, timeout: float | None = None) -> None:
+    def wait(self) -> None:
         """Wait for the answer; an interrupt (the kernel's stop button, Ctrl+C) stops the generation too."""
         try:
             if self._thread is not None:
-                self._thread.join(timeout)
+                self._thread.join()
         except KeyboardInterrupt:
             self.stop()
             self._thread.join()
             raise
 
     def _show(self, busy: bool, status: str, partial: list | None = None) -> None:
-        self.log.value = render_conversation(self.entries + (partial or []))
+        labels = {"user": "你", "assistant": "助手", "error": "出错"}
+        turn = ('<div class="chat-turn chat-{}" style="border-left:3px solid #999;padding:2px 8px;margin:6px 0">'
+                '<small>{}</small><div class="chat-text" style="white-space:pre-wrap">{}</div></div>')
+        turns = "".join(turn.format(role, labels[role], html.escape(text)) for role, text in self.entries + (partial or []))
+        self.log.value = ('<div style="display:flex;flex-direction:column-reverse;max-height:460px;overflow-y:auto">'
+                          f'<div>{turns or "（还没有对话）"}</div></div>')  # newest turn kept in view
         self.send_button.disabled = self.clear_button.disabled = busy
         self.stop_button.disabled = not busy
         self.status.value = status
@@ -332,73 +315,8 @@ def history_to_messages(history: list, message, system_prompt: str = "") -> list
     return system + turns + [{"role": "user", "content": text(message)}]
 
 
-def build_gradio_app(backend: Backend, *, params: GenerationParams | None = None, show_error: bool = True,
-                     system_prompt: str = SYSTEM_PROMPT_ARTICLE):
-    """The ``gr.ChatInterface`` page notebooks/04_streaming_chat.ipynb writes out, over ``backend``, gradio 5 or 6.
-
-    Endpoint ``/chat``: message, system prompt, max_new_tokens (other parameters from ``params``).
-    ``show_error=False`` (a page others reach) reports errors without the exception's text.
-    """
-    import gradio as gr
-
-    def respond(message, history, system, max_new_tokens):
-        messages = history_to_messages(history, message, system)
-        chosen = replace(params or GenerationParams(), max_new_tokens=int(max_new_tokens))
-        answer, stop = "", threading.Event()
-        try:
-            for chunk in backend(messages, chosen, stop):
-                answer += chunk
-                yield answer  # ChatInterface shows the whole answer so far
-        except Exception as err:
-            raise gr.Error(explain_error(err, detail=show_error)) from err
-        finally:
-            stop.set()  # Gradio's Stop closes this generator: end the generation too
-
-    extra = {"type": "messages"} if "type" in inspect.signature(gr.ChatInterface).parameters else {}
-    inputs = [gr.Textbox(system_prompt, label="系统提示"),
-              gr.Slider(1, 2048, value=(params or GenerationParams()).max_new_tokens, step=1, label="max_new_tokens")]
-    return gr.ChatInterface(respond, additional_inputs=inputs, title="Llama-2 中文问答", api_name="chat",
-                            analytics_enabled=False, **extra)
-
-
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port nobody listens on right now (for the page in notebooks/04_streaming_chat.ipynb, servers in 07)."""
     with socket.socket() as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
-
-
-def main(argv: list[str] | None = None) -> None:
-    """``python -m helpers.chat --model ... --port ...``: the page from a terminal, like the article's chat_gradio.py."""
-    parser = argparse.ArgumentParser(prog="python -m helpers.chat", description="流式中文问答页 / streaming Q&A page")
-    parser.add_argument("--model", "--model_name_or_path", dest="model", default=None,
-                        help="profile name, Hub repo id or local folder (default: $LLAMA_TUTORIAL_MODEL or auto)")
-    parser.add_argument("--port", type=int, default=7860)
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
-    parser.add_argument("--auth", default=None, help="user:password, required when --host is not a loopback address")
-    parser.add_argument("--quantization", choices=("8bit", "4bit"), default=None)
-    args = parser.parse_args(argv)
-    try:
-        loopback = args.host == "localhost" or ipaddress.ip_address(args.host).is_loopback
-    except ValueError:
-        loopback = False  # a host name other than localhost
-    user, _, password = (args.auth or "").partition(":")
-    if not (user and password) and (args.auth is not None or not loopback):
-        parser.error(bilingual(
-            f"需要 --auth 用户名:密码：监听 {args.host} 时，能连上这台机器的人都能使用你的模型（或者去掉 --host）。",
-            f"--auth user:password is required: on {args.host} anyone who reaches this machine can use your model."))
-
-    from helpers.config import resolve_model
-    from helpers.loading import load_model_and_tokenizer
-
-    choice = resolve_model(args.model)
-    model, tokenizer = load_model_and_tokenizer(choice, quantization=args.quantization)
-    app = build_gradio_app(local_backend(model, tokenizer, choice.chat_format), show_error=loopback)
-    app.queue(default_concurrency_limit=1)  # one model: one answer at a time
-    print(f"问答页 / Q&A page: http://{args.host}:{args.port}  （Ctrl+C 退出 / to quit）", flush=True)
-    app.launch(server_name=args.host, server_port=args.port, auth=(user, password) if args.auth else None,
-               show_error=loopback)
-
-
-if __name__ == "__main__":
-    main()

@@ -1,9 +1,6 @@
-"""Plumbing around lesson 01's download, which notebooks/01_download_weights.ipynb writes out:
-``snapshot_download(repo_id, allow_patterns=[...], local_dir=...)``, then ``verify_repo_checksums``.
-
-:func:`download_model` holds the same steps for later lessons and adds what huggingface_hub does not:
-no stored token to a third-party endpoint, unsafe file names refused, disk checked first, a learner's
-folder never overwritten, :data:`DOWNLOAD_MARKER` written, errors in Chinese and English.
+"""Plumbing around the download notebooks/01_download_weights.ipynb writes out (``snapshot_download``, then
+``verify_repo_checksums``), and what huggingface_hub does not do: no stored token to a third-party endpoint,
+unsafe file names refused, disk checked first, a learner's folder never overwritten, errors in Chinese and English.
 """
 
 from __future__ import annotations
@@ -192,14 +189,6 @@ def check_names(names, target) -> None:
             raise DownloadError("unsafe_name", target=target, detail=repr(name))
 
 
-def read_marker(folder) -> dict | None:
-    """The record a verified download leaves in ``folder`` (:data:`DOWNLOAD_MARKER`), or None (notebooks/01_download_weights.ipynb)."""
-    try:
-        return json.loads((Path(folder) / DOWNLOAD_MARKER).read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def write_marker(folder, repo_id: str, commit: str, siblings) -> dict:
     """Record the verified files (path -> size and sha256 or git blob id) in ``folder`` (notebooks/01_download_weights.ipynb)."""
     files = {}
@@ -213,17 +202,22 @@ def write_marker(folder, repo_id: str, commit: str, siblings) -> dict:
     return record
 
 
-def check_target(target, repo_id: str, commit: str, overwrite: bool = False) -> None:
-    """Refuse a folder the download did not make, or one holding a verified download of another repo or commit (notebooks/01_download_weights.ipynb)."""
+def check_target(target, repo_id: str, commit: str, overwrite: bool = False) -> dict | None:
+    """Refuse a folder the download did not make, or one holding a verified download of another repo or
+    commit; return the folder's :data:`DOWNLOAD_MARKER` record, if any (notebooks/01_download_weights.ipynb)."""
     target = Path(target)
+    try:
+        marker = json.loads((target / DOWNLOAD_MARKER).read_text())
+    except (OSError, ValueError):
+        marker = None
     if overwrite or not target.is_dir() or not any(target.iterdir()):
-        return
-    marker = read_marker(target)
+        return marker
     if marker is None and not (target / ".cache" / "huggingface").is_dir():
         raise DownloadError("existing", target=target, detail="不是下载工具建的文件夹 / not made by a download")
     if marker is not None and (marker["repo_id"], marker["commit"]) != (repo_id, commit):
         detail = f"{marker['repo_id']} @ {marker['commit'][:10]}，现在是 / now {repo_id} @ {commit[:10]}"
         raise DownloadError("existing", target=target, detail=detail)
+    return marker
 
 
 def check_disk(needed: int, target, free: int | None = None) -> None:
@@ -237,9 +231,8 @@ def check_disk(needed: int, target, free: int | None = None) -> None:
 
 
 def default_target(repo_id: str) -> Path:
-    """Where a download goes: ``models_dir()/<profile>`` for a profile's repo (where resolve_model looks),
-    ``output_dir()/downloads/`` for lesson 01's practice repo, else ``models_dir()/<owner>--<name>``
-    (notebooks/01_download_weights.ipynb)."""
+    """Where a download goes (notebooks/01_download_weights.ipynb): ``models_dir()/<profile>`` for a profile's repo,
+    where resolve_model looks; ``output_dir()/downloads/`` for the practice repo; else ``models_dir()/<owner>--<name>``."""
     if repo_id == LOCAL_REPO:
         return output_dir() / "downloads" / repo_id.replace("/", "--")
     profile = next((p.name for p in PROFILES.values() if p.repo_id == repo_id), None)
@@ -248,12 +241,11 @@ def default_target(repo_id: str) -> Path:
 
 def download_model(repo_id: str, target=None, *, endpoint: str | None = None, token=None, allow_patterns=None,
                    repair: bool = False, overwrite: bool = False, free_bytes: int | None = None) -> dict:
-    """Lesson 01's download in one call: check, ``snapshot_download``, verify, write the marker.
+    """notebooks/01_download_weights.ipynb's steps in one call: check, ``snapshot_download``, verify, write the marker.
 
-    Written out step by step in notebooks/01_download_weights.ipynb. ``endpoint`` defaults to
-    ``HF_ENDPOINT``; a stored token goes only to huggingface.co (:func:`safe_token`). A verified
-    download of the same commit is reused; ``repair=True`` deletes the files that fail verification
-    first. Returns the marker record plus ``fetched`` (bytes downloaded now).
+    ``endpoint`` defaults to ``HF_ENDPOINT``; a stored token goes only to huggingface.co (:func:`safe_token`).
+    A verified download of the same commit is reused; ``repair=True`` first deletes the files that fail
+    verification. Returns the marker record plus ``fetched`` (bytes downloaded now).
     """
     from huggingface_hub import HfApi, snapshot_download
     from huggingface_hub.utils import filter_repo_objects
@@ -266,8 +258,7 @@ def download_model(repo_id: str, target=None, *, endpoint: str | None = None, to
         if info.gated:
             api.auth_check(repo_id)
         check_names([s.rfilename for s in info.siblings], target)
-        check_target(target, repo_id, info.sha, overwrite)
-        marker = read_marker(target)
+        marker = check_target(target, repo_id, info.sha, overwrite)
         sizes_ok = marker and all((target / p).is_file() and (target / p).stat().st_size == v["size"]
                                   for p, v in marker["files"].items())
         if sizes_ok and marker["commit"] == info.sha and not repair:

@@ -1,9 +1,6 @@
-"""A Hugging Face Hub on 127.0.0.1 serving the tiny model, so lesson 01's download runs offline.
-
-Introduced in notebooks/01_download_weights.ipynb (the tiny model is on no Hub). It answers the
-requests of ``snapshot_download``, ``HfApi.model_info`` and ``verify_repo_checksums``, with
-``Range`` (416 for a bad one). One server per process, stopped at exit; ``HF_ENDPOINT`` untouched.
-"""
+"""A Hugging Face Hub on 127.0.0.1 serving the tiny model (on no Hub), so notebooks/01_download_weights.ipynb
+runs offline: enough for ``snapshot_download``, ``model_info`` and ``verify_repo_checksums``; tests/hub_fixture.py
+adds resume and faults. One server per process, stopped at exit; ``HF_ENDPOINT`` untouched."""
 
 from __future__ import annotations
 
@@ -11,7 +8,6 @@ import atexit
 import hashlib
 import io
 import json
-import re
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -75,45 +71,31 @@ class Handler(BaseHTTPRequestHandler):
         self.send(status, json.dumps({"error": message}).encode(), {"X-Error-Code": code, "X-Error-Message": message})
 
     def route(self, parts: list[str]):
-        if len(parts) >= 4 and parts[:2] == ["api", "models"]:
-            repo_id, rest = "/".join(parts[2:4]), parts[4:]
-            files = self.repo(repo_id)
-            if files is not None and rest[:1] == ["tree"]:
-                self.json([files[p].entry for p in sorted(files)])
-            elif files is not None:
-                siblings = [{"rfilename": p, "size": f.size, "blobId": f.blob_id,
-                             "lfs": f.lfs and {**f.entry["lfs"], "sha256": f.sha256}} for p, f in files.items()]
-                self.json({"id": repo_id, "sha": commit(repo_id, files), "gated": False, "siblings": siblings})
-        elif len(parts) >= 5 and parts[2] == "resolve":
-            files = self.repo(f"{parts[0]}/{parts[1]}")
-            if files is not None and "/".join(parts[4:]) in files:
-                self.send_file(files["/".join(parts[4:])], commit(f"{parts[0]}/{parts[1]}", files))
-            elif files is not None:
-                self.error(404, "EntryNotFound", "Entry not found")
-        else:
-            self.error(404, "NotFound", "Not found")
-
-    def repo(self, repo_id: str) -> dict[str, HubFile] | None:
+        api = parts[:2] == ["api", "models"]  # /api/models/<repo>[/tree/...], else /<repo>/resolve/<rev>/<path>
+        repo_id = "/".join(parts[2:4] if api else parts[:2])
         files = self.server.repos.get(repo_id)
         if files is None:
             self.error(401, "RepoNotFound", "Repository not found")  # the Hub's answer without a token
-        return files
+        elif api and parts[4:5] == ["tree"]:
+            self.json([files[p].entry for p in sorted(files)])
+        elif api:
+            siblings = [{"rfilename": p, "size": f.size, "blobId": f.blob_id,
+                         "lfs": f.lfs and {**f.entry["lfs"], "sha256": f.sha256}} for p, f in files.items()]
+            self.json({"id": repo_id, "sha": commit(repo_id, files), "gated": False, "siblings": siblings})
+        elif parts[2:3] == ["resolve"] and "/".join(parts[4:]) in files:
+            self.send_file(files["/".join(parts[4:])], commit(repo_id, files))
+        else:
+            self.error(404, "EntryNotFound", "Entry not found")
 
     def json(self, payload):
         self.send(200, json.dumps(payload).encode(), {"Content-Type": "application/json"})
 
-    def send_file(self, f: HubFile, repo_commit: str, data: bytes | None = None):
-        data = f.data if data is None else data
+    def send_file(self, f: HubFile, repo_commit: str):
+        """The whole file; a ``Range`` (a resumed download) is ignored, which huggingface_hub handles."""
         headers = {"X-Repo-Commit": repo_commit, "ETag": f'"{f.sha256 if f.lfs else f.blob_id}"'}
         if f.lfs:
             headers.update({"X-Linked-Etag": f'"{f.sha256}"', "X-Linked-Size": str(f.size)})
-        match = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range", "bytes=0-").strip())
-        if match is None or int(match[1]) >= max(len(data), 1) or (match[2] and int(match[2]) < int(match[1])):
-            return self.send(416, b"", {"Content-Range": f"bytes */{len(data)}"})
-        start, end = int(match[1]), min(int(match[2] or len(data) - 1), len(data) - 1)
-        if "Range" in self.headers:
-            headers["Content-Range"] = f"bytes {start}-{end}/{len(data)}"
-        self.send(206 if "Range" in self.headers else 200, data[start:end + 1], headers, f)
+        self.send(200, f.data, headers, f)
 
 
 def commit(repo_id: str, files: dict[str, HubFile]) -> str:

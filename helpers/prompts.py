@@ -1,13 +1,9 @@
 """Prompt templates: one source of truth for chat (lesson 04), training (05) and evaluation (06).
 
-Introduced in notebooks/03_prompt_templates.ipynb, which writes out by hand what these helpers do
-to ``{"role": "system"|"user"|"assistant", "content": str}`` messages. Each format is a Jinja chat
-template in :data:`TEMPLATES`, rendered and tokenized by ``apply_chat_template`` (also for models
-that ship none): ``"llama2"`` is Meta's Llama-2-chat template, ``"article"`` the article's own
-layout (:func:`article_prompt`), ``"human_assistant"`` FlagAlpha's ``<s>Human: {q}\\n</s><s>Assistant:
-{a}\\n</s>`` (the article's CSV files; a system prompt opens the first ``Human:`` line). Answers sit
-in ``{% generation %}`` blocks: the answer mask comes from offsets of one tokenization of the text.
-"""
+notebooks/03_prompt_templates.ipynb writes out by hand what these helpers do. Each format is a Jinja
+chat template in :data:`TEMPLATES` for ``apply_chat_template``: ``"llama2"`` (Meta's), ``"article"``
+(:func:`article_prompt`), ``"human_assistant"`` (FlagAlpha's, the article's CSV files; a system prompt
+opens the first ``Human:`` line). Answers sit in ``{% generation %}`` blocks, which give the answer mask."""
 
 from __future__ import annotations
 
@@ -40,11 +36,7 @@ SYSTEM_PROMPT_CHINESE = (
 
 
 def article_prompt(question: str, system_prompt: str = SYSTEM_PROMPT_ARTICLE) -> str:
-    """The article's own prompt layout, character for character (notebooks/03_prompt_templates.ipynb).
-
-    Unlike the standard Llama-2 template: a space and a newline after ``[INST]``, the question on
-    its own line. No ``<s>`` (the tokenizer adds BOS); the ``"article"`` format renders this text.
-    """
+    """The article's prompt layout, character for character, without ``<s>`` (notebooks/03_prompt_templates.ipynb)."""
     return f"[INST] \n<<SYS>>\n{system_prompt}\n<</SYS>>\n\n{question}\n[/INST]"
 
 
@@ -99,18 +91,10 @@ class Encoded:
         """How many tokens carry a label (answer tokens and the EOS after each answer)."""
         return sum(1 for x in self.labels if x != IGNORE_INDEX)
 
-    @property
-    def prompt_length(self) -> int:
-        """Tokens before the first labelled token (all of them when nothing is labelled)."""
-        return next((i for i, x in enumerate(self.labels) if x != IGNORE_INDEX), len(self.labels))
-
 
 def check_messages(messages: list[dict], *, where: str = "", where_en: str | None = None) -> None:
-    """Raise :class:`PromptFormatError` unless roles are [system] user (assistant user)* [assistant].
-
-    Introduced in notebooks/03_prompt_templates.ipynb. ``where``/``where_en`` name the place
-    (``"第 3 行"``/``"row 3"``); messages are counted from 1, the system prompt included.
-    """
+    """Raise :class:`PromptFormatError` unless roles are [system] user (assistant user)* [assistant]; ``where``
+    and ``where_en`` name the place (``"第 3 行"``) (notebooks/03_prompt_templates.ipynb)."""
     zh, en = (f"{where}：" if where else ""), (f"{where_en or where}: " if (where_en or where) else "")
     if not isinstance(messages, (list, tuple)) or not messages:
         raise PromptFormatError(bilingual(f"{zh}对话是空的。", f"{en}the conversation is empty."))
@@ -144,7 +128,13 @@ def build_prompt(messages: list[dict], fmt: str = "llama2", *, add_generation_pr
     return (bos if fmt == "article" else "") + rendered[0]
 
 
-def _refuse_literal_specials(tokenizer, messages: list[dict]) -> None:
+def encode(tokenizer, messages: list[dict], fmt: str = "llama2", *, add_generation_prompt: bool = True) -> Encoded:
+    """Token ids and labels (-100 outside each answer and its EOS), from one tokenization of the whole text.
+
+    notebooks/03_prompt_templates.ipynb writes this answer mask out from ``return_offsets_mapping``. Raises
+    :class:`PromptFormatError` for roles out of order, an unknown ``fmt`` or a literal ``<s>``/``</s>`` in a message."""
+    text = build_prompt(messages, fmt, add_generation_prompt=add_generation_prompt,  # checks fmt and roles
+                        bos=tokenizer.bos_token, eos=tokenizer.eos_token)
     specials = sorted({t for t in tokenizer.all_special_tokens if t}, key=len, reverse=True)
     for n, msg in enumerate(messages, 1):
         for special in (s for s in specials if s in msg["content"]):
@@ -153,20 +143,6 @@ def _refuse_literal_specials(tokenizer, messages: list[dict]) -> None:
                 f"（BOS/EOS），模型会以为对话在这里断开。请删掉或改写它（例如写成 “{special.replace('<', '< ')}”）。",
                 f"Message {n} ({msg['role']}) contains the literal special token {special!r}, which the "
                 "tokenizer would read as a real control token (BOS/EOS). Remove or rewrite it."))
-
-
-def encode(tokenizer, messages: list[dict], fmt: str = "llama2", *, add_generation_prompt: bool = True) -> Encoded:
-    """Token ids and labels of a conversation, from one tokenization of the whole text.
-
-    notebooks/03_prompt_templates.ipynb writes this answer mask out from ``return_offsets_mapping``;
-    ``apply_chat_template(..., return_assistant_tokens_mask=True)`` does the same here. Labels are
-    -100 except on each answer (from its leading space) and the EOS after it. Lessons 04 and 06
-    generate from it, 05 trains on it. Raises :class:`PromptFormatError` for roles out of order,
-    an unknown ``fmt`` or a literal special token (``<s>``, ``</s>``) inside a message.
-    """
-    text = build_prompt(messages, fmt, add_generation_prompt=add_generation_prompt,  # checks fmt and roles
-                        bos=tokenizer.bos_token, eos=tokenizer.eos_token)
-    _refuse_literal_specials(tokenizer, messages)
     out = tokenizer.apply_chat_template(list(messages), chat_template=TEMPLATES[fmt], tokenize=True, return_dict=True,
                                         add_generation_prompt=add_generation_prompt, return_assistant_tokens_mask=True)
     ids, mask = list(out["input_ids"]), list(out["assistant_masks"])
@@ -193,12 +169,8 @@ def token_table(tokenizer, input_ids: list[int], labels: list[int] | None = None
 
 
 def truncate_history(tokenizer, messages: list[dict], max_tokens: int, fmt: str = "llama2") -> tuple[list, list]:
-    """Drop the oldest whole user/assistant turns until the prompt fits in ``max_tokens``.
-
-    Introduced in notebooks/03_prompt_templates.ipynb, used by lesson 04. Keeps the system prompt
-    and the latest question; counts :func:`encode_prompt` tokens, so leave room for the answer
-    (``max_tokens = context window - max_new_tokens``). Returns ``(kept, dropped)``.
-    """
+    """Drop the oldest whole turns until the prompt fits in ``max_tokens`` (context window - max_new_tokens);
+    returns ``(kept, dropped)`` (notebooks/03_prompt_templates.ipynb)."""
     check_messages(messages)
     head = list(messages[:1]) if messages[0]["role"] == "system" else []
     body = list(messages[len(head):])
@@ -226,12 +198,8 @@ _CSV_HEADER = re.compile(r"<s>(Human|Assistant|System):[ ]?")
 
 
 def csv_text_to_messages(text: str, *, row: int | None = None) -> list[dict]:
-    """Parse one row of the article's CSV (``<s>Human: ...\\n</s><s>Assistant: ...\\n</s>``).
-
-    Introduced in notebooks/03_prompt_templates.ipynb. Multi-turn rows and a first
-    ``<s>System: ...\\n</s>`` turn are accepted; only ``</s>`` right before ``<s>Human:`` (or
-    ``Assistant:``/``System:``) ends a turn. Errors name the ``row`` and the problem.
-    """
+    """Parse one row of the article's CSV (``<s>Human: ...\\n</s><s>Assistant: ...\\n</s>``), multi-turn and
+    a first ``<s>System:`` turn included (notebooks/03_prompt_templates.ipynb); errors name the ``row``."""
     zh, en = (f"第 {row} 行", f"row {row}") if row is not None else ("这一行", "this row")
     expected = "<s>Human: 问题\\n</s><s>Assistant: 回答\\n</s>"
     if not isinstance(text, str) or not text.strip():
@@ -260,11 +228,8 @@ def csv_text_to_messages(text: str, *, row: int | None = None) -> list[dict]:
 
 
 def messages_to_csv_text(messages: list[dict]) -> str:
-    """Write a conversation as one row of the article's CSV format (the inverse of :func:`csv_text_to_messages`).
-
-    Introduced in notebooks/03_prompt_templates.ipynb. Refuses what would not read back the same:
-    roles out of order, no final answer, an empty message, a turn boundary (``</s><s>Human:``).
-    """
+    """One row of the article's CSV, the inverse of :func:`csv_text_to_messages` (notebooks/03_prompt_templates.ipynb);
+    refuses what would not read back the same: no final answer, an empty message, a turn boundary."""
     check_messages(messages)
     if messages[-1]["role"] != "assistant":
         raise PromptFormatError(bilingual("文章的 CSV 每一行都以回答结尾：最后一条消息必须来自 assistant。",

@@ -1,11 +1,7 @@
-"""The real Llama-2 vocabulary (32000 tokens) offline, for notebooks/03_prompt_templates.ipynb and tests.
+"""The real Llama-2 vocabulary (32000 tokens) offline, for notebooks/03_prompt_templates.ipynb and tests:
+``python -m helpers.vocab`` (run by ``make setup``) converts the ``ggml-vocab-llama-spm.gguf`` of the
+llama-cpp-python source package (about 77 MB, no gated download) into a tokenizer beside the tiny model."""
 
-``make setup`` runs ``python -m helpers.vocab`` once: it takes ``ggml-vocab-llama-spm.gguf`` (724 KB,
-Llama's SentencePiece vocabulary) from the llama-cpp-python source package (about 77 MB, no gated
-download), converts it with the ``gguf`` package and saves a fast tokenizer beside the tiny model.
-"""
-
-import os
 import subprocess
 import sys
 import tarfile
@@ -28,9 +24,8 @@ def fetch_llama2_vocab() -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:  # only this package from source, build tools as wheels
-        command = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", "llama-cpp-python",
-                   SOURCE_PACKAGE, "-d", tmp]
-        if subprocess.run(command).returncode != 0:
+        pip = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", "llama-cpp-python"]
+        if subprocess.run([*pip, SOURCE_PACKAGE, "-d", tmp]).returncode != 0:
             raise TutorialError(bilingual(f"下载 {SOURCE_PACKAGE} 失败（见上面 pip 的输出）。请检查网络或 pip 的镜像设置后重试。",
                                           f"Downloading {SOURCE_PACKAGE} failed (see pip's output above). "
                                           "Check the network or pip's index settings and retry."))
@@ -39,10 +34,10 @@ def fetch_llama2_vocab() -> Path:
             (Path(tmp) / GGUF_NAME).write_bytes(archive.extractfile(member).read())
         converted = AutoTokenizer.from_pretrained(tmp, gguf_file=GGUF_NAME)
         # As Meta's tokenizer_config.json: a LlamaTokenizer that adds BOS, with Llama-2-chat's template.
-        tok = LlamaTokenizer(tokenizer_object=converted.backend_tokenizer, legacy=False, add_bos_token=True)
-        tok.chat_template = LLAMA2_CHAT_TEMPLATE
+        tok = LlamaTokenizer(tokenizer_object=converted.backend_tokenizer, legacy=False, add_bos_token=True,
+                             chat_template=LLAMA2_CHAT_TEMPLATE)
         tok.save_pretrained(Path(tmp) / "tokenizer")
-        os.replace(Path(tmp) / "tokenizer", target)  # all or nothing: an interrupted fetch leaves no half folder
+        (Path(tmp) / "tokenizer").replace(target)  # all or nothing: an interrupted fetch leaves no half folder
     return target
 
 

@@ -1,12 +1,14 @@
 """A loopback Hub with fault injection for tests/test_download.py (lesson 01's error cases).
 
 Extends helpers.local_hub's Handler with what the real Hub and a bad network do: gated repos
-(401 without a token, 403 for a token without access), invalid tokens, outages (5xx), connections
-cut mid-file, corrupted bytes, and a log of every request (Range, bytes sent, Authorization header).
+(401 without a token, 403 for a token without access), invalid tokens, resumed downloads (``Range``,
+416 for a bad one), outages (5xx), connections cut mid-file, corrupted bytes, and a log of every
+request (Range, bytes sent, Authorization header).
 """
 
 from __future__ import annotations
 
+import re
 import socket
 import threading
 import time
@@ -44,7 +46,7 @@ class FaultyHandler(Handler):
             payload["gated"] = "manual"
         super().json(payload)
 
-    def send_file(self, f: HubFile, repo_commit: str, data=None):
+    def send_file(self, f: HubFile, repo_commit: str):
         server = self.server
         with server.lock:
             drops = server.drops.get(f.path)
@@ -52,14 +54,20 @@ class FaultyHandler(Handler):
             status = None if drop is not None or self.command != "GET" else server.fails.get(f.path)
         if status is not None:
             return self.error(status, "ServerError", "Service temporarily unavailable")
-        data, self.file = f.data, f.path
-        if f.path in server.corrupt:
-            middle = len(data) // 2
-            data = data[:middle] + bytes([data[middle] ^ 0xFF]) + data[middle + 1:]
-        self.drop = drop
-        super().send_file(f, repo_commit, data)
+        self.file, self.drop = f.path, drop
+        super().send_file(f, repo_commit)
 
     def send(self, status, body=b"", headers=None, file=None):
+        if file is not None and file.path in self.server.corrupt:
+            middle = len(body) // 2
+            body = body[:middle] + bytes([body[middle] ^ 0xFF]) + body[middle + 1:]
+        if file is not None and "Range" in self.headers:  # a resumed download: only the part asked for
+            match = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers["Range"].strip())
+            if match is None or int(match[1]) >= max(len(body), 1) or (match[2] and int(match[2]) < int(match[1])):
+                return super().send(416, b"", {"Content-Range": f"bytes */{len(body)}"})
+            start, end = int(match[1]), min(int(match[2] or len(body) - 1), len(body) - 1)
+            status, body = 206, body[start:end + 1]
+            headers = {**headers, "Content-Range": f"bytes {start}-{end}/{file.size}"}
         drop = getattr(self, "drop", None) if file is not None else None
         if drop is None or self.command != "GET":
             super().send(status, body, headers, file)

@@ -1,10 +1,12 @@
-"""Lesson 04: the streaming core, the chat widget and the Gradio page (helpers/chat.py)."""
+"""Lesson 04: the streaming core, the chat widget (helpers/chat.py) and the Gradio page (scripts/gradio_chat.py)."""
 
 from __future__ import annotations
 
 import asyncio
 import html
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -16,9 +18,10 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from helpers import chat as chat_mod
 from helpers.chat import ChatWidget, GenerationParams, history_to_messages, local_backend, stream_reply
-from helpers.config import TutorialError, resolve_model
+from helpers.config import REPO_ROOT, TutorialError, resolve_model
 from helpers.loading import load_model_and_tokenizer
 from helpers.prompts import PromptFormatError, encode_prompt
+from scripts import gradio_chat
 
 GREEDY = GenerationParams(do_sample=False, max_new_tokens=40)
 REPLACEMENT = "\ufffd"
@@ -598,7 +601,7 @@ def _drive_page(app, questions, *extra):
 
 def test_gradio_page_remembers_earlier_turns():
     backend = FakeBackend()
-    app = chat_mod.build_gradio_app(backend, params=GenerationParams(do_sample=False), system_prompt="系统")
+    app = gradio_chat.build_gradio_app(backend, params=GenerationParams(do_sample=False), system_prompt="系统")
     finals = _drive_page(app, ["第一问", "第二问", "第三问"], "系统", 64)
     assert finals == [f"回答{n}：{q}" * 5 for n, q in ((1, "第一问"), (2, "第二问"), (3, "第三问"))]
     third, params = backend.calls[2]
@@ -619,7 +622,7 @@ def _port_open(port: int) -> bool:
 def test_gradio_page_reports_errors_with_detail_only_when_asked(show_error):
     import gradio as gr
 
-    app = chat_mod.build_gradio_app(FakeBackend(fail_on="坏"), show_error=show_error)
+    app = gradio_chat.build_gradio_app(FakeBackend(fail_on="坏"), show_error=show_error)
     with pytest.raises(gr.Error) as caught:
         _drive_page(app, ["坏问题"], "", 64)
     assert "生成时出错" in str(caught.value)
@@ -631,7 +634,7 @@ def test_gradio_page_streams_in_chunks_and_stops_cleanly(loaded):
 
     model, tokenizer = loaded
     port = chat_mod.free_port()
-    app = chat_mod.build_gradio_app(local_backend(model, tokenizer), params=GenerationParams(do_sample=False),
+    app = gradio_chat.build_gradio_app(local_backend(model, tokenizer), params=GenerationParams(do_sample=False),
                                     show_error=False)  # as on a page others can reach
     app.queue(default_concurrency_limit=1)
     app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, show_error=False)
@@ -677,7 +680,7 @@ class _FakeApp:
 @pytest.fixture
 def command_line(monkeypatch, loaded):
     calls, loads = [], []
-    monkeypatch.setattr(chat_mod, "build_gradio_app", lambda backend, **k: calls.append(("build", k)) or _FakeApp(calls))
+    monkeypatch.setattr(gradio_chat, "build_gradio_app", lambda backend, **k: calls.append(("build", k)) or _FakeApp(calls))
     monkeypatch.setattr("helpers.loading.load_model_and_tokenizer",
                         lambda choice, quantization=None: loads.append(choice) or loaded)
     return calls, loads
@@ -685,11 +688,11 @@ def command_line(monkeypatch, loaded):
 
 def test_command_line_binds_loopback_and_shows_errors_only_there(command_line):
     calls, _ = command_line
-    chat_mod.main(["--model", "tiny", "--port", "7999"])
+    gradio_chat.main(["--model", "tiny", "--port", "7999"])
     launch = dict(calls)["launch"]
     assert (launch["server_name"], launch["server_port"], launch["show_error"], launch["auth"]) == ("127.0.0.1", 7999, True, None)
     calls.clear()
-    chat_mod.main(["--model_name_or_path", "tiny", "--port", "7998", "--host", "0.0.0.0", "--auth", "me:pa:ss"])
+    gradio_chat.main(["--model_name_or_path", "tiny", "--port", "7998", "--host", "0.0.0.0", "--auth", "me:pa:ss"])
     launch, build = dict(calls)["launch"], dict(calls)["build"]
     assert (launch["server_name"], launch["auth"], launch["show_error"], build["show_error"]) == (
         "0.0.0.0", ("me", "pa:ss"), False, False)
@@ -700,10 +703,17 @@ def test_command_line_binds_loopback_and_shows_errors_only_there(command_line):
 def test_command_line_refuses_an_open_page_without_a_password(command_line, capsys, argv):
     calls, loads = command_line
     with pytest.raises(SystemExit) as stopped:
-        chat_mod.main(["--model", "tiny", *argv])
+        gradio_chat.main(["--model", "tiny", *argv])
     err = capsys.readouterr().err
     assert stopped.value.code == 2 and "--auth" in err and "用户名:密码" in err
     assert calls == [] and loads == [], "nothing is loaded or started"
+
+
+def test_the_script_runs_from_a_terminal():
+    """``python scripts/gradio_chat.py`` as lesson 04 shows it: it refuses an open page before loading a model."""
+    result = subprocess.run([sys.executable, "scripts/gradio_chat.py", "--model", "tiny", "--host", "0.0.0.0"],
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "--auth" in result.stderr, result.stderr[-2000:]
 
 
 def test_forced_answers_exercise_byte_pieces(loaded):

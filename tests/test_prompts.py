@@ -206,12 +206,12 @@ def test_answer_boundary_is_exact(tok, fmt, answer):
     assert (decoded.strip() if llama_like else decoded) == expected
 
 
-def test_prompt_length(tok):
+def test_answer_tokens_follow_the_prompt(tok):
     history = [U("问题")]
     enc = encode(tok, history + [A("答案")], "llama2", add_generation_prompt=False)
-    assert enc.prompt_length == len(encode_prompt(tok, history, "llama2"))
-    open_question = encode(tok, history, "llama2")
-    assert open_question.answer_token_count == 0 and open_question.prompt_length == len(open_question.input_ids)
+    prompt = encode_prompt(tok, history, "llama2")
+    assert enc.input_ids[:len(prompt)] == prompt and enc.answer_token_count == len(enc.input_ids) - len(prompt)
+    assert encode(tok, history, "llama2").answer_token_count == 0
 
 
 # --------------------------------------------------------------------------- double BOS and literal specials
