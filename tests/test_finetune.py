@@ -22,6 +22,7 @@ from helpers import finetune as ft
 from helpers.config import DATA_DIR, REPO_ROOT as REPO, TutorialError, resolve_model
 from helpers.evaluation import chinese_share
 from helpers.prompts import IGNORE_INDEX, encode_prompt
+from scripts.train_lora import StopAfterSteps
 
 
 @pytest.fixture(scope="module")
@@ -244,7 +245,7 @@ def small_run(tmp_path_factory, choice):
     settings = dataclasses.replace(ft.settings_for(choice), **SMALL)
     adapter_dir = tmp_path_factory.mktemp("small") / "lora-adapter"
     first = ft.train_adapter(choice, adapter_dir, settings=settings, max_steps=6, limit_rows=16,
-                             callbacks=(ft.stop_after_steps(3),), save=False, verbose=False)
+                             callbacks=(StopAfterSteps(3),), save=False, verbose=False)
     first.adapter_existed = adapter_dir.exists()
     first.checkpoints = sorted(p.name for p in ft.checkpoint_dir_for(adapter_dir).iterdir())
     counter = _CountSteps()
@@ -441,12 +442,7 @@ def test_lora_turns_the_tiny_models_answers_chinese(choice, tok, tmp_path, monke
     before = ft.answer_questions(AutoModelForCausalLM.from_pretrained(choice.path, dtype=torch.float32), tok, questions, **kwargs)
     model, tokenizer = ft.load_with_adapter(choice, adapter_dir)
     after = ft.answer_questions(model, tokenizer, questions, **kwargs)
-    share_before, share_after = ft.mean_chinese_share(before), ft.mean_chinese_share(after)
+    share_before, share_after = (sum(chinese_share(a) or 0.0 for a in x) / len(x) for x in (before, after))
     assert share_before < 0.2, f"the base tiny model answers in English-like text ({share_before:.0%})"
     assert share_after > 0.6, f"after LoRA the answers are Chinese ({share_before:.0%} -> {share_after:.0%})"
     assert sum((chinese_share(a) or 0) > 0.5 for a in after) > len(after) / 2
-
-
-def test_mean_chinese_share_counts_wordless_answers_as_zero():
-    assert ft.mean_chinese_share(["你好世界", "1000000"]) == 0.5
-    assert ft.mean_chinese_share([]) == 0.0
