@@ -572,7 +572,7 @@ def load_with_adapter(choice, adapter_dir: str | Path, *, as_trained: bool = Fal
     return model.eval(), prepare_tokenizer(AutoTokenizer.from_pretrained(choice.path))
 
 
-# --------------------------------------------------------------------------- checks and answers
+# --------------------------------------------------------------------------- checks
 
 
 def probe_logits(model, input_ids: list[list[int]]):
@@ -595,22 +595,3 @@ def logits_agree(a, b, dtype) -> dict:
     diff = (a - b).abs().max().item()
     atol = {"torch.float32": 1e-3, "torch.float16": 0.25, "torch.bfloat16": 1.0}[str(dtype)]
     return {"top1_agreement": top1, "max_diff": diff, "atol": atol, "ok": top1 >= 0.95 and diff <= atol}
-
-
-def answer_questions(model, tokenizer, questions: list[str], *, fmt: str = "llama2", generation: dict,
-                     batch_size: int = 16, seed: int = 0) -> list[str]:
-    """Answer each question (one user turn, left padded, sampling seeded).
-    Introduced in notebooks/05_lora_finetune.ipynb."""
-    import torch
-
-    from helpers.prompts import encode_prompt
-
-    answers = []
-    torch.manual_seed(seed)
-    for i in range(0, len(questions), batch_size):
-        prompts = [encode_prompt(tokenizer, [{"role": "user", "content": q}], fmt) for q in questions[i:i + batch_size]]
-        batch = tokenizer.pad({"input_ids": prompts}, padding_side="left", return_tensors="pt").to(model.device)
-        with torch.no_grad():
-            out = model.generate(**batch, pad_token_id=tokenizer.pad_token_id, **generation)
-        answers += tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
-    return [a.strip() for a in answers]

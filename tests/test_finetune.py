@@ -426,6 +426,20 @@ def test_settings_live_in_one_place(choice, monkeypatch):
 # --------------------------------------------------------------------------- the tiny model's outcome
 
 
+def _answer(model, tokenizer, questions, settings, fmt):
+    """Lesson 05's answer_questions: one user turn per question, left padded, sampling seeded."""
+    torch.manual_seed(settings.seed)
+    answers = []
+    for i in range(0, len(questions), settings.generation_batch_size):
+        prompts = [encode_prompt(tokenizer, [{"role": "user", "content": q}], fmt)
+                   for q in questions[i:i + settings.generation_batch_size]]
+        batch = tokenizer.pad({"input_ids": prompts}, padding_side="left", return_tensors="pt")
+        with torch.no_grad():
+            out = model.generate(**batch, pad_token_id=tokenizer.pad_token_id, **settings.generation)
+        answers += tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+    return [a.strip() for a in answers]
+
+
 def test_lora_turns_the_tiny_models_answers_chinese(choice, tok, tmp_path, monkeypatch):
     """Lesson 05's outcome on the tiny model (asserted here, only printed in the lesson): dev loss
     falls and the Chinese share of the answers to the 72 dev questions goes from under 20% to over 60%."""
@@ -437,11 +451,10 @@ def test_lora_turns_the_tiny_models_answers_chinese(choice, tok, tmp_path, monke
     assert info["dev_loss_last"] < info["dev_loss_first"] - 1.0, info
     questions = [c[0]["content"] for c in ft.validate_sft_file(DATA_DIR / "dev_sft.csv", tok).conversations]
     assert len(questions) == 72
-    kwargs = dict(fmt=choice.chat_format, generation=settings.generation, batch_size=settings.generation_batch_size,
-                  seed=settings.seed)
-    before = ft.answer_questions(AutoModelForCausalLM.from_pretrained(choice.path, dtype=torch.float32), tok, questions, **kwargs)
+    before = _answer(AutoModelForCausalLM.from_pretrained(choice.path, dtype=torch.float32), tok, questions, settings,
+                     choice.chat_format)
     model, tokenizer = ft.load_with_adapter(choice, adapter_dir)
-    after = ft.answer_questions(model, tokenizer, questions, **kwargs)
+    after = _answer(model, tokenizer, questions, settings, choice.chat_format)
     share_before, share_after = (sum(chinese_share(a) or 0.0 for a in x) / len(x) for x in (before, after))
     assert share_before < 0.2, f"the base tiny model answers in English-like text ({share_before:.0%})"
     assert share_after > 0.6, f"after LoRA the answers are Chinese ({share_before:.0%} -> {share_after:.0%})"
