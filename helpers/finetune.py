@@ -524,8 +524,8 @@ def train_adapter(choice, adapter_dir: str | Path | None = None, *, settings: Tr
     resumed_from = resume_point(ckpt_dir, run_fingerprint(choice, s, train_rows) | {"limit_rows": limit_rows})
     set_seed(s.seed)
     model = get_peft_model(load_base(choice, s), lora_config(s))
-    args = training_arguments(s, ckpt_dir, max_steps=max_steps, eval_on_start=resumed_from is None,
-                              **(args_overrides or {}))
+    overrides = {"eval_on_start": resumed_from is None} | (args_overrides or {})  # a resumed run was evaluated
+    args = training_arguments(s, ckpt_dir, max_steps=max_steps, **overrides)
     collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX, pad_to_multiple_of=8)
     trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=dev_ds, callbacks=list(callbacks),
                       data_collator=collator)
