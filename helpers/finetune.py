@@ -1,13 +1,7 @@
-"""LoRA fine-tuning: the plumbing around notebooks/05_lora_finetune.ipynb.
+"""LoRA fine-tuning: the plumbing around notebooks/05_lora_finetune.ipynb, which writes the recipe out.
 
-The lesson writes the taught steps inline (the answer-only labels, ``LoraConfig``,
-``BitsAndBytesConfig`` + ``prepare_model_for_kbit_training``, ``TrainingArguments``,
-``DataCollatorForSeq2Seq``, ``Trainer``, ``merge_and_unload``). This module holds the rest:
-the settings per machine, reading and checking the training files (every bad row at once),
-where adapters live (``outputs/lora-adapter``, ``-2``, ``-3`` ...; :func:`latest_adapter`),
-resuming only the same run (:func:`resume_point`), saving without ever overwriting (one lock per
-output), and :func:`train_adapter`, the same recipe as a function for lesson 06, lesson 08 and
-``scripts/train_lora.py`` (it runs under ``torchrun``; only rank 0 writes).
+Here: the settings per machine, checking training files, where adapters live, resuming only the same
+run, saving without overwriting, and :func:`train_adapter` (the recipe as a function for lessons 06, 08).
 """
 
 from __future__ import annotations
@@ -16,11 +10,11 @@ import fcntl
 import hashlib
 import io
 import json
-import math
 import os
 import shutil
 import tempfile
 import time
+from collections import namedtuple
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -41,34 +35,28 @@ class TrainSettings:
     quantization: str | None  # None: plain load (fp32 on the CPU); "4bit"/"8bit": QLoRA on a GPU
     gradient_checkpointing: bool
     max_length: int  # longer rows are reported, never cut (a cut row loses its final </s>)
-    lora_r: int
-    lora_alpha: int
     lora_dropout: float
-    target_modules: tuple[str, ...]
     learning_rate: float
-    num_train_epochs: float
     per_device_train_batch_size: int
     gradient_accumulation_steps: int
     per_device_eval_batch_size: int
-    warmup_steps: int
-    lr_scheduler_type: str
-    logging_steps: int
     eval_steps: int
     save_steps: int
-    save_total_limit: int
-    seed: int
     torch_threads: int | None  # None: leave torch's default
     merge_dtype: str  # dtype of the base the adapter is merged into
-    generation: dict = field(default_factory=dict)
-    generation_batch_size: int = 16
+    generation: dict
+    generation_batch_size: int
+    lora_r: int = 16
+    lora_alpha: int = 32
+    target_modules: tuple[str, ...] = LLAMA_PROJECTIONS
+    num_train_epochs: float = 3
+    warmup_steps: int = 4
+    lr_scheduler_type: str = "cosine"
+    logging_steps: int = 4
+    save_total_limit: int = 2
+    seed: int = 42
 
-    @property
-    def effective_batch_size(self) -> int:
-        return self.per_device_train_batch_size * self.gradient_accumulation_steps
 
-
-_COMMON = dict(lora_r=16, lora_alpha=32, target_modules=LLAMA_PROJECTIONS, num_train_epochs=3,
-               warmup_steps=4, lr_scheduler_type="cosine", logging_steps=4, save_total_limit=2, seed=42)
 SETTINGS: dict[str, TrainSettings] = {
     # Llama-2-7b-chat on a Colab T4 (15 GB, no bf16): QLoRA in 4-bit, fp16 compute.
     "colab_t4": TrainSettings(
@@ -77,7 +65,7 @@ SETTINGS: dict[str, TrainSettings] = {
         per_device_train_batch_size=4, gradient_accumulation_steps=4, per_device_eval_batch_size=8,
         eval_steps=12, save_steps=24, torch_threads=None, merge_dtype="float16", generation_batch_size=8,
         generation={"max_new_tokens": 128, "do_sample": True, "temperature": 0.6, "top_p": 0.9,
-                    "repetition_penalty": 1.1}, **_COMMON),
+                    "repetition_penalty": 1.1}),
     # The tiny model on a CPU: fp32, a much higher learning rate, no dropout, one thread (measured).
     "cpu_tiny": TrainSettings(
         name="cpu_tiny", description="tiny 模型 fp32 LoRA（CPU 或 GPU）", quantization=None,
@@ -85,29 +73,28 @@ SETTINGS: dict[str, TrainSettings] = {
         per_device_train_batch_size=8, gradient_accumulation_steps=2, per_device_eval_batch_size=36,
         eval_steps=24, save_steps=24, torch_threads=1, merge_dtype="float32", generation_batch_size=36,
         generation={"max_new_tokens": 64, "do_sample": True, "temperature": 0.6, "top_p": 0.9,
-                    "repetition_penalty": 1.2}, **_COMMON),
+                    "repetition_penalty": 1.2}),
 }
 
 
 def settings_for(choice=None, *, device: str | None = None) -> TrainSettings:
-    """``colab_t4`` for a Llama-2 model on a CUDA GPU, else ``cpu_tiny`` (the tiny model anywhere;
-    a big model on a CPU with a warning). Introduced in notebooks/05_lora_finetune.ipynb."""
-    if device is None:
-        from helpers.loading import pick_device
+    """``colab_t4`` for a Llama-2 model on a CUDA GPU, else ``cpu_tiny`` (a big model on a CPU with a
+    warning). Introduced in notebooks/05_lora_finetune.ipynb."""
+    from helpers.loading import pick_device
 
-        device = pick_device()
     tiny = choice is not None and choice.is_tiny
-    if device == "cuda" and not tiny:
+    if (device or pick_device()) == "cuda" and not tiny:
         return SETTINGS["colab_t4"]
     if choice is not None and not tiny:
         import warnings
 
-        warnings.warn(f"{choice.name} 在 CPU 上微调会非常慢。/ Fine-tuning {choice.name} on a CPU is very slow.", stacklevel=2)
+        warnings.warn(bilingual(f"{choice.name} 在 CPU 上微调会非常慢。", f"Fine-tuning {choice.name} on a CPU is very slow."),
+                      stacklevel=2)
     return SETTINGS["cpu_tiny"]
 
 
-
 # --------------------------------------------------------------------------- reading the training file
+
 
 class BadRowsError(TutorialError, ValueError):
     """Some rows of a training file are unusable; ``.bad`` lists every one of them."""
@@ -117,13 +104,7 @@ class BadRowsError(TutorialError, ValueError):
         self.bad = bad
 
 
-@dataclass
-class BadRow:
-    """One unusable row: number (1 = first data row), problem code, bilingual detail."""
-
-    row: int
-    problem: str
-    detail: str
+BadRow = namedtuple("BadRow", "row problem detail")  # row 1 = the first data row; detail is bilingual
 
 
 @dataclass
@@ -145,28 +126,26 @@ class SFTRows:
 
     def summary(self) -> str:
         answer = sum(x != IGNORE_INDEX for lab in self.labels for x in lab)
-        return (f"{self.path.name}：共 {self.total} 行，可用 {len(self.rows)} 行，有问题 {len({b.row for b in self.bad})} 行；"
+        return (f"{self.path.name}：共 {self.total} 行，可用 {len(self.rows)} 行，有问题 {len(self.bad)} 行；"
                 f"{sum(map(len, self.input_ids))} 个 token，其中回答 {answer} 个")
 
     def dataset(self, *, on_bad: str = "stop"):
-        """The good rows as a ``datasets.Dataset`` (``input_ids``, ``labels``). ``on_bad="stop"``
-        raises :class:`BadRowsError` listing every bad row; ``"drop"`` leaves them out."""
+        """The good rows as a ``datasets.Dataset`` (``input_ids``, ``labels``). With bad rows, ``on_bad="drop"``
+        leaves them out; anything else raises :class:`BadRowsError` listing every one."""
         from datasets import Dataset
 
-        if on_bad not in ("stop", "drop"):
-            raise TutorialError(bilingual('on_bad 只能是 "stop" 或 "drop"。', 'on_bad must be "stop" or "drop".'))
-        n_bad = len({b.row for b in self.bad})
-        if self.bad and on_bad == "stop":
+        if self.bad and on_bad != "drop":
             raise BadRowsError(bilingual(
-                f"{self.path} 里有 {n_bad} 行不能用于训练（行号从第一条数据算起，表头不计）：\n"
+                f"{self.path} 里有 {len(self.bad)} 行不能用于训练（行号从第一条数据算起，表头不计）：\n"
                 + "\n".join(f"  {b.detail.split(chr(10))[0]}" for b in self.bad)
                 + '\n请修改这些行后重新运行，或者用 on_bad="drop" 跳过它们。没有训练，也没有写入任何文件。',
-                f"{self.path} has {n_bad} unusable rows:\n" + "\n".join(f"  {b.detail.split(chr(10))[-1]}" for b in self.bad)
+                f"{self.path} has {len(self.bad)} unusable rows:\n"
+                + "\n".join(f"  {b.detail.split(chr(10))[-1]}" for b in self.bad)
                 + '\nFix them, or pass on_bad="drop" to skip them. Nothing was trained or written.'), self.bad)
         if not self.rows:
             raise TutorialError(bilingual(f"{self.path} 里没有可用的行。", f"{self.path} has no usable rows."))
         if self.bad:
-            print(f"跳过 {n_bad} 行有问题的数据 / dropped {n_bad} bad rows")
+            print(f"跳过 {len(self.bad)} 行有问题的数据 / dropped {len(self.bad)} bad rows")
         return Dataset.from_dict({"input_ids": self.input_ids, "labels": self.labels})
 
 
@@ -179,7 +158,8 @@ def read_table(path: str | Path) -> tuple[list, list]:
     if not path.is_file():
         raise TutorialError(bilingual(f"找不到训练文件 {path}。", f"Training file {path} not found."))
     if path.suffix.lower() not in (".csv", ".jsonl", ".json"):
-        raise TutorialError(bilingual(f"{path.name}：只支持 .csv 和 .jsonl。", f"{path.name}: only .csv and .jsonl are supported."))
+        raise TutorialError(bilingual(f"{path.name}：只支持 .csv 和 .jsonl。",
+                                      f"{path.name}: only .csv and .jsonl are supported."))
     raw = path.read_bytes()
     try:
         text = raw.decode("utf-8-sig")
@@ -200,7 +180,7 @@ def read_table(path: str | Path) -> tuple[list, list]:
     if path.suffix.lower() == ".csv":
         try:
             table = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False, na_values=[""])
-        except (pd.errors.ParserError, pd.errors.EmptyDataError) as err:
+        except pd.errors.ParserError as err:
             raise TutorialError(bilingual(f"无法读取 {path.name}：{err}", f"Could not read {path.name}: {err}")) from err
         return table.astype(object).where(table.notna(), None).to_dict("records"), [str(c) for c in table.columns]
     records, broken = [], []
@@ -211,65 +191,61 @@ def read_table(path: str | Path) -> tuple[list, list]:
             except json.JSONDecodeError:
                 broken.append(str(n))
     if broken:
-        raise TutorialError(bilingual(f"{path.name} 第 {', '.join(broken)} 行不是合法的 JSON（JSONL 每行一个 JSON 对象）。",
-                                      f"{path.name} lines {', '.join(broken)} are not valid JSON (one object per line)."))
+        lines = ", ".join(broken)
+        raise TutorialError(bilingual(f"{path.name} 第 {lines} 行不是合法的 JSON（JSONL 每行一个 JSON 对象）。",
+                                      f"{path.name} lines {lines} are not valid JSON (one object per line)."))
     return records, sorted({k for r in records if isinstance(r, dict) for k in r})
 
 
-def _missing(value) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value))
+class _Bad(PromptFormatError):
+    """A row that cannot be trained on; ``problem`` is the code shown in ``SFTRows.bad``."""
 
-
-class _Bad(Exception):
     def __init__(self, problem: str, zh: str, en: str):
-        super().__init__(zh)
-        self.problem, self.zh, self.en = problem, zh, en
+        super().__init__(bilingual(zh, en))
+        self.problem = problem
 
 
 def _row_to_messages(record, layout: str) -> list[dict]:
     if not isinstance(record, dict):
-        raise _Bad("format", "这一行不是 JSON 对象", "the line is not a JSON object")
+        raise _Bad("format", "这一行不是 JSON 对象。", "the line is not a JSON object.")
     if layout == "text":
-        if _missing(record.get("text")):
-            raise _Bad("missing_column", "text 列是空的", "no value in column 'text'")
-        text = str(record["text"])
+        text = record.get("text")
+        if text is None:
+            raise _Bad("missing_column", "text 列是空的。", "no value in column 'text'.")
+        text = str(text)
         if "<s>Assistant:" not in text:
-            raise _Bad("no_assistant", "没有 “<s>Assistant:” 部分", "no '<s>Assistant:' part")
+            raise _Bad("no_assistant", "没有 “<s>Assistant:” 部分。", "no '<s>Assistant:' part.")
         if "</s><s>Human:" in text.split("<s>Assistant:", 1)[1].rstrip().removesuffix("</s>"):
-            raise _Bad("special_token", "回答里含有 “</s><s>Human:”，会被读成新的一轮对话；请删掉或改写这段文字",
-                       "the answer contains '</s><s>Human:', which reads as a new turn; remove or rewrite it")
+            raise _Bad("special_token", "回答里含有 “</s><s>Human:”，会被读成新的一轮对话；请删掉或改写这段文字。",
+                       "the answer contains '</s><s>Human:', which reads as a new turn; remove or rewrite it.")
         return csv_text_to_messages(text)
     if layout == "question_answer":
-        missing = [c for c in ("question", "answer") if _missing(record.get(c))]
+        missing = [c for c in ("question", "answer") if record.get(c) is None]
         if missing:
-            raise _Bad("missing_column", f"缺少 {'、'.join(missing)} 列的值", f"no value in column(s) {', '.join(missing)}")
-        if not str(record["answer"]).strip():
-            raise _Bad("empty_answer", "回答是空的", "empty answer")
-        system = record.get("system")
-        head = [{"role": "system", "content": str(system)}] if not _missing(system) and str(system).strip() else []
-        return head + [{"role": "user", "content": str(record["question"])},
-                       {"role": "assistant", "content": str(record["answer"])}]
-    messages = record.get("messages")
-    if _missing(messages) or not messages:
-        raise _Bad("missing_column", "没有 messages", "no 'messages'")
-    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
-        raise _Bad("format", 'messages 必须是 [{"role": ..., "content": ...}, ...] 形式的列表',
-                   'messages must be a list of {"role": ..., "content": ...} objects')
+            raise _Bad("missing_column", f"缺少 {'、'.join(missing)} 列的值。", f"no value in column(s) {', '.join(missing)}.")
+        system = [{"role": "system", "content": record["system"]}] if str(record.get("system") or "").strip() else []
+        messages = system + [{"role": "user", "content": str(record["question"])},
+                             {"role": "assistant", "content": str(record["answer"])}]
+    else:
+        messages = record.get("messages")
+        if not messages:
+            raise _Bad("missing_column", "没有 messages。", "no 'messages'.")
+        if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+            raise _Bad("format", 'messages 必须是 [{"role": ..., "content": ...}, ...] 形式的列表。',
+                       'messages must be a list of {"role": ..., "content": ...} objects.')
     if messages[-1].get("role") != "assistant":
-        raise _Bad("no_assistant", "最后一条不是 assistant 的回答", "the last message is not the assistant's answer")
+        raise _Bad("no_assistant", "最后一条不是 assistant 的回答。", "the last message is not the assistant's answer.")
     if any(m.get("role") == "assistant" and not str(m.get("content") or "").strip() for m in messages):
-        raise _Bad("empty_answer", "回答是空的", "empty answer")
+        raise _Bad("empty_answer", "回答是空的。", "empty answer.")
     return messages
 
 
 def validate_sft_file(path: str | Path, tokenizer, *, fmt: str = "llama2", max_length: int = 512) -> SFTRows:
-    """Check every row of a training file and tokenize the good ones; never stops at the first bad row.
+    """Check every row of a training file and tokenize the good ones; bad rows go to ``.bad``.
 
-    Layouts: the article's CSV (one ``text`` column), a CSV with ``question``/``answer`` (optional
-    ``system``), JSONL with ``{"messages": [...]}``. Each row becomes messages, tokenized by
-    :func:`helpers.prompts.encode` in the model's format ``fmt`` (the answer-only labels that
-    notebooks/03_prompt_templates.ipynb writes out). Raises :class:`TutorialError` only for the
-    whole file; bad rows go to ``.bad``. Introduced in notebooks/05_lora_finetune.ipynb.
+    Layouts: the article's CSV (``text``), a CSV with ``question``/``answer`` (optional ``system``),
+    JSONL with ``{"messages": [...]}``. Tokens and answer-only labels come from
+    :func:`helpers.prompts.encode` in the format ``fmt``. Introduced in notebooks/05_lora_finetune.ipynb.
     """
     path = Path(path)
     records, columns = read_table(path)
@@ -278,23 +254,22 @@ def validate_sft_file(path: str | Path, tokenizer, *, fmt: str = "llama2", max_l
     if layout is None:
         raise TutorialError(bilingual(
             f"{path.name} 里找不到训练数据列：需要 text，或 question 和 answer，或（JSONL）messages。现有的列：{columns}。",
-            f"{path.name} has no training column: expected 'text', or 'question' and 'answer', or 'messages'. Found: {columns}."))
+            f"{path.name} has no training column: expected 'text', or 'question' and 'answer', or 'messages'. "
+            f"Found: {columns}."))
     out = SFTRows(path, layout, len(records))
     for row, record in enumerate(records, 1):
         try:
             messages = _row_to_messages(record, layout)
             enc = encode(tokenizer, messages, fmt, add_generation_prompt=False)
-            if len(enc.input_ids) > max_length:
-                raise _Bad("too_long", f"有 {len(enc.input_ids)} 个 token，超过上限 {max_length}（不截断：截断会丢掉结尾的 </s>）",
-                           f"{len(enc.input_ids)} tokens, over the limit of {max_length} (not cut: that drops the final </s>)")
-        except _Bad as err:
-            out.bad.append(BadRow(row, err.problem, bilingual(f"第 {row} 行：{err.zh}。", f"row {row}: {err.en}.")))
-            continue
+            n = len(enc.input_ids)
+            if n > max_length:
+                raise _Bad("too_long", f"有 {n} 个 token，超过上限 {max_length}（不截断：截断会丢掉结尾的 </s>）。",
+                           f"{n} tokens, over the limit of {max_length} (not cut: that drops the final </s>).")
         except PromptFormatError as err:
             zh, _, en = str(err).partition("\n")
-            special = "特殊标记" in zh
-            problem = "special_token" if special else "empty_answer" if "是空的" in zh else "format"
-            out.bad.append(BadRow(row, problem, bilingual(f"第 {row} 行：{zh}", f"row {row}: {en or zh}")))
+            problem = "special_token" if "特殊标记" in zh else "empty_answer" if "是空的" in zh else "format"
+            problem = getattr(err, "problem", problem)  # _Bad names its problem; encode's errors are sorted here
+            out.bad.append(BadRow(row, problem, bilingual(f"第 {row} 行：{zh}", f"row {row}: {en}")))
             continue
         out.rows.append(row)
         out.conversations.append(messages)
@@ -310,20 +285,20 @@ class OutputExistsError(TutorialError, FileExistsError):
     """The folder to write already exists and overwriting was not asked for."""
 
 
-def _lock(target: Path, *, wait: bool, kind: str = "write"):
-    """An ``fcntl.flock`` on a file in the temp folder named after ``target`` (freed by the OS when the
-    process dies); None if ``wait`` is false and another process holds it."""
+_CLAIMS: dict[str, object] = {}  # checkpoint folders this process trains into (lock held while it lives)
+
+
+def _lock(target: Path, *, kind: str = "write"):
+    """An ``fcntl.flock`` named after ``target`` (the OS frees it when the process dies). A "write" lock
+    waits; a "run" lock is taken at once or not at all (None)."""
     key = hashlib.sha1(f"{kind}:{Path(target).resolve()}".encode()).hexdigest()[:16]
     fh = open(Path(tempfile.gettempdir()) / f"llama-tutorial-{key}.lock", "w")
     try:
-        fcntl.flock(fh, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        fcntl.flock(fh, fcntl.LOCK_EX | (fcntl.LOCK_NB if kind == "run" else 0))
     except BlockingIOError:
         fh.close()
         return None
     return fh
-
-
-_CLAIMS: dict[str, object] = {}  # checkpoint folders this process trains into (lock held while it lives)
 
 
 def _claim(ckpt_dir: Path) -> bool:
@@ -331,37 +306,35 @@ def _claim(ckpt_dir: Path) -> bool:
     key = str(ckpt_dir.resolve())
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 or key in _CLAIMS:  # torchrun: the ranks share one run
         return True
-    fh = _lock(ckpt_dir, wait=False, kind="run")
+    fh = _lock(ckpt_dir, kind="run")
     if fh is not None:
         _CLAIMS[key] = fh
     return fh is not None
 
 
 def checkpoint_dir_for(adapter_dir: str | Path) -> Path:
-    """The Trainer's checkpoint folder for the run that writes ``adapter_dir`` (``...-checkpoints``)."""
+    """The Trainer's checkpoint folder next to ``adapter_dir`` (``...-checkpoints``)."""
     adapter_dir = Path(adapter_dir)
     return adapter_dir.with_name(adapter_dir.name + "-checkpoints")
 
 
 def new_adapter_dir(overwrite: bool = False, *, name: str = ADAPTER_DIR_NAME) -> Path:
-    """Where lesson 05 writes its adapter: ``outputs/lora-adapter``; if that exists and ``overwrite``
-    is false, ``lora-adapter-2``, ``-3`` ... A name whose checkpoints another running training holds
-    is skipped too, so two writers never share (and prune) one checkpoint folder.
+    """``outputs/lora-adapter``, or if it exists and ``overwrite`` is false, ``lora-adapter-2``, ``-3`` ...;
+    a name whose checkpoints another running training holds is skipped too.
     Introduced in notebooks/05_lora_finetune.ipynb."""
-    base = output_dir() / name
     for n in range(1, 10_000):
-        path = base if n == 1 else base.with_name(f"{name}-{n}")
+        path = output_dir() / (name if n == 1 else f"{name}-{n}")
         if (overwrite and n == 1 or not path.exists()) and _claim(checkpoint_dir_for(path)):
             return path
-    raise TutorialError(bilingual(f"{base} 的编号已用完。", f"No free name next to {base}."))
+    raise TutorialError(bilingual(f"{name} 的编号已用完。", f"No free name next to {name}."))
 
 
-def _atomic_write_dir(target: Path, write, *, overwrite: bool, what: tuple[str, str]) -> Path:
-    """Write a folder with ``write(tmp)`` and rename it into place, holding the one lock every writer
-    of ``target`` takes (so the existence check cannot race another writer)."""
+def _save_new(target: str | Path, objects: list, *, overwrite: bool, what: tuple[str, str], info=None) -> Path:
+    """``save_pretrained`` each object into a temporary folder, then rename it into place, under the
+    one lock every writer of ``target`` takes; refuses an existing folder unless ``overwrite``."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    with _lock(target, wait=True):
+    with _lock(target):
         if target.exists() and not overwrite and (target.is_file() or any(target.iterdir())):
             raise OutputExistsError(bilingual(
                 f"{what[0]}目录 {target} 已经存在，为了不覆盖你已有的结果，这里停下了。确实要覆盖请传 overwrite=True"
@@ -372,40 +345,27 @@ def _atomic_write_dir(target: Path, write, *, overwrite: bool, what: tuple[str, 
             shutil.rmtree(stale, ignore_errors=True)
         tmp = target.with_name(f".{target.name}.partial-{os.getpid()}")
         try:
-            write(tmp)
-            if target.exists():
-                old = target.with_name(f".{target.name}.partial-old-{os.getpid()}")
-                os.replace(target, old)
-                os.replace(tmp, target)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, target)
+            for obj in objects:
+                obj.save_pretrained(tmp)
+            if info is not None:
+                (tmp / INFO_FILE).write_text(json.dumps(info, indent=1, ensure_ascii=False, default=str), "utf-8")
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(tmp, target)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
 def save_adapter(model, path: str | Path, *, overwrite: bool = False, info: dict | None = None) -> Path:
-    """Save the LoRA adapter (+ ``training_info.json``); refuses an existing folder unless
-    ``overwrite``; the folder appears complete or not at all. Introduced in notebooks/05_lora_finetune.ipynb."""
-
-    def write(tmp: Path):
-        model.save_pretrained(tmp)
-        if info is not None:
-            (tmp / INFO_FILE).write_text(json.dumps(info, indent=1, ensure_ascii=False, default=str), "utf-8")
-
-    return _atomic_write_dir(Path(path), write, overwrite=overwrite, what=("适配器", "adapter"))
+    """Save the LoRA adapter (+ ``training_info.json``); never over an existing folder unless ``overwrite``,
+    and the folder appears complete or not at all. Introduced in notebooks/05_lora_finetune.ipynb."""
+    return _save_new(path, [model], overwrite=overwrite, what=("适配器", "adapter"), info=info)
 
 
 def save_merged(model, tokenizer, path: str | Path, *, overwrite: bool = False) -> Path:
-    """Save a merged model and its tokenizer, with :func:`save_adapter`'s no-overwrite rule.
+    """Save a merged model and its tokenizer, with :func:`save_adapter`'s rules.
     Introduced in notebooks/05_lora_finetune.ipynb."""
-
-    def write(tmp: Path):
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-
-    return _atomic_write_dir(Path(path), write, overwrite=overwrite, what=("合并模型", "merged model"))
+    return _save_new(path, [model, tokenizer], overwrite=overwrite, what=("合并模型", "merged model"))
 
 
 def read_training_info(adapter_dir: str | Path) -> dict:
@@ -414,16 +374,15 @@ def read_training_info(adapter_dir: str | Path) -> dict:
     return json.loads(p.read_text("utf-8")) if p.exists() else {}
 
 
-def _made_for(info: dict, choice) -> bool:
-    return info.get("base_model") == choice.path or (not choice.is_tiny and info.get("model_name") == choice.name)
-
-
 def latest_adapter(choice) -> Path | None:
-    """The newest adapter under ``output_dir()`` (``lora-adapter``, ``lora-adapter-2`` ...) whose
-    ``training_info.json`` names this base model; None if there is none. Newest = most recently
-    saved. Introduced in notebooks/05_lora_finetune.ipynb; lesson 06 finds its adapter with it."""
+    """The most recently saved ``outputs/lora-adapter*`` whose ``training_info.json`` names this base model
+    (None if none). Introduced in notebooks/05_lora_finetune.ipynb; lesson 06 finds its adapter with it."""
+
+    def made_for_choice(info: dict) -> bool:
+        return info.get("base_model") == choice.path or (not choice.is_tiny and info.get("model_name") == choice.name)
+
     found = [p for p in output_dir().glob(f"{ADAPTER_DIR_NAME}*") if (p / INFO_FILE).is_file()
-             and (p / "adapter_config.json").is_file() and _made_for(read_training_info(p), choice)]
+             and (p / "adapter_config.json").is_file() and made_for_choice(read_training_info(p))]
     return max(found, key=lambda p: (p / INFO_FILE).stat().st_mtime_ns, default=None)
 
 
@@ -437,11 +396,9 @@ def run_fingerprint(choice, settings: TrainSettings, rows: SFTRows) -> dict:
 
 
 def resume_point(ckpt_dir: str | Path, fingerprint: dict) -> str | None:
-    """The last checkpoint of an interrupted run *of this same run*, or None for a fresh start.
-
-    Writes ``fingerprint`` into ``ckpt_dir``; if the folder holds checkpoints of another base
-    model, other settings or other data, raises a bilingual :class:`TutorialError` saying how to
-    start fresh. Introduced in notebooks/05_lora_finetune.ipynb."""
+    """The last checkpoint of an interrupted run *of this same run* (None: a fresh start); stores
+    ``fingerprint`` in ``ckpt_dir`` and refuses another run's checkpoints with a bilingual error.
+    Introduced in notebooks/05_lora_finetune.ipynb."""
     from transformers.trainer_utils import get_last_checkpoint
 
     ckpt_dir, fingerprint = Path(ckpt_dir), json.loads(json.dumps(fingerprint))  # as stored: tuples become lists
@@ -449,36 +406,22 @@ def resume_point(ckpt_dir: str | Path, fingerprint: dict) -> str | None:
     stored = ckpt_dir / FINGERPRINT_FILE
     old = json.loads(stored.read_text("utf-8")) if stored.exists() else {}
     if last and old != fingerprint:
-        what = [k for k in fingerprint if old.get(k) != fingerprint[k]]
+        what = ", ".join(k for k in fingerprint if old.get(k) != fingerprint[k])
         raise TutorialError(bilingual(
-            f"{ckpt_dir} 里的检查点属于另一次训练（不同的：{', '.join(what)}），不能接着训练。要从头开始，"
+            f"{ckpt_dir} 里的检查点属于另一次训练（不同的：{what}），不能接着训练。要从头开始，"
             f"请删除或改名这个目录；或者换一个适配器目录名。",
-            f"The checkpoints in {ckpt_dir} belong to another run (different {', '.join(what)}), so they cannot be "
+            f"The checkpoints in {ckpt_dir} belong to another run (different {what}), so they cannot be "
             "resumed. To start fresh, delete or rename that folder, or use another adapter folder."))
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     stored.write_text(json.dumps(fingerprint, indent=1), "utf-8")
     return last
 
 
-def stop_after_steps(steps: int):
-    """A ``TrainerCallback`` that saves a checkpoint at optimizer step ``steps`` and stops: lesson 05
-    simulates a Colab disconnect with it, then resumes. Introduced in notebooks/05_lora_finetune.ipynb."""
-    from transformers import TrainerCallback
-
-    class StopAfterSteps(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step == steps:
-                control.should_save = control.should_training_stop = True
-            return control
-
-    return StopAfterSteps()
-
-
 # --------------------------------------------------------------------------- the recipe as a function (lessons 06, 08)
 
 
 def lora_config(settings: TrainSettings):
-    """The ``LoraConfig`` lesson 05 writes inline, from ``settings``."""
+    """The ``LoraConfig`` notebooks/05_lora_finetune.ipynb writes out, from ``settings``."""
     from peft import LoraConfig
 
     return LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
@@ -486,8 +429,7 @@ def lora_config(settings: TrainSettings):
 
 
 def mixed_precision(settings: TrainSettings) -> dict:
-    """``fp16``/``bf16`` flags: only for QLoRA on a GPU, bf16 only where ``pick_dtype`` gives it
-    (compute capability >= 8; a T4 gets fp16, never emulated bf16)."""
+    """``fp16``/``bf16`` flags: only for QLoRA on a GPU, in the dtype ``helpers.loading.pick_dtype`` gives."""
     import torch
 
     from helpers.loading import pick_dtype
@@ -499,40 +441,42 @@ def mixed_precision(settings: TrainSettings) -> dict:
 
 def training_arguments(settings: TrainSettings, checkpoint_dir: str | Path, *, max_steps: int | None = None,
                        args_class=None, **overrides):
-    """The ``TrainingArguments`` lesson 05 writes inline, from ``settings``; ``overrides`` replace
-    single arguments, ``args_class`` a subclass (bench/finetune.py: TRL's ``SFTConfig``)."""
+    """The ``TrainingArguments`` notebooks/05_lora_finetune.ipynb writes out; ``overrides`` replace single
+    arguments, ``args_class`` a subclass (bench/finetune.py: TRL's ``SFTConfig``)."""
     import torch
     from transformers import TrainingArguments
 
     s, gpu = settings, torch.cuda.is_available()
     kwargs = dict(
         output_dir=str(checkpoint_dir), num_train_epochs=s.num_train_epochs, max_steps=max_steps or -1,
-        per_device_train_batch_size=s.per_device_train_batch_size, gradient_accumulation_steps=s.gradient_accumulation_steps,
+        per_device_train_batch_size=s.per_device_train_batch_size,
+        gradient_accumulation_steps=s.gradient_accumulation_steps,
         per_device_eval_batch_size=s.per_device_eval_batch_size, learning_rate=s.learning_rate,
         lr_scheduler_type=s.lr_scheduler_type, warmup_steps=s.warmup_steps, train_sampling_strategy="group_by_length",
         eval_strategy="steps", eval_steps=s.eval_steps, eval_on_start=True, logging_steps=s.logging_steps,
         save_strategy="steps", save_steps=s.save_steps, save_total_limit=s.save_total_limit,
         activation_checkpointing=gpu and s.gradient_checkpointing, dataloader_pin_memory=gpu, report_to="none",
         seed=s.seed, disable_tqdm=True, **mixed_precision(s))
-    kwargs.update(overrides)
-    return (args_class or TrainingArguments)(**kwargs)
+    return (args_class or TrainingArguments)(**(kwargs | overrides))
 
 
 def load_base(choice, settings: TrainSettings, *, for_training: bool = True):
-    """The base as lesson 05 loads it: QLoRA (``BitsAndBytesConfig`` + ``prepare_model_for_kbit_training``,
-    which upcasts every non-quantized fp16/bf16 weight to fp32) on a GPU, fp32 otherwise."""
+    """The base as lesson 05 loads it: QLoRA (``BitsAndBytesConfig`` + ``prepare_model_for_kbit_training``)
+    on a GPU, fp32 otherwise."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from helpers.loading import pick_attn_implementation, pick_dtype, quantization_config
 
-    if not (torch.cuda.is_available() and settings.quantization):
+    gpu = torch.cuda.is_available()
+    if not (gpu and settings.quantization):
         return AutoModelForCausalLM.from_pretrained(choice.path, dtype=torch.float32,
-                                                    device_map="auto" if torch.cuda.is_available() else None)
+                                                    device_map="auto" if gpu else None)
     dtype = pick_dtype("cuda")
     model = AutoModelForCausalLM.from_pretrained(
         choice.path, quantization_config=quantization_config(settings.quantization, dtype, double_quant=True),
-        dtype=dtype, device_map={"": int(os.environ.get("LOCAL_RANK", 0))}, attn_implementation=pick_attn_implementation("cuda"))
+        dtype=dtype, device_map={"": int(os.environ.get("LOCAL_RANK", 0))},
+        attn_implementation=pick_attn_implementation("cuda"))
     if for_training:
         from peft import prepare_model_for_kbit_training
 
@@ -542,34 +486,26 @@ def load_base(choice, settings: TrainSettings, *, for_training: bool = True):
 
 def prepare_tokenizer(tokenizer):
     """Pad with ``<unk>``, never with EOS (transformers #23530), on the right for training."""
-    if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
-        tokenizer.pad_token = tokenizer.unk_token
+    tokenizer.pad_token = tokenizer.unk_token
     tokenizer.padding_side = "right"
     return tokenizer
 
 
-def train_adapter(choice=None, adapter_dir: str | Path | None = None, *, settings: TrainSettings | None = None,
+def train_adapter(choice, adapter_dir: str | Path | None = None, *, settings: TrainSettings | None = None,
                   train_file: str | Path = DATA_DIR / "train_sft.csv", dev_file: str | Path = DATA_DIR / "dev_sft.csv",
                   on_bad: str = "stop", overwrite: bool = False, max_steps: int | None = None,
                   limit_rows: int | None = None, callbacks: tuple = (), save: bool = True, verbose: bool = True,
                   args_overrides: dict | None = None):
-    """Lesson 05's recipe end to end; returns the ``Trainer`` (``trainer.adapter_dir``, ``.resumed_from``).
+    """Lesson 05's recipe end to end; returns the ``Trainer`` (``.adapter_dir``, ``.resumed_from``).
 
-    Checks both files (every bad row before anything is written), tokenizes in the model's format,
-    loads the base (QLoRA on a GPU), adds LoRA, trains with ``Trainer`` + ``DataCollatorForSeq2Seq``,
-    resumes an interrupted run of the same run (:func:`resume_point`), and saves the adapter with
-    ``training_info.json`` (rank 0 only: it runs under ``torchrun``/``accelerate launch``, see
-    ``scripts/train_lora.py``). ``adapter_dir`` defaults to :func:`new_adapter_dir`; ``args_overrides``
-    replace single ``TrainingArguments`` (``ddp_backend="gloo"`` for CPU processes).
-    Introduced in notebooks/05_lora_finetune.ipynb.
+    Every bad row is reported before anything is written; an interrupted run of the same run resumes;
+    only rank 0 saves (``torchrun``/``accelerate launch``: scripts/train_lora.py). ``adapter_dir``
+    defaults to :func:`new_adapter_dir`. Introduced in notebooks/05_lora_finetune.ipynb.
     """
     import torch
     from peft import get_peft_model
     from transformers import AutoTokenizer, DataCollatorForSeq2Seq, Trainer, set_seed
 
-    from helpers.config import resolve_model
-
-    choice = choice or resolve_model(verbose=False)
     s = settings or settings_for(choice)
     adapter_dir = Path(adapter_dir) if adapter_dir else new_adapter_dir(overwrite)
     if save and adapter_dir.exists() and not overwrite and any(adapter_dir.iterdir()):
@@ -588,19 +524,19 @@ def train_adapter(choice=None, adapter_dir: str | Path | None = None, *, setting
     resumed_from = resume_point(ckpt_dir, run_fingerprint(choice, s, train_rows) | {"limit_rows": limit_rows})
     set_seed(s.seed)
     model = get_peft_model(load_base(choice, s), lora_config(s))
-    trainer = Trainer(model=model, args=training_arguments(s, ckpt_dir, max_steps=max_steps,
-                                                       **{"eval_on_start": resumed_from is None, **(args_overrides or {})}),
-                      train_dataset=train_ds, eval_dataset=dev_ds, callbacks=list(callbacks),
-                      data_collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX, pad_to_multiple_of=8))
+    overrides = {"eval_on_start": resumed_from is None} | (args_overrides or {})  # a resumed run was evaluated
+    args = training_arguments(s, ckpt_dir, max_steps=max_steps, **overrides)
+    collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX, pad_to_multiple_of=8)
+    trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=dev_ds, callbacks=list(callbacks),
+                      data_collator=collator)
     if verbose and resumed_from:
         print(f"从检查点继续训练 / resuming from {resumed_from}")
     trainer.train(resume_from_checkpoint=resumed_from)
-    dev = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]
+    dev = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h] or [None]
     info = {"lesson": "notebooks/05_lora_finetune.ipynb", "base_model": choice.path, "model_name": choice.name,
             "chat_format": choice.chat_format, "settings": asdict(s), "train_file": str(train_file),
-            "train_rows": len(train_ds), "global_step": trainer.state.global_step,
-            "dev_loss_first": dev[0] if dev else None, "dev_loss_last": dev[-1] if dev else None,
-            "log_history": trainer.state.log_history, "resumed_from": resumed_from,
+            "train_rows": len(train_ds), "global_step": trainer.state.global_step, "dev_loss_first": dev[0],
+            "dev_loss_last": dev[-1], "log_history": trainer.state.log_history, "resumed_from": resumed_from,
             "seconds": round(time.perf_counter() - start, 1), "created": time.strftime("%Y-%m-%d %H:%M:%S")}
     if save and trainer.is_world_process_zero():
         save_adapter(model, adapter_dir, overwrite=overwrite, info=info)
@@ -610,13 +546,9 @@ def train_adapter(choice=None, adapter_dir: str | Path | None = None, *, setting
     return trainer
 
 
-def ensure_adapter(choice=None) -> Path:
-    """The newest adapter lesson 05 made for this base model (:func:`latest_adapter`), or, if there is
-    none, one trained now into :func:`new_adapter_dir` (never over an existing folder). Used by
-    notebooks/06_evaluation.ipynb; introduced in notebooks/05_lora_finetune.ipynb."""
-    from helpers.config import resolve_model
-
-    choice = choice or resolve_model(verbose=False)
+def ensure_adapter(choice) -> Path:
+    """The newest adapter lesson 05 made for this base model (:func:`latest_adapter`), or one trained now
+    into :func:`new_adapter_dir`. Introduced in notebooks/05_lora_finetune.ipynb; used by lesson 06."""
     found = latest_adapter(choice)
     if found:
         return found
@@ -625,24 +557,22 @@ def ensure_adapter(choice=None) -> Path:
 
 
 def load_with_adapter(choice, adapter_dir: str | Path, *, as_trained: bool = False):
-    """Base + adapter (a ``PeftModel`` in eval mode) and its tokenizer. The base loads as lesson 05
-    trained it (4-bit on a GPU, fp32 on the CPU); ``as_trained`` also applies
-    ``prepare_model_for_kbit_training`` so logits compare like with like with the trained model.
-    Introduced in notebooks/05_lora_finetune.ipynb; used by lesson 06."""
+    """Base (loaded as lesson 05 trained it) + adapter, in eval mode, and its tokenizer; ``as_trained`` also
+    applies ``prepare_model_for_kbit_training``, so logits compare like with like with the trained model.
+    Introduced in notebooks/05_lora_finetune.ipynb; used by lessons 06 and 08."""
     from peft import PeftModel
     from transformers import AutoTokenizer
 
     if not (Path(adapter_dir) / "adapter_config.json").exists():
-        raise TutorialError(bilingual(f"{adapter_dir} 里没有 adapter_config.json：先运行第 05 课，或调用 ensure_adapter()。",
-                                      f"{adapter_dir} holds no adapter_config.json: run lesson 05 or call ensure_adapter()."))
-    model = PeftModel.from_pretrained(load_base(choice, settings_for(choice), for_training=as_trained), str(adapter_dir))
+        raise TutorialError(bilingual(
+            f"{adapter_dir} 里没有 adapter_config.json：先运行第 05 课，或调用 ensure_adapter()。",
+            f"{adapter_dir} holds no adapter_config.json: run lesson 05 or call ensure_adapter()."))
+    base = load_base(choice, settings_for(choice), for_training=as_trained)
+    model = PeftModel.from_pretrained(base, str(adapter_dir))
     return model.eval(), prepare_tokenizer(AutoTokenizer.from_pretrained(choice.path))
 
 
-# --------------------------------------------------------------------------- checks and answers
-
-
-LOGIT_ATOL = {"torch.float32": 1e-3, "torch.float16": 0.25, "torch.bfloat16": 1.0}
+# --------------------------------------------------------------------------- checks
 
 
 def probe_logits(model, input_ids: list[list[int]]):
@@ -658,37 +588,10 @@ def probe_logits(model, input_ids: list[list[int]]):
 
 
 def logits_agree(a, b, dtype) -> dict:
-    """Do two logit tensors come from the same model? Top-1 tokens agree at >= 95% of real positions and
-    the largest difference is within the tolerance for ``dtype`` (the lower precision of the two):
-    fp32 1e-3, fp16 0.25, bf16 1.0. Introduced in notebooks/05_lora_finetune.ipynb."""
+    """Same model? Top-1 tokens agree at >= 95% of real positions and the largest difference is within the
+    tolerance of ``dtype`` (the lower precision of the two). Introduced in notebooks/05_lora_finetune.ipynb."""
     real = a.abs().sum(-1) > 0  # probe_logits zeroes the padding positions
     top1 = (a.argmax(-1) == b.argmax(-1))[real].float().mean().item()
     diff = (a - b).abs().max().item()
-    atol = LOGIT_ATOL[str(dtype)]
+    atol = {"torch.float32": 1e-3, "torch.float16": 0.25, "torch.bfloat16": 1.0}[str(dtype)]
     return {"top1_agreement": top1, "max_diff": diff, "atol": atol, "ok": top1 >= 0.95 and diff <= atol}
-
-
-def answer_questions(model, tokenizer, questions: list[str], *, fmt: str = "llama2", generation: dict,
-                     batch_size: int = 16, seed: int = 0) -> list[str]:
-    """Answer each question (one user turn, prompts from :func:`helpers.prompts.encode_prompt`, left
-    padded, sampling seeded). Introduced in notebooks/05_lora_finetune.ipynb."""
-    import torch
-
-    from helpers.prompts import encode_prompt
-
-    answers = []
-    torch.manual_seed(seed)
-    for i in range(0, len(questions), batch_size):
-        prompts = [encode_prompt(tokenizer, [{"role": "user", "content": q}], fmt) for q in questions[i:i + batch_size]]
-        batch = tokenizer.pad({"input_ids": prompts}, padding_side="left", return_tensors="pt").to(model.device)
-        with torch.no_grad():
-            out = model.generate(**batch, pad_token_id=tokenizer.pad_token_id, **generation)
-        answers += tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
-    return [a.strip() for a in answers]
-
-
-def mean_chinese_share(answers: list[str]) -> float:
-    """Mean :func:`helpers.evaluation.chinese_share`; an answer with no words counts as 0."""
-    from helpers.evaluation import chinese_share
-
-    return sum(chinese_share(a) or 0.0 for a in answers) / len(answers) if answers else 0.0

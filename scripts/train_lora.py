@@ -32,7 +32,7 @@ from transformers import TrainerCallback
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from helpers.config import DATA_DIR, TutorialError, resolve_model  # noqa: E402
-from helpers.finetune import stop_after_steps, train_adapter  # noqa: E402
+from helpers.finetune import train_adapter  # noqa: E402
 
 
 def _cpu_processes() -> bool:
@@ -40,6 +40,19 @@ def _cpu_processes() -> bool:
     import torch
 
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+
+
+class StopAfterSteps(TrainerCallback):
+    """Saves a checkpoint at optimizer step ``steps`` and stops (a simulated interruption); the same
+    callback notebooks/05_lora_finetune.ipynb writes out."""
+
+    def __init__(self, steps: int):
+        self.steps = steps
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.steps:
+            control.should_save = control.should_training_stop = True
+        return control
 
 
 class RankMetrics(TrainerCallback):
@@ -101,7 +114,7 @@ def main(argv=None) -> int:
         "train_sampling_strategy": "sequential" if args.sequential else None,
         "eval_strategy": "no" if args.no_eval else None, "eval_on_start": False if args.no_eval else None,
         "use_cpu": True if _cpu_processes() else None}.items() if v is not None}
-    callbacks = [stop_after_steps(args.stop_after)] if args.stop_after else []
+    callbacks = [StopAfterSteps(args.stop_after)] if args.stop_after else []
     if args.metrics:
         callbacks.append(RankMetrics(args.metrics))
     try:

@@ -22,6 +22,7 @@ from helpers import finetune as ft
 from helpers.config import DATA_DIR, REPO_ROOT as REPO, TutorialError, resolve_model
 from helpers.evaluation import chinese_share
 from helpers.prompts import IGNORE_INDEX, encode_prompt
+from scripts.train_lora import StopAfterSteps
 
 
 @pytest.fixture(scope="module")
@@ -244,7 +245,7 @@ def small_run(tmp_path_factory, choice):
     settings = dataclasses.replace(ft.settings_for(choice), **SMALL)
     adapter_dir = tmp_path_factory.mktemp("small") / "lora-adapter"
     first = ft.train_adapter(choice, adapter_dir, settings=settings, max_steps=6, limit_rows=16,
-                             callbacks=(ft.stop_after_steps(3),), save=False, verbose=False)
+                             callbacks=(StopAfterSteps(3),), save=False, verbose=False)
     first.adapter_existed = adapter_dir.exists()
     first.checkpoints = sorted(p.name for p in ft.checkpoint_dir_for(adapter_dir).iterdir())
     counter = _CountSteps()
@@ -425,6 +426,20 @@ def test_settings_live_in_one_place(choice, monkeypatch):
 # --------------------------------------------------------------------------- the tiny model's outcome
 
 
+def _answer(model, tokenizer, questions, settings, fmt):
+    """Lesson 05's answer_questions: one user turn per question, left padded, sampling seeded."""
+    torch.manual_seed(settings.seed)
+    answers = []
+    for i in range(0, len(questions), settings.generation_batch_size):
+        prompts = [encode_prompt(tokenizer, [{"role": "user", "content": q}], fmt)
+                   for q in questions[i:i + settings.generation_batch_size]]
+        batch = tokenizer.pad({"input_ids": prompts}, padding_side="left", return_tensors="pt")
+        with torch.no_grad():
+            out = model.generate(**batch, pad_token_id=tokenizer.pad_token_id, **settings.generation)
+        answers += tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+    return [a.strip() for a in answers]
+
+
 def test_lora_turns_the_tiny_models_answers_chinese(choice, tok, tmp_path, monkeypatch):
     """Lesson 05's outcome on the tiny model (asserted here, only printed in the lesson): dev loss
     falls and the Chinese share of the answers to the 72 dev questions goes from under 20% to over 60%."""
@@ -436,17 +451,11 @@ def test_lora_turns_the_tiny_models_answers_chinese(choice, tok, tmp_path, monke
     assert info["dev_loss_last"] < info["dev_loss_first"] - 1.0, info
     questions = [c[0]["content"] for c in ft.validate_sft_file(DATA_DIR / "dev_sft.csv", tok).conversations]
     assert len(questions) == 72
-    kwargs = dict(fmt=choice.chat_format, generation=settings.generation, batch_size=settings.generation_batch_size,
-                  seed=settings.seed)
-    before = ft.answer_questions(AutoModelForCausalLM.from_pretrained(choice.path, dtype=torch.float32), tok, questions, **kwargs)
+    before = _answer(AutoModelForCausalLM.from_pretrained(choice.path, dtype=torch.float32), tok, questions, settings,
+                     choice.chat_format)
     model, tokenizer = ft.load_with_adapter(choice, adapter_dir)
-    after = ft.answer_questions(model, tokenizer, questions, **kwargs)
-    share_before, share_after = ft.mean_chinese_share(before), ft.mean_chinese_share(after)
+    after = _answer(model, tokenizer, questions, settings, choice.chat_format)
+    share_before, share_after = (sum(chinese_share(a) or 0.0 for a in x) / len(x) for x in (before, after))
     assert share_before < 0.2, f"the base tiny model answers in English-like text ({share_before:.0%})"
     assert share_after > 0.6, f"after LoRA the answers are Chinese ({share_before:.0%} -> {share_after:.0%})"
     assert sum((chinese_share(a) or 0) > 0.5 for a in after) > len(after) / 2
-
-
-def test_mean_chinese_share_counts_wordless_answers_as_zero():
-    assert ft.mean_chinese_share(["你好世界", "1000000"]) == 0.5
-    assert ft.mean_chinese_share([]) == 0.0
