@@ -186,7 +186,8 @@ def lora_step(path: Path, tok, device: str, dtype: torch.dtype, seq_len: int) ->
     seconds = time.perf_counter() - start
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     row = {"seq_len": seq_len, "batch": batch, "lora_r": s.lora_r, "target_modules": list(s.target_modules),
-           "gradient_checkpointing": model.is_activation_checkpointing,
+           "gradient_checkpointing": (model.is_activation_checkpointing if hasattr(model, "is_activation_checkpointing")
+                                      else model.is_gradient_checkpointing),  # the name before transformers 5.2x
            "training_mode": model.training, "trainable_params": trainable,
            "step_s": round(seconds, 3), "tokens_per_s": round(batch * seq_len / seconds, 1)}
     if device == "cuda":

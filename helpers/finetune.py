@@ -455,8 +455,11 @@ def training_arguments(settings: TrainSettings, checkpoint_dir: str | Path, *, m
         lr_scheduler_type=s.lr_scheduler_type, warmup_steps=s.warmup_steps, train_sampling_strategy="group_by_length",
         eval_strategy="steps", eval_steps=s.eval_steps, eval_on_start=True, logging_steps=s.logging_steps,
         save_strategy="steps", save_steps=s.save_steps, save_total_limit=s.save_total_limit,
-        activation_checkpointing=gpu and s.gradient_checkpointing, dataloader_pin_memory=gpu, report_to="none",
-        seed=s.seed, disable_tqdm=True, **mixed_precision(s))
+        dataloader_pin_memory=gpu, report_to="none", seed=s.seed, disable_tqdm=True, **mixed_precision(s))
+    # transformers 5.2x renamed gradient_checkpointing to activation_checkpointing; Colab ships 5.15.
+    fields = TrainingArguments.__dataclass_fields__
+    kwargs["activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"] = (
+        gpu and s.gradient_checkpointing)
     return (args_class or TrainingArguments)(**(kwargs | overrides))
 
 
