@@ -91,7 +91,6 @@ class ReplyStream:
             streamer.end()  # flush the text so far and wake the reader
 
     def __iter__(self) -> Iterator[str]:
-        finished = False
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         worker = threading.Thread(target=self._generate, args=(streamer,), name="chat-generate", daemon=True)
         start = time.perf_counter()
@@ -100,10 +99,10 @@ class ReplyStream:
             for chunk in filter(None, streamer):  # the streamer also queues empty strings
                 self.text += chunk
                 yield chunk
-            finished = True
+        except BaseException:  # the reader went away (closed generator, exception in its loop): stop the worker
+            self.stop_event.set()
+            raise
         finally:
-            if not finished:  # the reader went away (closed generator, exception in its loop): stop the worker
-                self.stop_event.set()
             worker.join()
             self.elapsed_s, self.token_count = time.perf_counter() - start, len(self.token_ids)
             if self.error is not None:
@@ -205,9 +204,7 @@ class ChatWidget:
                 return None
             if text is None:
                 self.input.value = ""
-            system = self.system_box.value.strip()
-            messages = ([{"role": "system", "content": system}] if system else []) + self.history
-            messages.append({"role": "user", "content": question})
+            messages = history_to_messages(self.history, question, self.system_box.value)
             self.entries.append(("user", question))
             self._stop.clear()
             self._show(True, "生成中…")
