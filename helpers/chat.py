@@ -76,7 +76,7 @@ class ReplyStream:
         self.messages, self.dropped = truncate_history(tokenizer, messages, room, fmt)  # may raise PromptFormatError
         self.prompt_ids = encode_prompt(tokenizer, self.messages, fmt)
         self.text, self.token_ids, self.token_count, self.elapsed_s = "", [], 0, 0.0
-        self.error, self.finish_reason = None, None
+        self.error, self.finish_reason, self._started = None, None, False
 
     def _generate(self, streamer: TextIteratorStreamer) -> None:  # the worker thread
         try:
@@ -91,6 +91,9 @@ class ReplyStream:
             streamer.end()  # flush the text so far and wake the reader
 
     def __iter__(self) -> Iterator[str]:
+        if self._started:
+            raise RuntimeError("a ReplyStream can be read only once; call stream_reply() again")
+        self._started = True
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         worker = threading.Thread(target=self._generate, args=(streamer,), name="chat-generate", daemon=True)
         start = time.perf_counter()
