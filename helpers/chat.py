@@ -1,15 +1,12 @@
 """Streaming chat (notebooks/04_streaming_chat.ipynb writes out the taught steps): the core and the widget.
 
-Backend contract, for :class:`ChatWidget` (also scripts/gradio_chat.py; lesson 07 plugs in its server)::
+Backend contract of :class:`ChatWidget` (also scripts/gradio_chat.py; lesson 07 plugs in its server)::
 
     backend(messages: list[dict], params: GenerationParams, stop: threading.Event) -> Iterable[str]
 
-* ``messages``: role/content dicts, an optional system message first, the new user question last;
-* the result yields the answer, in order, as text chunks without special tokens (no ``</s>``);
-* once ``stop`` is set it ends soon, without raising; a failure is an exception from the call or the
-  iteration; the caller may close the iterator early (Gradio's Stop), so free resources in ``finally``;
-* optional attributes of the result the widget shows: ``token_count``, ``finish_reason``
-  (``"eos"``, ``"length"``, ``"stop"``) and ``dropped`` (old messages left out of the prompt).
+It yields the answer to ``messages`` (the new user question last) as text chunks without special tokens,
+ends soon once ``stop`` is set, raises on failure and frees resources in ``finally`` (the caller may close
+it early). Optional attributes of the result: ``token_count``, ``finish_reason`` (eos, length, stop), ``dropped``.
 """
 
 from __future__ import annotations
@@ -19,7 +16,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, replace
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterator
 
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
@@ -28,7 +25,6 @@ from helpers.config import TutorialError, bilingual
 from helpers.prompts import SYSTEM_PROMPT_ARTICLE, encode_prompt, truncate_history
 
 UPDATE_INTERVAL_S = 0.05  # the widget re-renders at most this often (one update per token floods the browser)
-Backend = Callable[[list, "GenerationParams", threading.Event], Iterable[str]]
 
 
 @dataclass
@@ -64,10 +60,8 @@ class StopOnEvent(StoppingCriteria):
 class ReplyStream:
     """Lesson 04's streaming loop with its fixes; iterate once for text chunks (notebooks/04_streaming_chat.ipynb).
 
-    Oldest whole turns are dropped to fit the context (``messages``, ``dropped``); an exception in
-    the worker, set-up included, ends the stream and is re-raised in the reader; ``stop_event`` or
-    closing the iterator stops ``generate`` after the current token. Afterwards ``text``,
-    ``token_ids``, ``token_count``, ``elapsed_s`` and ``finish_reason`` (eos, length, stop, error).
+    ``messages`` (what fits the context), ``dropped``; afterwards ``text``, ``token_ids``, ``token_count``,
+    ``elapsed_s`` and ``finish_reason`` (eos, length, stop, error).
     """
 
     def __init__(self, model, tokenizer, messages: list[dict], params: GenerationParams | None = None, *,
@@ -99,7 +93,7 @@ class ReplyStream:
     def __iter__(self) -> Iterator[str]:
         if self._started:
             raise RuntimeError("a ReplyStream can be read only once; call stream_reply() again")
-        self._started, finished = True, False
+        self._started = True
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         worker = threading.Thread(target=self._generate, args=(streamer,), name="chat-generate", daemon=True)
         start = time.perf_counter()
@@ -108,10 +102,10 @@ class ReplyStream:
             for chunk in filter(None, streamer):  # the streamer also queues empty strings
                 self.text += chunk
                 yield chunk
-            finished = True
+        except BaseException:  # the reader went away (closed generator, exception in its loop): stop the worker
+            self.stop_event.set()
+            raise
         finally:
-            if not finished:  # the reader went away (closed generator, exception in its loop): stop the worker
-                self.stop_event.set()
             worker.join()
             self.elapsed_s, self.token_count = time.perf_counter() - start, len(self.token_ids)
             if self.error is not None:
@@ -133,7 +127,7 @@ class ReplyStream:
 stream_reply = ReplyStream  # the name lesson 04 calls: stream_reply(model, tokenizer, messages, params, fmt=...)
 
 
-def local_backend(model, tokenizer, fmt: str = "llama2", **options) -> Backend:
+def local_backend(model, tokenizer, fmt: str = "llama2", **options) -> Callable:
     """The default backend: the local model through :func:`stream_reply` with ``options`` (lesson 04)."""
     def backend(messages: list[dict], params: GenerationParams, stop: threading.Event) -> ReplyStream:
         return stream_reply(model, tokenizer, messages, params, fmt=fmt, stop_event=stop, **options)
@@ -154,12 +148,11 @@ def explain_error(err: BaseException, *, detail: bool = True) -> str:
 class ChatWidget:
     """A streaming chat for JupyterLab / Colab, ipywidgets 7 or 8 (notebooks/04_streaming_chat.ipynb).
 
-    ``ChatWidget(model, tokenizer, fmt)`` uses the local model, ``ChatWidget(backend=fn)`` any backend
-    (module docstring). A background thread reads the answer and only sets widget values, at most
-    every ``update_interval`` s; an error becomes a message and the widget stays usable.
+    ``ChatWidget(model, tokenizer, fmt)`` or ``ChatWidget(backend=fn)`` (module docstring); a background
+    thread sets the widget values at most every ``update_interval`` s; an error becomes a message.
     """
 
-    def __init__(self, model=None, tokenizer=None, fmt: str = "llama2", *, backend: Backend | None = None,
+    def __init__(self, model=None, tokenizer=None, fmt: str = "llama2", *, backend: Callable | None = None,
                  system_prompt: str = SYSTEM_PROMPT_ARTICLE, params: GenerationParams | None = None,
                  update_interval: float = UPDATE_INTERVAL_S):
         import ipywidgets as w
@@ -214,9 +207,7 @@ class ChatWidget:
                 return None
             if text is None:
                 self.input.value = ""
-            system = self.system_box.value.strip()
-            messages = ([{"role": "system", "content": system}] if system else []) + self.history
-            messages.append({"role": "user", "content": question})
+            messages = history_to_messages(self.history, question, self.system_box.value)
             self.entries.append(("user", question))
             self._stop.clear()
             self._show(True, "生成中…")

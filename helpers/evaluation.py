@@ -1,8 +1,4 @@
-"""Chinese evaluation (notebooks/06_evaluation.ipynb writes out each metric and the perplexity loop).
-
-The plumbing around them: question and answer files with clear errors, batched resumable
-generation into JSONL, per-category tables. :func:`chinese_share` also serves lessons 00, 03, 05.
-"""
+"""Chinese evaluation: the plumbing around the metrics notebooks/06_evaluation.ipynb writes out."""
 
 from __future__ import annotations
 
@@ -16,17 +12,14 @@ from pathlib import Path
 import pandas as pd
 
 from helpers.config import DATA_DIR, TutorialError, bilingual
+from helpers.prompts import SYSTEM_PROMPT_ARTICLE, article_prompt, encode_prompt
 
-# --------------------------------------------------------------------------- language metric
-
-# Han ideographs: CJK Unified Ideographs, Extensions A-F and compatibility ideographs.
-HAN_RE = re.compile(
+HAN_RE = re.compile(  # Han ideographs: CJK Unified Ideographs, Extensions A-F and compatibility ideographs
     "[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002a6df\U0002a700-\U0002ebef\U0002f800-\U0002fa1f]"
 )
 LATIN_WORD_RE = re.compile(r"[A-Za-z\u00c0-\u024f]+(?:['’][A-Za-z]+)?")
 CODE_RE = re.compile(r"```.*?(?:```|$)|`[^`\n]*`", re.S)  # fenced blocks (closed or not), inline code
 CHINESE_THRESHOLD, ENGLISH_THRESHOLD = 0.8, 0.2
-LANG_CHINESE, LANG_MIXED, LANG_ENGLISH, LANG_NONE = "zh", "mixed", "en", "none"
 # Questions whose right answer is English; they are left out of the Chinese-answer rate.
 TASK_TRANSLATE_TO_EN = "translate_to_en"
 TRANSLATE_TO_EN_RE = re.compile(r"(翻译|译)(成|为|到)?(英文|英语)|用英(文|语)(回答|写)|translate\b.*\b(in)?to\s+english", re.I | re.S)
@@ -40,18 +33,14 @@ def chinese_share(text: str) -> float | None:
 
 
 def answer_language(text: str) -> dict:
-    """``share``, ``label`` (zh from 0.8, mixed from 0.2, en, none) and ``starts_zh`` (first word outside
-    code is Chinese; many Llama-2 answers start "Sure!") of one answer (notebooks/06_evaluation.ipynb)."""
+    """``share``, ``label`` (zh from 0.8, mixed from 0.2, en, none), ``starts_zh`` of an answer (lesson 06)."""
     share = chinese_share(text)
-    label = LANG_NONE if share is None else LANG_CHINESE if share >= CHINESE_THRESHOLD else (
-        LANG_MIXED if share >= ENGLISH_THRESHOLD else LANG_ENGLISH)
+    label = "none" if share is None else "zh" if share >= CHINESE_THRESHOLD else (
+        "mixed" if share >= ENGLISH_THRESHOLD else "en")
     first = re.search(f"{HAN_RE.pattern}|{LATIN_WORD_RE.pattern}", CODE_RE.sub(" ", text or ""))
     return {"share": share, "label": label, "starts_zh": bool(first and HAN_RE.match(first.group()))}
 
 
-# --------------------------------------------------------------------------- question files
-
-DEFAULT_QUESTIONS = DATA_DIR / "eval_questions.json"
 # The article's categories (AtomBulb's first-level classes), in the article's order.
 CATEGORIES = ("通用知识", "语言理解", "创作能力", "逻辑推理", "代码编程", "工作技能", "使用工具", "人格特征")
 REQUIRED_FIELDS = ("qid", "question", "first_level_class", "second_level_class")
@@ -76,13 +65,8 @@ def _read_text(path: Path, what: tuple[str, str]) -> str:
 
 
 def load_questions(path: str | Path | None = None) -> list[dict]:
-    """The questions of ``path`` (default ``data/eval_questions.json``), checked (notebooks/06_evaluation.ipynb).
-
-    AtomBulb's question files (a JSON list of ``qid``, ``question``, ``first_level_class``,
-    ``second_level_class``) load unchanged; ``reference`` and ``task`` are optional (a question
-    asking for English gets ``"translate_to_en"``). Malformed files raise :class:`EvalDataError`.
-    """
-    path = Path(path) if path is not None else DEFAULT_QUESTIONS
+    """The checked questions of ``path`` (default data/eval_questions.json; AtomBulb's load unchanged), lesson 06."""
+    path = Path(path) if path is not None else DATA_DIR / "eval_questions.json"
     try:
         data = json.loads(_read_text(path, ("问题", "question")))
     except json.JSONDecodeError as err:
@@ -115,21 +99,13 @@ def load_questions(path: str | Path | None = None) -> list[dict]:
     return questions
 
 
-# --------------------------------------------------------------------------- generation
-
 def question_messages(question: str, system_prompt: str | None) -> list[dict]:
-    """The conversation one evaluation question becomes: [system prompt,] user question."""
+    """The conversation one question becomes: [system prompt,] user question (notebooks/06_evaluation.ipynb)."""
     return ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [{"role": "user", "content": question}]
 
 
 def prompt_ids(tokenizer, question: str, layout: str, system_prompt: str | None) -> list[int]:
-    """Token ids of one question's prompt, as notebooks/06_evaluation.ipynb builds them.
-
-    ``"article"``: :func:`helpers.prompts.article_prompt` tokenized with its BOS; a chat format
-    (``"llama2"``, the standard template): :func:`helpers.prompts.encode_prompt`.
-    """
-    from helpers.prompts import SYSTEM_PROMPT_ARTICLE, article_prompt, encode_prompt
-
+    """Token ids of one question's prompt: the article's layout or a chat format (notebooks/06_evaluation.ipynb)."""
     if layout == "article":
         return tokenizer(article_prompt(question, system_prompt or SYSTEM_PROMPT_ARTICLE), add_special_tokens=True)["input_ids"]
     return encode_prompt(tokenizer, question_messages(question, system_prompt), layout)
@@ -141,8 +117,7 @@ def run_id(settings: dict) -> str:
 
 
 def read_answers(path: str | Path, *, drop_cut_line: bool = False) -> list[dict]:
-    """The records of an answers JSONL file. A last line cut off by a kill or a full disk (undecodable
-    or unparsable) is left out with a warning (removed with ``drop_cut_line``); a broken line elsewhere raises."""
+    """The records of an answers JSONL file; a cut last line is skipped with a warning, or removed (lesson 06)."""
     path = Path(path)
     lines, records = path.read_bytes().split(b"\n") if path.exists() else [], []
     for n, line in enumerate(lines, 1):
@@ -168,12 +143,9 @@ def read_answers(path: str | Path, *, drop_cut_line: bool = False) -> list[dict]
 
 def generate_answers(model, tokenizer, questions: list[dict], answers_path: str | Path, settings: dict, *,
                      batch_size: int = 8, progress: bool = True) -> list[dict]:
-    """Answer ``questions`` in batches, appending each batch to a JSONL file; resumable.
+    """Answer ``questions`` in batches appended to a JSONL file; resumable (notebooks/06_evaluation.ipynb).
 
-    Introduced in notebooks/06_evaluation.ipynb, which writes one left-padded batch out by hand.
-    ``settings``: ``layout`` (:func:`prompt_ids`), ``system_prompt``, ``generate`` (its arguments),
-    optional ``seed`` (set before each batch), and what else names the run (model, adapter, dtype).
-    Questions answered with the same settings are skipped; the file is only ever appended to.
+    ``settings``: ``layout``, ``system_prompt``, ``generate`` (its arguments), optional ``seed``, what names the run.
     """
     import torch
     from tqdm.auto import tqdm
@@ -208,14 +180,8 @@ def generate_answers(model, tokenizer, questions: list[dict], answers_path: str 
     return [done[q["qid"]] for q in questions]
 
 
-# --------------------------------------------------------------------------- quality metrics
-
-
 def rouge_l(hypothesis: str, reference: str) -> float:
-    """ROUGE-L F1 on jieba words, punctuation left out (rouge-chinese); 0.0 when a side has no words.
-
-    Worked through by hand in notebooks/06_evaluation.ipynb.
-    """
+    """ROUGE-L F1 on jieba words without punctuation, 0.0 without words (by hand in notebooks/06_evaluation.ipynb)."""
     import jieba
     from rouge_chinese import Rouge
 
@@ -225,7 +191,7 @@ def rouge_l(hypothesis: str, reference: str) -> float:
 
 
 def bleu(hypotheses: list[str], references: list[str]) -> float:
-    """Corpus BLEU (0-100), sacrebleu's ``zh`` tokenizer; NaN without pairs."""
+    """Corpus BLEU (0-100), sacrebleu's ``zh`` tokenizer; NaN without pairs (notebooks/06_evaluation.ipynb)."""
     import sacrebleu
 
     if not hypotheses:
@@ -233,20 +199,13 @@ def bleu(hypotheses: list[str], references: list[str]) -> float:
     return float(sacrebleu.corpus_bleu([h or "" for h in hypotheses], [[r or "" for r in references]], tokenize="zh").score)
 
 
-# --------------------------------------------------------------------------- tables
-
 COL_COUNT, COL_ZH, COL_MIXED, COL_EN, COL_NONE = "题数", "中文回答率", "中英混合率", "英文回答率", "无文字率"
 COL_STARTS, COL_ROUGE, COL_BLEU = "以中文开头率", "ROUGE-L", "BLEU"
 OVERALL, UNCATEGORIZED = "全部", "未分类"
-# For charts on machines without a Chinese font (Colab has none by default).
-CATEGORY_EN = dict(zip(CATEGORIES + (OVERALL, UNCATEGORIZED), (
-    "General knowledge", "Language understanding", "Creative writing", "Logical reasoning", "Coding",
-    "Work skills", "Tool use", "Personality", "Overall", "Uncategorized")))
 
 
 def score_answers(records: list[dict], questions: list[dict]):
-    """One row per question: its fields, ``answer``, ``chinese_share``, ``language``, ``starts_zh``, ``counted``
-    (False for translations into English, left out of the Chinese-answer rate) and ``rouge_l`` (lesson 06)."""
+    """One row per question: its fields, answer, chinese_share, language, starts_zh, counted, rouge_l (lesson 06)."""
     by_qid = {r["qid"]: r.get("answer") or "" for r in records}
     rows = []
     for q in questions:
@@ -261,25 +220,19 @@ def score_answers(records: list[dict], questions: list[dict]):
 
 def _summary_row(group) -> pd.Series:
     counted, refs = group[group["counted"]], group[group["reference"].notna()]
-    rate = (lambda mask: float(mask.mean())) if len(counted) else (lambda mask: float("nan"))
-    return pd.Series({COL_COUNT: len(group), COL_ZH: rate(counted["language"] == LANG_CHINESE),
-            COL_MIXED: rate(counted["language"] == LANG_MIXED), COL_EN: rate(counted["language"] == LANG_ENGLISH),
-            COL_NONE: rate(counted["language"] == LANG_NONE), COL_STARTS: rate(counted["starts_zh"].astype(bool)),
-            COL_ROUGE: float(refs["rouge_l"].mean()) if len(refs) else float("nan"),
-            COL_BLEU: bleu(list(refs["answer"]), list(refs["reference"]))})
+    language = counted["language"]  # the mean of no rows is NaN: a category with nothing counted
+    return pd.Series({COL_COUNT: len(group), COL_ZH: (language == "zh").mean(),
+                      COL_MIXED: (language == "mixed").mean(), COL_EN: (language == "en").mean(),
+                      COL_NONE: (language == "none").mean(), COL_STARTS: counted["starts_zh"].astype(bool).mean(),
+                      COL_ROUGE: refs["rouge_l"].mean(), COL_BLEU: bleu(list(refs["answer"]), list(refs["reference"]))})
 
 
 def summarize(scored):
-    """Per-category table of :func:`score_answers` output plus a row ``全部`` (notebooks/06_evaluation.ipynb).
-
-    Language rates count the ``counted`` questions; ROUGE-L (mean) and corpus BLEU those with a reference.
-    """
+    """Per-category table of :func:`score_answers` output plus a row ``全部`` (notebooks/06_evaluation.ipynb)."""
     rows = {cat: _summary_row(group) for cat, group in scored.groupby("first_level_class", sort=False)}
     table = pd.DataFrame([*rows.values(), _summary_row(scored)], index=[*rows, OVERALL]).rename_axis("类别")
     return table.astype({COL_COUNT: int})
 
-
-# --------------------------------------------------------------------------- published answers
 
 COLUMN_ALIASES = {  # lower-cased column name -> role; FlagAlpha's tables use 一级分类 | 二级分类 | 问题 | 答案
     "question": "question", "prompt": "question", "instruction": "question", "问题": "question",
@@ -290,10 +243,7 @@ COLUMN_ALIASES = {  # lower-cased column name -> role; FlagAlpha's tables use �
 
 
 def read_published_answers(path: str | Path):
-    """(question, answer[, category...]) rows of a CSV or markdown-table file (notebooks/06_evaluation.ipynb).
-
-    FlagAlpha's ``meta_eval_7B.md`` is read as it is: literal ``\\n`` become newlines, the final ``</s>`` goes.
-    """
+    """(question, answer[, category...]) rows of a CSV or FlagAlpha's markdown table (notebooks/06_evaluation.ipynb)."""
     path = Path(path)
     if path.suffix.lower() not in (".csv", ".md"):
         _fail(f"不支持的文件类型 {path.suffix!r}：请用 .csv 或 .md。", f"Unsupported file type {path.suffix!r}: use .csv or .md.")
@@ -303,6 +253,7 @@ def read_published_answers(path: str | Path):
         header = [c.strip() for c in rows[0].split("|")] if rows else []
         frame = pd.DataFrame([dict(zip(header, (c.strip() for c in r.split(" | ", len(header) - 1))))
                               for r in rows[1:] if not re.fullmatch(r"[\s|:-]*", r)])  # skips the | --- | line
+        frame = frame.replace({r"\\n": "\n", r'\\"': '"', r"\\t": "\t"}, regex=True)  # FlagAlpha's escapes
     else:
         frame = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig") if text.strip() else pd.DataFrame()
     frame = frame.rename(columns=lambda c: COLUMN_ALIASES.get(str(c).strip().lower(), c))
@@ -311,19 +262,12 @@ def read_published_answers(path: str | Path):
         _fail(f"{path} 需要一张含“问题”和“回答”两列的表（例如 question 和 answer）。找到的列：{columns}。",
               f"{path} needs a table with a question and an answer column (e.g. question and answer). Columns found: {columns}.")
     frame = frame.loc[:, ~frame.columns.duplicated()].fillna("").astype(str)
-    if path.suffix.lower() == ".md":
-        unescape = lambda s: s.replace("\\n", "\n").replace('\\"', '"').replace("\\t", "\t")  # noqa: E731
-        frame["question"] = frame["question"].map(unescape)
-        frame["answer"] = frame["answer"].map(unescape).str.replace(r'\s*</s>"?\s*$', "", regex=True)
+    frame["answer"] = frame["answer"].str.replace(r'\s*</s>"?\s*$', "", regex=True)  # FlagAlpha's answers end in </s>"
     return frame.reset_index(drop=True)
 
 
 def score_published_answers(path: str | Path):
-    """The per-category table (:func:`summarize`) of any model's published answers (notebooks/06_evaluation.ipynb).
-
-    Categories come from the file (``category``, ``一级分类``...), else ``未分类``; translations into
-    English are recognised from the question and left out of the Chinese-answer rate.
-    """
+    """The per-category table (:func:`summarize`) of any model's published answers (notebooks/06_evaluation.ipynb)."""
     rows = read_published_answers(path).to_dict(orient="records")
     questions = [{"qid": i, "question": r["question"], "reference": None, "first_level_class": r.get("first_level_class"),
                   "task": TASK_TRANSLATE_TO_EN if TRANSLATE_TO_EN_RE.search(r["question"]) else None} for i, r in enumerate(rows)]
