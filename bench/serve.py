@@ -41,16 +41,18 @@ def main() -> None:
     os.environ.setdefault("LLAMA_TUTORIAL_MODEL", "tiny")
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from helpers.config import resolve_model
-    from helpers.evaluation import generate_batch, load_questions, question_messages, use_left_padding
+    import torch
+
+    from helpers.evaluation import load_questions, prompt_ids
     from helpers.loading import load_model_and_tokenizer
-    from helpers.prompts import SYSTEM_PROMPT_ARTICLE, encode_prompt
+    from helpers.prompts import SYSTEM_PROMPT_ARTICLE
     from helpers.serve import start_server
 
     choice = resolve_model(verbose=False)
     model, tokenizer = load_model_and_tokenizer(choice)
-    use_left_padding(tokenizer)
-    prompts = [encode_prompt(tokenizer, question_messages(q["question"], SYSTEM_PROMPT_ARTICLE), choice.chat_format)
-               for q in load_questions()]
+    tokenizer.padding_side, tokenizer.pad_token = "left", tokenizer.unk_token  # as lesson 06 batches
+    # Lesson 06's default prompts: the article's layout and system prompt.
+    prompts = [prompt_ids(tokenizer, q["question"], "article", SYSTEM_PROMPT_ARTICLE) for q in load_questions()]
     n = args.max_new_tokens
     generation = {"max_new_tokens": n, "min_new_tokens": n, "do_sample": False, "repetition_penalty": 1.2}
 
@@ -68,17 +70,20 @@ def main() -> None:
         with ThreadPoolExecutor(concurrency) as pool:
             return sum(pool.map(ask, prompts))
 
+    def generate(chunk, **kwargs):
+        batch = tokenizer.pad({"input_ids": chunk}, padding=True, return_tensors="pt")
+        with torch.no_grad():
+            out = model.generate(**batch, pad_token_id=tokenizer.pad_token_id, **kwargs)
+        return (out.shape[1] - batch["input_ids"].shape[1]) * out.shape[0]
+
     def batched(size):
-        results = []
-        for i in range(0, len(prompts), size):
-            results += generate_batch(model, tokenizer, prompts[i : i + size], **generation)
-        return sum(r["new_tokens"] for r in results)
+        return sum(generate(prompts[i : i + size], **generation) for i in range(0, len(prompts), size))
 
     modes = {f"server c={c}": (lambda c=c: served(c)) for c in args.concurrency}
     modes[f"generate batch {args.batch_size} (lesson 06)"] = lambda: batched(args.batch_size)
     modes["generate one at a time"] = lambda: batched(1)
     ask(prompts[0])
-    generate_batch(model, tokenizer, prompts[: args.batch_size], **{**generation, "max_new_tokens": 4, "min_new_tokens": 4})
+    generate(prompts[: args.batch_size], **{**generation, "max_new_tokens": 4, "min_new_tokens": 4})
     times: dict[str, list[float]] = {name: [] for name in modes}
     tokens: dict[str, int] = {}
     try:

@@ -105,7 +105,7 @@ def test_missing_serving_env_says_make_serve_env(monkeypatch, tmp_path):
 
 
 def test_missing_model_folder(tmp_path):
-    with pytest.raises(TutorialError, match="not a local folder"):
+    with pytest.raises(TutorialError, match="no model folder with config.json"):
         start_server(str(tmp_path / "no-model"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(TutorialError, match="has no config.json"):
