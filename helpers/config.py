@@ -177,11 +177,13 @@ def _local_folder(spec: str) -> Path | None:
     if not (looks_like_path or any(c.exists() or (nested and c.parent.is_dir()) for c in candidates)):
         return None
     where = ", ".join(str(c) for c in candidates)
+    found = any(c.is_dir() for c in candidates)
     raise TutorialError(bilingual(
-        f"{ENV_MODEL}={spec!r} 看起来是路径，但那里没有含 config.json 的模型文件夹（找过：{where}）。"
-        "请给出模型文件夹（第 01 课会打印它的路径）；路径不会被当作 Hub 仓库名。",
-        f"{ENV_MODEL}={spec!r} looks like a path, but there is no model folder with config.json (looked at: "
-        f"{where}). Point it at a model folder (lesson 01 prints its path); a path is never taken as a Hub repo id.",
+        f"{ENV_MODEL}={spec!r} 看起来是路径，但那里没有含 config.json 的模型文件夹（{'文件夹里没有 config.json' if found else '不是本地文件夹'}；"
+        f"找过：{where}）。请给出模型文件夹（第 01 课会打印它的路径）；路径不会被当作 Hub 仓库名。",
+        f"{ENV_MODEL}={spec!r} looks like a path, but there is no model folder with config.json (it "
+        f"{'has no config.json' if found else 'is not a local folder'}; looked at: {where}). Point it at a model "
+        "folder (lesson 01 prints its path); a path is never taken as a Hub repo id.",
     ))
 
 
@@ -191,11 +193,10 @@ def environment_report() -> dict:
     from importlib.metadata import version
 
     import torch
-    import transformers
 
     from helpers.loading import check_bitsandbytes, pick_dtype
 
-    report = {"torch": torch.__version__, "transformers": transformers.__version__,
+    report = {"torch": torch.__version__, "transformers": version("transformers"),
               "CUDA": torch.version.cuda or "无（CPU 版 torch）", "GPU": "无"}
     if torch.cuda.is_available():
         free, total = torch.cuda.mem_get_info()

@@ -43,9 +43,8 @@ def pick_device() -> str:
 
 
 def pick_dtype(device: str | None = None) -> torch.dtype:
-    """bf16 on GPUs of compute capability >= 8.0 (A100, L4), fp16 on older ones such as the T4
-    (7.5), fp32 on the CPU (notebooks/02_loading_quantized.ipynb). Not ``is_bf16_supported()``,
-    which counts emulated bf16 and says True on a T4."""
+    """bf16 on GPUs of compute capability >= 8.0, fp16 on older ones such as the T4 (7.5), fp32 on the CPU
+    (notebooks/02_loading_quantized.ipynb; not ``is_bf16_supported()``, which says True on a T4)."""
     if (device or pick_device()) != "cuda":
         return torch.float32
     major, _minor = torch.cuda.get_device_capability(0)
