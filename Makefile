@@ -128,4 +128,4 @@ $(SERVE_STAMP): | $(UV)
 
 # Start a vLLM server with the selected model (LLAMA_TUTORIAL_MODEL), Ctrl-C stops it.
 serve: setup
-	$(PY) -m helpers.serve $(SERVE_PORT)
+	$(PY) scripts/serve.py $(SERVE_PORT)

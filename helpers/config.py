@@ -1,9 +1,4 @@
-"""Which model the lessons run, and where the series keeps its files (notebooks/00_overview.ipynb).
-
-``LLAMA_TUTORIAL_MODEL`` takes ``auto`` (default: Llama-2-7b-chat when a CUDA GPU with enough free
-memory is present and the weights are reachable, else ``tiny``), a profile name from
-:data:`PROFILES`, a Hub repo id (``owner/name``) or a local model folder.
-"""
+"""Which model the lessons run, and where the series keeps its files (notebooks/00_overview.ipynb)."""
 
 from __future__ import annotations
 
@@ -36,15 +31,12 @@ class Profile:
     name: str
     repo_id: str | None
     chat_format: str = "llama2"
-    modelscope_id: str | None = None
 
 
 PROFILES: dict[str, Profile] = {
     "tiny": Profile("tiny", None),
-    "llama2-7b-chat": Profile("llama2-7b-chat", "meta-llama/Llama-2-7b-chat-hf",
-                              modelscope_id="modelscope/Llama-2-7b-chat-ms"),
-    "llama2-13b-chat": Profile("llama2-13b-chat", "meta-llama/Llama-2-13b-chat-hf",
-                               modelscope_id="modelscope/Llama-2-13b-chat-ms"),
+    "llama2-7b-chat": Profile("llama2-7b-chat", "meta-llama/Llama-2-7b-chat-hf"),
+    "llama2-13b-chat": Profile("llama2-13b-chat", "meta-llama/Llama-2-13b-chat-hf"),
     "chinese-7b-chat": Profile("chinese-7b-chat", "FlagAlpha/Llama2-Chinese-7b-Chat", "human_assistant"),
     "chinese-13b-chat": Profile("chinese-13b-chat", "FlagAlpha/Llama2-Chinese-13b-Chat", "human_assistant"),
 }
@@ -83,9 +75,6 @@ class ModelChoice:
     def chat_format(self) -> str:
         return self.profile.chat_format if self.profile else "llama2"
 
-    def __str__(self) -> str:
-        return f"模型 / model: {self.name} ({self.path}) — {self.reason}"
-
 
 def _local_weights(profile: Profile) -> tuple[Path | None, list[str]]:
     """A complete copy of the profile's weights (lesson 01's folder, the Hub cache), or what it lacks."""
@@ -113,21 +102,20 @@ def _cuda_free_gb() -> tuple[str, float] | None:
 
 
 def _hub_reachable(repo_id: str) -> bool:
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in {"1", "true", "yes", "on"}:
-        return False
     from huggingface_hub import auth_check
 
     try:
-        auth_check(repo_id)  # gated repos need a token and Meta's approval
+        auth_check(repo_id)  # gated repos need a token and Meta's approval; HF_HUB_OFFLINE=1 raises at once
     except Exception:
         return False
     return True
 
 
 def resolve_model(spec: str | None = None, *, verbose: bool = True) -> ModelChoice:
-    """Turn ``spec`` (default: ``$LLAMA_TUTORIAL_MODEL`` or ``auto``) into a :class:`ModelChoice`,
-    printing one Chinese line on which model runs and why (an unfinished download is named there).
-    Raises :class:`TutorialError` for an unknown name or a path that is no model folder."""
+    """Turn ``spec`` (default: ``$LLAMA_TUTORIAL_MODEL`` or ``auto``) into a :class:`ModelChoice` and print
+    which model runs and why. ``auto`` takes Llama-2-7b-chat when a CUDA GPU with enough free memory is
+    present and the weights are reachable, else ``tiny``; a profile name, a Hub repo id (``owner/name``)
+    or a local model folder name one. Raises :class:`TutorialError` for anything else."""
     choice = _resolve((spec if spec is not None else os.environ.get(ENV_MODEL, "auto")).strip() or "auto")
     if verbose:
         print(f"将运行的模型：{choice.name}（{choice.reason}）")
@@ -177,10 +165,8 @@ def _resolve(spec: str) -> ModelChoice:
 
 
 def _local_folder(spec: str) -> Path | None:
-    """The model folder ``spec`` names (relative: from the repository root, then the current
-    directory); None when it does not look like a path. A spec that looks like one (starts with
-    . / ~, has a backslash or two slashes, names something that exists, or its first part is a
-    local folder such as outputs/) but holds no config.json is refused, never sent to the Hub."""
+    """The model folder ``spec`` names (relative: from the repository root, then the current directory);
+    None when it does not look like a path. A path without config.json is refused, never sent to the Hub."""
     path = Path(spec).expanduser()
     candidates = list(dict.fromkeys([path] if path.is_absolute() else [REPO_ROOT / path, Path.cwd() / path]))
     for candidate in candidates:
@@ -191,11 +177,13 @@ def _local_folder(spec: str) -> Path | None:
     if not (looks_like_path or any(c.exists() or (nested and c.parent.is_dir()) for c in candidates)):
         return None
     where = ", ".join(str(c) for c in candidates)
+    found = any(c.is_dir() for c in candidates)
     raise TutorialError(bilingual(
-        f"{ENV_MODEL}={spec!r} 看起来是路径，但那里没有含 config.json 的模型文件夹（找过：{where}）。"
-        "请给出模型文件夹（第 01 课会打印它的路径）；路径不会被当作 Hub 仓库名。",
-        f"{ENV_MODEL}={spec!r} looks like a path, but there is no model folder with config.json (looked at: "
-        f"{where}). Point it at a model folder (lesson 01 prints its path); a path is never taken as a Hub repo id.",
+        f"{ENV_MODEL}={spec!r} 看起来是路径，但那里没有含 config.json 的模型文件夹（{'文件夹里没有 config.json' if found else '不是本地文件夹'}；"
+        f"找过：{where}）。请给出模型文件夹（第 01 课会打印它的路径）；路径不会被当作 Hub 仓库名。",
+        f"{ENV_MODEL}={spec!r} looks like a path, but there is no model folder with config.json (it "
+        f"{'has no config.json' if found else 'is not a local folder'}; looked at: {where}). Point it at a model "
+        "folder (lesson 01 prints its path); a path is never taken as a Hub repo id.",
     ))
 
 
@@ -205,11 +193,10 @@ def environment_report() -> dict:
     from importlib.metadata import version
 
     import torch
-    import transformers
 
     from helpers.loading import check_bitsandbytes, pick_dtype
 
-    report = {"torch": torch.__version__, "transformers": transformers.__version__,
+    report = {"torch": torch.__version__, "transformers": version("transformers"),
               "CUDA": torch.version.cuda or "无（CPU 版 torch）", "GPU": "无"}
     if torch.cuda.is_available():
         free, total = torch.cuda.mem_get_info()

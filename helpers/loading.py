@@ -1,9 +1,5 @@
-"""Loading Llama-2 on the device at hand, and what each mode costs (notebooks/02_loading_quantized.ipynb).
-
-The lesson writes ``BitsAndBytesConfig`` and ``from_pretrained`` out inline; this module holds the
-plumbing: device, dtype and attention choice, the checks before any weight is read, the course's
-one memory estimator (:func:`estimate_memory`), and :func:`load_model_and_tokenizer` for lessons 00, 03-06.
-"""
+"""Loading Llama-2 on the device at hand, and what each mode costs (notebooks/02_loading_quantized.ipynb
+writes ``BitsAndBytesConfig`` and ``from_pretrained`` out inline; this module holds the plumbing)."""
 
 from __future__ import annotations
 
@@ -47,9 +43,8 @@ def pick_device() -> str:
 
 
 def pick_dtype(device: str | None = None) -> torch.dtype:
-    """bf16 on GPUs of compute capability >= 8.0 (A100, L4), fp16 on older ones such as the T4
-    (7.5), fp32 on the CPU (notebooks/02_loading_quantized.ipynb). Not ``is_bf16_supported()``,
-    which counts emulated bf16 and says True on a T4."""
+    """bf16 on GPUs of compute capability >= 8.0, fp16 on older ones such as the T4 (7.5), fp32 on the CPU
+    (notebooks/02_loading_quantized.ipynb; not ``is_bf16_supported()``, which says True on a T4)."""
     if (device or pick_device()) != "cuda":
         return torch.float32
     major, _minor = torch.cuda.get_device_capability(0)
@@ -124,9 +119,8 @@ def check_bitsandbytes(device: str | None = None) -> str:
 
 
 def count_parameters(config) -> dict[str, int]:
-    """A config's parameters, counted on a model built on the meta device (shapes only, no memory):
-    ``quantizable`` (the decoder layers' nn.Linear weights, which 8/4-bit loading quantizes),
-    ``kept`` (embeddings, lm_head, norms) and ``total`` (notebooks/02_loading_quantized.ipynb)."""
+    """A config's parameters, counted on the meta device: ``quantizable`` (the decoder layers' nn.Linear
+    weights), ``kept`` (embeddings, lm_head, norms) and ``total`` (notebooks/02_loading_quantized.ipynb)."""
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
@@ -156,35 +150,26 @@ class MemoryEstimate:
 
 def estimate_memory(config, mode: str, dtype: torch.dtype | None = None, *, batch: int = 1,
                     context_tokens: int | None = None) -> MemoryEstimate:
-    """The memory ``mode`` ("full", "8bit", "4bit") needs for ``config`` in compute ``dtype``
-    (default :func:`pick_dtype`); KV cache for ``context_tokens`` (default min(2048, the maximum))::
-
-        weights     = quantizable x bytes per weight (fp32 4, fp16/bf16 2, 8-bit 1 (its per-row
-                      scales, < 0.1 %, left out), 4-bit nf4 0.5 + 4/64 per block scale) + kept x dtype bytes
-        kv_cache    = 2 (K and V) x layers x kv_heads x head_dim x batch x context x dtype bytes
-        activations = batch x context x (4 x hidden + 3 x intermediate) x dtype bytes
-        total       = (weights + kv_cache + activations) x 1.05   (allocator, temporary buffers)
-    The course's one memory estimator (notebooks/02_loading_quantized.ipynb; lesson 00 quotes it)."""
+    """The memory ``mode`` ("full", "8bit", "4bit") needs for a Llama ``config`` in compute ``dtype``
+    (default :func:`pick_dtype`), KV cache for ``context_tokens`` (default min(2048, the maximum)). The
+    course's one memory estimator: notebooks/02_loading_quantized.ipynb derives its formula."""
     dtype = dtype or pick_dtype()
     label = mode_label(mode, dtype)
     nbytes = torch.finfo(dtype).bits // 8
     if context_tokens is None:
-        context_tokens = min(DEFAULT_CONTEXT_TOKENS, getattr(config, "max_position_embeddings", DEFAULT_CONTEXT_TOKENS))
+        context_tokens = min(DEFAULT_CONTEXT_TOKENS, config.max_position_embeddings)
     count = count_parameters(config)
     weights = int(count["quantizable"] * QUANT_BYTES_PER_WEIGHT.get(mode, nbytes) + count["kept"] * nbytes)
-    heads = config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    kv = 2 * config.num_hidden_layers * kv_heads * head_dim * batch * context_tokens * nbytes
+    kv_bytes_per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * nbytes
+    kv = kv_bytes_per_token * batch * context_tokens
     act = batch * context_tokens * (4 * config.hidden_size + 3 * config.intermediate_size) * nbytes
     return MemoryEstimate(mode, label, count["total"], weights, kv, act, batch, context_tokens)
 
 
 def check_fits(config, mode: str, dtype: torch.dtype | None = None, *, budget_bytes: int | None = None,
                device: str | None = None, batch: int = 1, context_tokens: int | None = None) -> MemoryEstimate:
-    """Refuse, before loading, a mode that will not fit (:class:`ModelTooLargeError`, naming the
-    options); return its estimate when it does. ``budget_bytes`` defaults to
-    the free GPU memory or available RAM. Introduced in notebooks/02_loading_quantized.ipynb."""
+    """Refuse, before loading, a mode that will not fit ``budget_bytes`` (default: free GPU memory or available
+    RAM) with a :class:`ModelTooLargeError` naming the options; else return the estimate (lesson 02)."""
     device = device or pick_device()
     dtype = dtype or pick_dtype(device)
     est = estimate_memory(config, mode, dtype, batch=batch, context_tokens=context_tokens)
@@ -215,10 +200,8 @@ def check_fits(config, mode: str, dtype: torch.dtype | None = None, *, budget_by
 
 
 def missing_weights(folder: str | os.PathLike) -> list[str]:
-    """What a local model folder lacks (``[]``: complete): ``config.json`` plus lesson 01's
-    ``DOWNLOAD_MARKER`` with every listed file at its size, or else every shard that
-    ``model.safetensors.index.json`` names (or one ``model.safetensors``) readable by safetensors.
-    Introduced in notebooks/02_loading_quantized.ipynb; ``resolve_model`` uses it too."""
+    """What a local model folder lacks (``[]``: complete): ``config.json``, then the files lesson 01's
+    ``DOWNLOAD_MARKER`` lists at their sizes, or else every shard readable by safetensors (lesson 02)."""
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         return ["config.json"]
@@ -246,26 +229,21 @@ def missing_weights(folder: str | os.PathLike) -> list[str]:
     return problems
 
 
-def missing_message(folder: str | os.PathLike, missing: list[str]) -> str:
-    """The bilingual message for what :func:`missing_weights` found."""
-    shown = "; ".join(missing[:5]) + (f" …（共 {len(missing)} 项 / {len(missing)} in all）" if len(missing) > 5 else "")
-    return bilingual(
-        f"{folder} 不是完整的模型文件夹，缺少或不完整：{shown}。第 01 课的下载可以续传：重新运行它的下载单元格即可补齐。",
-        f"{folder} is not a complete model folder; missing or incomplete: {shown}. Lesson 01's download "
-        "resumes: run its download cell again to fetch what is missing.",
-    )
-
-
 def preflight_check(path: str | os.PathLike, mode: str = "full", *, dtype: torch.dtype | None = None,
-                    device: str | None = None, budget_bytes: int | None = None, batch: int = 1,
-                    context_tokens: int | None = None) -> MemoryEstimate:
+                    device: str | None = None, budget_bytes: int | None = None) -> MemoryEstimate:
     """Every check before a weight is read, cheapest first: a local folder is complete, its config is
     Llama's, bitsandbytes runs, the mode fits; returns the estimate (notebooks/02_loading_quantized.ipynb)."""
     from transformers import AutoConfig
 
     device, folder = device or pick_device(), Path(path).expanduser()
     if folder.is_dir() and (missing := missing_weights(folder)):
-        raise TutorialError(missing_message(folder, missing))
+        shown = "; ".join(missing[:5])
+        if len(missing) > 5:
+            shown += f" …（共 {len(missing)} 项 / {len(missing)} in all）"
+        raise TutorialError(bilingual(
+            f"{folder} 不是完整的模型文件夹，缺少或不完整：{shown}。第 01 课的下载可以续传：重新运行它的下载单元格即可补齐。",
+            f"{folder} is not a complete model folder; missing or incomplete: {shown}. Lesson 01's download "
+            "resumes: run its download cell again to fetch what is missing."))
     try:
         config = AutoConfig.from_pretrained(str(path), trust_remote_code=False)
     except (OSError, ValueError) as err:
@@ -282,8 +260,7 @@ def preflight_check(path: str | os.PathLike, mode: str = "full", *, dtype: torch
         ))
     if mode != "full":
         check_bitsandbytes(device)
-    return check_fits(config, mode, dtype, budget_bytes=budget_bytes, device=device, batch=batch,
-                      context_tokens=context_tokens)
+    return check_fits(config, mode, dtype, budget_bytes=budget_bytes, device=device)
 
 
 def memory_footprint(model) -> int:
@@ -307,20 +284,17 @@ def free_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def load_model_and_tokenizer(choice, quantization: str | None = None, *, check: bool = True,
-                             budget_bytes: int | None = None):
-    """Load ``choice`` (a ``ModelChoice``) the way notebooks/02_loading_quantized.ipynb does, for
-    lessons 00 and 03-06. ``quantization``: "full", "8bit", "4bit" or None (a Llama-2 model on a GPU
-    then loads in 8-bit, as the article does). :func:`preflight_check` runs first unless
-    ``check=False``; remote code never runs (``trust_remote_code=False``)."""
+def load_model_and_tokenizer(choice, quantization: str | None = None, *, budget_bytes: int | None = None):
+    """Load ``choice`` (a ``ModelChoice``) the way notebooks/02_loading_quantized.ipynb does, for lessons 00
+    and 03-07, after :func:`preflight_check`. ``quantization``: "full", "8bit", "4bit" or None (a Llama-2
+    model on a GPU then loads in 8-bit, as the article does). Remote code never runs."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = pick_device()
     if quantization is None and device == "cuda" and not choice.is_tiny:
         quantization = "8bit"
     dtype = pick_dtype(device)
-    if check:
-        preflight_check(choice.path, quantization or "full", dtype=dtype, device=device, budget_bytes=budget_bytes)
+    preflight_check(choice.path, quantization or "full", dtype=dtype, device=device, budget_bytes=budget_bytes)
     tokenizer = AutoTokenizer.from_pretrained(choice.path, trust_remote_code=False)
     model = AutoModelForCausalLM.from_pretrained(
         choice.path, dtype=dtype, attn_implementation=pick_attn_implementation(device),

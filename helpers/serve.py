@@ -1,11 +1,6 @@
-"""A vLLM OpenAI-compatible server as a subprocess, for notebooks/07_serving_vllm.ipynb.
-
-Lesson 07 shows the command and calls the server with the ``openai`` client; this module is the
-plumbing: find the serving environment's python, check model folder, port and adapters before
-starting, wait for ``/health`` (on failure: the server log's tail), and stop the whole process
-group, also when the kernel is interrupted, shut down or killed (``atexit``, a context manager,
-``PR_SET_PDEATHSIG``). ``python -m helpers.serve [PORT]`` (``make serve``) serves until Ctrl-C.
-"""
+"""A vLLM OpenAI-compatible server as a subprocess, for notebooks/07_serving_vllm.ipynb (``make serve``:
+scripts/serve.py). Checks before starting, a wait for ``/health`` that shows the log's tail on failure, and a
+stop of the whole process group, also when the kernel is interrupted or killed (atexit, PR_SET_PDEATHSIG)."""
 
 from __future__ import annotations
 
@@ -26,10 +21,14 @@ import time
 import urllib.request
 from pathlib import Path
 
+import torch
+
+from helpers.chat import free_port
 from helpers.config import REPO_ROOT, TutorialError, bilingual, resolve_model
 
 SERVE_PYTHON_ENV = "LLAMA_TUTORIAL_SERVE_PYTHON"
 SERVE_VENV = REPO_ROOT / ".venv-serve"
+HOST = "127.0.0.1"
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the values vLLM's --max-lora-rank accepts
 _SERVERS: dict[tuple, "Server"] = {}  # one server per (model, adapters) in this process
 
@@ -49,12 +48,12 @@ def serve_python() -> str:
         f"root, or `pip install vllm` on Colab/a GPU, or point {SERVE_PYTHON_ENV} at a python that has vllm."))
 
 
-def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+def port_is_free(port: int) -> bool:
     """Whether a server could listen on ``port`` now (SO_REUSEADDR, as servers bind: TIME_WAIT is free)."""
     with socket.socket() as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            sock.bind((host, port))
+            sock.bind((HOST, port))
         except OSError:
             return False
     return True
@@ -92,27 +91,19 @@ def group_members(pgid: int) -> list[int]:
     return members
 
 
-def _die_with_parent(parent: int):
-    """preexec_fn: the kernel's death (even SIGKILL) sends SIGTERM to the server (Linux)."""
-    def set_signal():
-        if sys.platform.startswith("linux"):
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-        if os.getppid() != parent:  # the parent died before prctl took effect
-            os._exit(1)
-    return set_signal
+def _die_with_parent(parent: int) -> None:
+    """preexec_fn: the kernel's death (even SIGKILL) sends SIGTERM to the server (Linux, as vLLM)."""
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
 
 
 class Server:
-    """A running vLLM server (notebooks/07_serving_vllm.ipynb). Use as a context manager or call stop()."""
+    """A running vLLM server (notebooks/07_serving_vllm.ipynb); stop() ends it."""
 
-    def __init__(self, key, process, base_url, api_key, model, adapters, log_path):
+    def __init__(self, key, process, base_url, api_key, models, log_path):
         self.key, self.process, self.base_url, self.api_key = key, process, base_url, api_key
-        self.model, self.adapters, self.log_path = model, adapters, log_path
-
-    @property
-    def models(self) -> list[str]:
-        """The model names a client may ask for: the base first, then each adapter."""
-        return [self.model, *self.adapters]
+        self.models, self.log_path = models, log_path  # models: the base's name first, then each adapter's
 
     def alive(self) -> bool:
         return self.process.poll() is None
@@ -123,43 +114,25 @@ class Server:
 
         return OpenAI(base_url=self.base_url, api_key=self.api_key, timeout=timeout, max_retries=0)
 
-    def log_tail(self, lines: int = 25) -> str:
-        text = Path(self.log_path).read_text("utf-8", errors="replace") if Path(self.log_path).exists() else ""
-        return "\n".join(text.splitlines()[-lines:])
-
     def stop(self, timeout: float = 20.0) -> None:
         """SIGTERM to the server's process group, SIGKILL to what is left after ``timeout`` s; idempotent.
-
-        Returns once no process of the group runs (the engine core too, even if the API server was killed).
-        """
+        Returns once no process of the group runs (the engine core too, even if the API server was killed)."""
         _SERVERS.pop(self.key, None)
-        steps = [(signal.SIGTERM, timeout)] if self.alive() else []  # a dead server cannot shut its children down
-        for sig, wait in steps + [(signal.SIGKILL, 10.0)]:
+        # A dead API server cannot shut its children (the engine core) down: then SIGKILL at once.
+        for sig, wait in ((signal.SIGTERM, timeout if self.alive() else 0), (signal.SIGKILL, 10.0)):
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.process.pid, sig)
             deadline = time.monotonic() + wait
             while (self.alive() or group_members(self.process.pid)) and time.monotonic() < deadline:
                 time.sleep(0.1)
-            if not group_members(self.process.pid):
-                break
         self.process.wait()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.stop()
 
 
 def start_server(model=None, *, adapters: dict[str, str | Path] | None = None, port: int | None = None,
-                 host: str = "127.0.0.1", api_key: str | None = None, max_model_len: int = 1024,
                  timeout: float = 300.0) -> Server:
-    """Start (or reuse) a vLLM server for ``model`` (a ModelChoice or a ``resolve_model`` spec) and wait for it.
-
-    ``adapters`` maps a model name to a LoRA adapter folder (served with ``--enable-lora``); the
-    base model's name is its profile name (``tiny``, ``llama2-7b-chat``). ``port`` None takes a
-    free one; ``api_key`` None makes a random key. Introduced in notebooks/07_serving_vllm.ipynb.
-    """
+    """Start (or reuse) a vLLM server for ``model`` (a ModelChoice or a ``resolve_model`` spec) on 127.0.0.1
+    and wait for it (notebooks/07_serving_vllm.ipynb). ``adapters`` maps a model name to a LoRA adapter
+    folder; the base model's name is its profile name (``tiny``); ``port`` None takes a free one."""
     choice = model if hasattr(model, "path") else resolve_model(model, verbose=False)
     adapters = {name: check_adapter(path, choice) for name, path in (adapters or {}).items()}
     key = (choice.path, tuple(sorted((n, str(p.resolve())) for n, p in adapters.items())))
@@ -167,20 +140,16 @@ def start_server(model=None, *, adapters: dict[str, str | Path] | None = None, p
         return _SERVERS[key]
     python = serve_python()
     if port is None:
-        from helpers.chat import free_port
-
-        port = free_port(host)
-    elif not port_is_free(port, host):
+        port = free_port(HOST)
+    elif not port_is_free(port):
         raise TutorialError(bilingual(
             f"端口 {port} 已被占用（也许是还没停掉的服务器，`lsof -i :{port}` 可查）。换一个端口，或不传 port 自动挑选。",
             f"Port {port} is already in use (perhaps a server still running; `lsof -i :{port}` tells). Pick another "
             "port, or pass none to get a free one."))
-    import torch
-
-    api_key = api_key or secrets.token_urlsafe(16)
+    api_key = secrets.token_urlsafe(16)
     args = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", choice.path,
-            "--served-model-name", choice.name, "--host", host, "--port", str(port), "--api-key", api_key,
-            "--max-model-len", str(max_model_len)]
+            "--served-model-name", choice.name, "--host", HOST, "--port", str(port), "--api-key", api_key,
+            "--max-model-len", "1024"]
     if not torch.cuda.is_available():
         args += ["--dtype", "float32", "--enforce-eager"]
     if adapters:
@@ -188,46 +157,43 @@ def start_server(model=None, *, adapters: dict[str, str | Path] | None = None, p
         rank = min(r for r in LORA_RANKS if r >= max(ranks))
         args += ["--enable-lora", "--max-loras", str(len(adapters)), "--max-lora-rank", str(rank),
                  "--lora-modules", *[f"{name}={path}" for name, path in adapters.items()]]
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
+    env = {"VLLM_CPU_KVCACHE_SPACE": "1", **os.environ}
     log_path = Path(tempfile.mkstemp(prefix=f"vllm-{port}-", suffix=".log")[1])
     with open(log_path, "wb") as log:
         process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                   start_new_session=True, preexec_fn=_die_with_parent(os.getpid()))
-    server = Server(key, process, f"http://{host}:{port}/v1", api_key, choice.name, list(adapters), log_path)
+                                   start_new_session=True,
+                                   preexec_fn=functools.partial(_die_with_parent, os.getpid()))
+    server = Server(key, process, f"http://{HOST}:{port}/v1", api_key, [choice.name, *adapters], log_path)
     _SERVERS[key] = server
     try:
-        _wait_healthy(server, host, port, timeout)
+        _wait_healthy(server, port, timeout)
     except BaseException:  # a failed start or Ctrl-C while waiting: never leave the process behind
         server.stop()
         raise
     return server
 
 
-def _wait_healthy(server: Server, host: str, port: int, timeout: float) -> None:
+def _wait_healthy(server: Server, port: int, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while server.alive() and time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"http://{host}:{port}/health", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
+        with contextlib.suppress(OSError), urllib.request.urlopen(f"http://{HOST}:{port}/health", timeout=2) as reply:
+            if reply.status == 200:
+                return
         time.sleep(0.5)
     code = server.process.poll()
     zh, en = ((f"vLLM 服务器启动失败（退出码 {code}）", f"The vLLM server failed to start (exit code {code})")
               if code is not None else (f"vLLM 服务器 {timeout:.0f} 秒内没有就绪（/health 无响应），已停止它",
                                         f"The vLLM server was not ready within {timeout:.0f} s; it was stopped"))
-    raise TutorialError(bilingual(f"{zh}。日志 {server.log_path} 的最后几行：",
-                                  f"{en}. Last lines of {server.log_path}:") + "\n" + server.log_tail())
+    tail = "\n".join(server.log_path.read_text("utf-8", errors="replace").splitlines()[-25:])
+    raise TutorialError(bilingual(f"{zh}。日志 {server.log_path} 的最后几行：", f"{en}. Last lines of {server.log_path}:")
+                        + "\n" + tail)
 
 
+@atexit.register
 def stop_all() -> None:
     """Stop every server this process started (also runs at exit)."""
     for server in list(_SERVERS.values()):
         server.stop()
-
-
-atexit.register(stop_all)
 
 
 class OpenAIChatStream:
@@ -261,16 +227,6 @@ class OpenAIChatStream:
 
 
 def openai_backend(client, model: str):
-    """A ChatWidget backend that streams from an OpenAI-compatible server (notebooks/07_serving_vllm.ipynb).
-
-    ``ChatWidget(backend=openai_backend(server.client(), "tiny"))``: called with (messages, params,
-    stop_event), it returns an :class:`OpenAIChatStream`.
-    """
+    """A ChatWidget backend streaming from an OpenAI-compatible server (notebooks/07_serving_vllm.ipynb):
+    ``ChatWidget(backend=openai_backend(server.client(), "tiny"))``; each call returns an OpenAIChatStream."""
     return functools.partial(OpenAIChatStream, client, model)
-
-
-if __name__ == "__main__":  # make serve: serve LLAMA_TUTORIAL_MODEL on the port given (8000) until Ctrl-C
-    with start_server(port=int(sys.argv[1]) if len(sys.argv) > 1 else 8000) as running:
-        print(f"vLLM 服务器已就绪 / ready: {running.base_url} models={running.models} api_key={running.api_key}")
-        with contextlib.suppress(KeyboardInterrupt):
-            running.process.wait()

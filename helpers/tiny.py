@@ -1,17 +1,11 @@
-"""Build the tiny offline Llama-2 the course runs on a CPU (profile ``tiny``; notebooks/00_overview.ipynb).
-
-Llama-2's architecture and a tokenizer built the way Llama-2's is (byte-fallback BPE, the 256
-``<0xNN>`` byte pieces as ordinary vocabulary, ``<unk>``/``<s>``/``</s>`` at ids 0/1/2, Meta's chat
-template), pretrained for a minute on data/pretrain_en.jsonl and a little Chinese. Its training
-pairs Chinese questions with English answers on purpose, to stand in for the article's
-Llama-2-chat; lesson 05 turns it to Chinese with LoRA. The build is deterministic and cached under
-``<home>/tiny/<recipe hash>`` (a new recipe or corpus gives a new hash). ``python -m helpers.tiny``
-builds it ahead of time.
-"""
+"""The tiny offline Llama-2 the course runs on a CPU (profile ``tiny``; notebooks/00_overview.ipynb), trained to answer
+Chinese questions in English as the article's Llama-2-chat does; built once per recipe (``python -m helpers.tiny``)."""
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import json
 import os
 import random
@@ -19,6 +13,12 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+
+import sentencepiece as spm
+import torch
+from filelock import FileLock
+from torch.nn.utils.rnn import pad_sequence
+from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, LlamaTokenizer
 
 from helpers.config import DATA_DIR, home_dir
 
@@ -38,9 +38,6 @@ LLAMA2_CHAT_TEMPLATE = (
     "{% elif message['role'] == 'assistant' %}{{ ' '  + content.strip() + ' ' + eos_token }}"
     "{% endif %}{% endfor %}"
 )
-
-SPECIAL_TOKENS = ["<unk>", "<s>", "</s>"]  # ids 0, 1, 2 as in Llama-2
-BYTE_TOKENS = [f"<0x{i:02X}>" for i in range(256)]  # ids 3..258 as in Llama-2
 
 # Everything that decides the model's weights. Change any value and the cache key changes.
 RECIPE: dict = {
@@ -66,58 +63,35 @@ def recipe_hash() -> str:
     return h.hexdigest()[:16]
 
 
-def tiny_model_dir() -> Path:
-    """Folder of the tiny model for the current recipe (it may not be built yet)."""
-    return home_dir() / "tiny" / recipe_hash()
-
-
 def ensure_tiny_model(verbose: bool = True) -> Path:
     """Return the tiny model's folder, building it first if this recipe has no cached build."""
-    target = tiny_model_dir()
-    if (target / "model.safetensors").exists() and (target / "tokenizer.json").exists():
-        return target
-    from filelock import FileLock
-
+    target = home_dir() / "tiny" / recipe_hash()
     target.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(target) + ".lock"):
-        if (target / "model.safetensors").exists():
-            return target
-        tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=target.parent))
-        try:
-            build_tiny_model(tmp, verbose=verbose)
-            os.replace(tmp, target)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+    with FileLock(str(target) + ".lock"):  # the build lands whole (os.replace) or not at all
+        if not (target / "model.safetensors").exists():
+            tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=target.parent))
+            try:
+                build_tiny_model(tmp, verbose=verbose)
+                os.replace(tmp, target)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
-def _load_corpus() -> tuple[list[dict], list[str], list[str]]:
-    import csv
-
+def _load_corpus() -> tuple[list[dict], list[str], list[str]]:  # English Q&A, Chinese lines, tokenizer lines
     en = [json.loads(line) for line in (DATA_DIR / "pretrain_en.jsonl").read_text("utf-8").splitlines() if line]
     zh = [line.strip() for line in (DATA_DIR / "pretrain_zh.txt").read_text("utf-8").splitlines() if line.strip()]
-    with open(DATA_DIR / "train_sft.csv", encoding="utf-8", newline="") as f:
-        sft = [row["text"] for row in csv.DictReader(f)]
-    return en, zh, sft
-
-
-def _tokenizer_training_text(en: list[dict], zh: list[str], sft: list[str]) -> list[str]:
-    # The tokenizer sees the SFT text too (Llama-2's saw some Chinese); the weights never do (lesson 05's job).
     lines = [f"{d['question']} {d['answer']}" for d in en] + zh
-    for text in sft:
-        lines += [part for part in text.replace("<s>", "").replace("</s>", "").split("\n") if part]
+    # The tokenizer sees the SFT text too (Llama-2's saw some Chinese); the weights never do (lesson 05's job).
+    with open(DATA_DIR / "train_sft.csv", encoding="utf-8", newline="") as f:
+        lines += [row["text"].replace("<s>", "").replace("</s>", "") for row in csv.DictReader(f)]
     lines += ["[INST] <<SYS>> <</SYS>> [/INST]"] * 20  # newlines stay byte pieces (<0x0A>), as in Llama-2
-    return [part for line in lines for part in line.split("\n") if part.strip()]
+    return en, zh, [part for line in lines for part in line.split("\n") if part.strip()]
 
 
 def build_tokenizer(lines: list[str]):
-    """Train a Llama-2-style tokenizer on ``lines``: SentencePiece BPE with byte fallback, trained
-    deterministically on one thread, loaded into transformers' ``LlamaTokenizer`` (Llama-2's class)."""
-    import io
-
-    import sentencepiece as spm
-    from transformers import LlamaTokenizer
-
+    """SentencePiece BPE with byte fallback (``<unk>`` ``<s>`` ``</s>`` at ids 0-2, the 256 ``<0xNN>`` pieces
+    next, as in Llama-2), trained on one thread on ``lines``, loaded into transformers' ``LlamaTokenizer``."""
     cfg = RECIPE["tokenizer"]
     proto = io.BytesIO()
     spm.SentencePieceTrainer.train(
@@ -128,13 +102,10 @@ def build_tokenizer(lines: list[str]):
     )
     sp = spm.SentencePieceProcessor(model_proto=proto.getvalue())
     vocab = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())}
-    assert [sp.id_to_piece(i) for i in range(3)] == SPECIAL_TOKENS
-    assert [sp.id_to_piece(i) for i in range(3, 259)] == BYTE_TOKENS
-    # BPE merges in the order SentencePiece learned them (the rank of the merged piece), as
-    # transformers' own SentencePiece converter derives them.
+    # BPE merges in the order SentencePiece learned them (the rank of the merged piece).
     merges = []
     for piece, rank in vocab.items():
-        if rank < 3 + len(BYTE_TOKENS):
+        if rank < 3 + 256:  # the special and byte pieces are no merges
             continue
         for k in range(1, len(piece)):
             left, right = piece[:k], piece[k:]
@@ -147,25 +118,20 @@ def build_tokenizer(lines: list[str]):
     return tok
 
 
-def _chat_text(tok, user: str, answer: str, system: str | None) -> str:
-    messages = ([{"role": "system", "content": system}] if system else []) + [
-        {"role": "user", "content": user},
-        {"role": "assistant", "content": answer},
-    ]
-    return tok.apply_chat_template(messages, tokenize=False)
-
-
 def _training_texts(tok, en, zh, rng: random.Random) -> list[str]:
     cfg = RECIPE["train"]
-    texts = []
+    chats = []
     for d in en:
-        system = rng.choice(SYSTEM_PROMPTS) if rng.random() < cfg["system_prompt_share"] else None
-        texts.append(_chat_text(tok, d["question"], d["answer"], system))
+        chat = [{"role": "user", "content": d["question"]}, {"role": "assistant", "content": d["answer"]}]
+        if rng.random() < cfg["system_prompt_share"]:
+            chat.insert(0, {"role": "system", "content": rng.choice(SYSTEM_PROMPTS)})
+        chats.append(chat)
     # Chinese questions answered in English: the behaviour the article saw in Llama-2-chat.
-    n_zh_q = int(len(en) * cfg["zh_question_share"])
-    for _ in range(n_zh_q):
+    for _ in range(int(len(en) * cfg["zh_question_share"])):
         question = rng.choice(zh).rstrip("。") + "？"
-        texts.append(_chat_text(tok, question, rng.choice(en)["answer"], None))
+        answer = rng.choice(en)["answer"]
+        chats.append([{"role": "user", "content": question}, {"role": "assistant", "content": answer}])
+    texts = tok.apply_chat_template(chats, tokenize=False)
     # A little plain Chinese text, so Chinese pieces are not foreign to the model.
     texts += [tok.bos_token + line + tok.eos_token for line in zh]
     rng.shuffle(texts)
@@ -174,15 +140,11 @@ def _training_texts(tok, en, zh, rng: random.Random) -> list[str]:
 
 def build_tiny_model(out_dir: Path, verbose: bool = True) -> Path:
     """Build tokenizer and model into ``out_dir`` (deterministic for a given recipe)."""
-    import torch
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
-
     t0 = time.perf_counter()
-    seed = RECIPE["seed"]
-    rng = random.Random(seed)
-    torch.manual_seed(seed)
-    en, zh, sft = _load_corpus()
-    tok = build_tokenizer(_tokenizer_training_text(en, zh, sft))
+    rng = random.Random(RECIPE["seed"])
+    torch.manual_seed(RECIPE["seed"])
+    en, zh, tokenizer_lines = _load_corpus()
+    tok = build_tokenizer(tokenizer_lines)
 
     config = LlamaConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                          pad_token_id=None, tie_word_embeddings=False, hidden_act="silu", initializer_range=0.02,
@@ -194,12 +156,11 @@ def build_tiny_model(out_dir: Path, verbose: bool = True) -> Path:
 
     model.generation_config = GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                                                pad_token_id=tok.unk_token_id, do_sample=True, temperature=0.6, top_p=0.9)
-    out_dir = Path(out_dir)
     model.save_pretrained(out_dir)
     tok.save_pretrained(out_dir)
-    info = {"recipe": RECIPE, "recipe_hash": recipe_hash(), "parameters": sum(p.numel() for p in model.parameters()),
-            "vocab_size": len(tok), "train_sequences": len(ids), "loss_first": losses[0],
-            "loss_last": sum(losses[-20:]) / len(losses[-20:]), "build_seconds": round(time.perf_counter() - t0, 1)}
+    info = {"recipe": RECIPE, "parameters": sum(p.numel() for p in model.parameters()), "vocab_size": len(tok),
+            "loss_first": losses[0], "loss_last": sum(losses[-20:]) / len(losses[-20:]),
+            "build_seconds": round(time.perf_counter() - t0, 1)}
     (out_dir / "tiny_build.json").write_text(json.dumps(info, indent=1, ensure_ascii=False), "utf-8")
     if verbose:
         print(f"tiny 模型已构建：{info['parameters'] / 1e6:.1f}M 参数，词表 {info['vocab_size']}，"
@@ -208,14 +169,10 @@ def build_tiny_model(out_dir: Path, verbose: bool = True) -> Path:
 
 
 def _pretrain(model, ids: list[list[int]], rng: random.Random) -> list[float]:
-    import torch
-    from torch.nn.utils.rnn import pad_sequence
-
     cfg = RECIPE["train"]
     opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"], betas=(0.9, 0.95))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / cfg["warmup"]) * max(0.05, 1 - s / cfg["steps"])
-    )
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg["warmup"])
+                                              * max(0.05, 1 - s / cfg["steps"]))
     order = list(range(len(ids)))
     losses: list[float] = []
     pos = len(order)
@@ -236,15 +193,8 @@ def _pretrain(model, ids: list[list[int]], rng: random.Random) -> list[float]:
         sched.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
-    model.eval()
     return losses
 
 
-def main() -> None:
-    start = time.perf_counter()
-    path = ensure_tiny_model()
-    print(f"tiny model ready: {path} ({time.perf_counter() - start:.1f}s)")
-
-
 if __name__ == "__main__":
-    main()
+    print(f"tiny model ready: {ensure_tiny_model()}")
