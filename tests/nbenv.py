@@ -38,3 +38,6 @@ def pytest_configure(config):
     from helpers.tiny import ensure_tiny_model
 
     ensure_tiny_model(verbose=False)
+    # bitsandbytes probes the device when first imported: import it here, on the real (CPU-only)
+    # machine, so a test that fakes a CUDA GPU never becomes its first importer.
+    import bitsandbytes  # noqa: F401
