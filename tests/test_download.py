@@ -22,15 +22,22 @@ from helpers import local_hub
 from helpers.config import DOWNLOAD_MARKER, REPO_ROOT
 from helpers.download import DownloadError, download_model
 from helpers.local_hub import LOCAL_REPO, HubFile
-from helpers.tiny import ensure_tiny_model
 from tests.hub_fixture import GATED_REPO, TOKEN, TOKEN_NO_ACCESS, FaultyHub
 
 WEIGHTS = "model.safetensors"
 
 
+def _tiny_folder():
+    # Imported here, not at the top: test_download_on_huggingface_hub_1_27 imports this module beside
+    # huggingface_hub 1.27, which the installed transformers (that helpers.tiny imports) does not load with.
+    from helpers.tiny import ensure_tiny_model
+
+    return ensure_tiny_model(verbose=False)
+
+
 @pytest.fixture(scope="module")
 def files():
-    return local_hub.tiny_repo_files(ensure_tiny_model(verbose=False))
+    return local_hub.tiny_repo_files(_tiny_folder())
 
 
 @pytest.fixture
@@ -273,7 +280,7 @@ def test_download_on_huggingface_hub_1_27(tmp_path):
         "print('hub', huggingface_hub.__version__, 'ok')\n"
     )
     env = {**os.environ, "PYTHONPATH": f"{site}{os.pathsep}{REPO_ROOT}"}
-    run = subprocess.run([sys.executable, "-c", script, str(ensure_tiny_model(verbose=False)), str(tmp_path)],
+    run = subprocess.run([sys.executable, "-c", script, str(_tiny_folder()), str(tmp_path)],
                          env=env, capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
     assert run.returncode == 0 and "hub 1.27.0 ok" in run.stdout, run.stdout[-2000:] + run.stderr[-3000:]
 
