@@ -16,7 +16,9 @@ STAMP := $(VENV)/.installed
 
 # Everything the lessons need: the course env, the tiny model, the real Llama-2 vocabulary (lesson 03)
 # and lesson 07's serving env.
-setup: $(STAMP) tiny vocab serve-env
+setup: $(STAMP)
+	@# The three are independent (CPU-bound build, a download, an install): run them side by side.
+	@$(MAKE) --no-print-directory -j3 tiny vocab serve-env
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -56,7 +58,7 @@ lab: setup
 
 # Unit tests, then nbval over every lesson (tests/nbenv.py sets the offline variables first).
 test: setup
-	$(PY) -m pytest tests notebooks --nbval-lax --nbval-current-env -rs $(PYTEST_ARGS)
+	$(PY) -m pytest tests notebooks --nbval-lax --nbval-current-env -rs --durations=20 $(PYTEST_ARGS)
 
 unit: setup
 	$(PY) -m pytest tests $(PYTEST_ARGS)
