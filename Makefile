@@ -39,7 +39,7 @@ $(STAMP): pyproject.toml | $(PY)
 	@if ! command -v nvidia-smi >/dev/null 2>&1; then \
 	  $(PY) -W ignore -c "import torch, sys; sys.exit('a CUDA build of torch was installed on a machine without a GPU' if torch.version.cuda else 0)"; \
 	fi
-	$(PIP) install -q -e '.[lab,test,multigpu]'
+	$(PIP) install -q -e '.[lab,test,multigpu,bench]'
 	touch $@
 
 tiny: $(STAMP)

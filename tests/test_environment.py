@@ -17,7 +17,7 @@ def _name(spec: str) -> str:
 def _pyproject():
     data = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
     extras = data["optional-dependencies"]
-    return data["dependencies"] + extras["lab"] + extras["test"] + extras["multigpu"]
+    return data["dependencies"] + extras["lab"] + extras["test"] + extras["multigpu"] + extras["bench"]
 
 
 def _conda_pip():
