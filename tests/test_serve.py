@@ -16,6 +16,7 @@ import threading
 import time
 
 import openai
+import httpx
 import pytest
 import torch
 
@@ -251,7 +252,8 @@ def test_killed_server_mid_stream_then_nothing_left(server):
     stream = client.completions.create(model="tiny", prompt="长城", max_tokens=900, temperature=0, stream=True,
                                        extra_body={"ignore_eos": True})
     start = time.monotonic()
-    with pytest.raises(openai.APIConnectionError):
+    # openai 3.x wraps a cut stream as APIConnectionError; Colab's openai 2.54 lets httpx's error through.
+    with pytest.raises((openai.APIConnectionError, httpx.RemoteProtocolError)):
         for i, _ in enumerate(stream):
             if i == 2:
                 os.kill(server.process.pid, signal.SIGKILL)  # the API server only: its engine core stays behind
