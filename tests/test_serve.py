@@ -15,8 +15,8 @@ import textwrap
 import threading
 import time
 
-import openai
 import httpx
+import openai
 import pytest
 import torch
 
