@@ -22,9 +22,11 @@ import urllib.request
 from pathlib import Path
 
 import torch
+from transformers import AutoTokenizer
 
 from helpers.chat import free_port
 from helpers.config import REPO_ROOT, TutorialError, bilingual, resolve_model
+from helpers.prompts import TEMPLATES
 
 SERVE_PYTHON_ENV = "LLAMA_TUTORIAL_SERVE_PYTHON"
 SERVE_VENV = REPO_ROOT / ".venv-serve"
@@ -152,6 +154,11 @@ def start_server(model=None, *, adapters: dict[str, str | Path] | None = None, p
             "--max-model-len", "1024"]
     if not torch.cuda.is_available():
         args += ["--dtype", "float32", "--enforce-eager"]
+    if AutoTokenizer.from_pretrained(choice.path).chat_template is None:  # FlagAlpha's ship none; chat needs one
+        template = Path(tempfile.mkstemp(prefix="chat-template-", suffix=".jinja")[1])
+        text = TEMPLATES[choice.chat_format].replace("{% generation %}", "").replace("{% endgeneration %}", "")
+        template.write_text(text, "utf-8")  # the course's template (lesson 03), without the training-mask tags
+        args += ["--chat-template", str(template)]
     if adapters:
         ranks = [json.loads((p / "adapter_config.json").read_text("utf-8")).get("r", 8) for p in adapters.values()]
         rank = min(r for r in LORA_RANKS if r >= max(ranks))
