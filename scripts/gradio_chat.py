@@ -8,8 +8,6 @@ notebooks/04_streaming_chat.ipynb writes the same ``gr.ChatInterface`` page out 
 :func:`build_gradio_app` adds error messages and serves any backend of the ``helpers.chat`` contract.
 """
 
-from __future__ import annotations
-
 import argparse
 import inspect
 import ipaddress
@@ -30,7 +28,7 @@ def build_gradio_app(backend, *, params: GenerationParams | None = None, show_er
     """
     import gradio as gr
 
-    def respond(message, history, system, max_new_tokens):
+    def respond(message, history, system, max_new_tokens, request: gr.Request = None):
         messages = history_to_messages(history, message, system)
         chosen = replace(params or GenerationParams(), max_new_tokens=int(max_new_tokens))
         answer, stop = "", threading.Event()
@@ -39,6 +37,10 @@ def build_gradio_app(backend, *, params: GenerationParams | None = None, show_er
                 answer += chunk
                 yield answer  # ChatInterface shows the whole answer so far
         except Exception as err:
+            # gradio 6.24 (Colab's) keys a stream's diff state by id(generator) and keeps it when the stream
+            # fails; a later answer in this session whose generator reuses the address then reaches the
+            # browser as a broken diff ("can only concatenate list"). Newer gradio drops it; do the same.
+            getattr(page, "pending_diff_streams", {}).pop(getattr(request, "session_hash", None), None)
             raise gr.Error(explain_error(err, detail=show_error)) from err
         finally:
             stop.set()  # Gradio's Stop closes this generator: end the generation too
@@ -46,8 +48,9 @@ def build_gradio_app(backend, *, params: GenerationParams | None = None, show_er
     extra = {"type": "messages"} if "type" in inspect.signature(gr.ChatInterface).parameters else {}
     inputs = [gr.Textbox(system_prompt, label="系统提示"),
               gr.Slider(1, 2048, value=(params or GenerationParams()).max_new_tokens, step=1, label="max_new_tokens")]
-    return gr.ChatInterface(respond, additional_inputs=inputs, title="Llama-2 中文问答", api_name="chat",
+    page = gr.ChatInterface(respond, additional_inputs=inputs, title="Llama-2 中文问答", api_name="chat",
                             analytics_enabled=False, **extra)
+    return page
 
 
 def main(argv: list[str] | None = None) -> None:
