@@ -125,6 +125,11 @@ def main(argv=None) -> int:
     except TutorialError as err:
         print(err, file=sys.stderr)
         return 2
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()  # gloo threads still running at exit can abort the process (SIGABRT)
     if trainer.is_world_process_zero():
         print(trainer.adapter_dir)
     return 0
