@@ -388,28 +388,3 @@ def load_with_adapter(choice, adapter_dir: str | Path, *, as_trained: bool = Fal
     base = load_base(choice, settings_for(choice), for_training=as_trained)
     model = PeftModel.from_pretrained(base, str(adapter_dir))
     return model.eval(), prepare_tokenizer(AutoTokenizer.from_pretrained(choice.path))
-
-
-# --------------------------------------------------------------------------- checks
-
-
-def probe_logits(model, input_ids: list[list[int]]):
-    """Logits of a few sequences (right padded), as float32 on the CPU; padding positions are 0."""
-    import torch
-
-    width = max(map(len, input_ids))
-    ids = torch.tensor([x + [0] * (width - len(x)) for x in input_ids], device=model.device)
-    mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in input_ids], device=model.device)
-    with torch.no_grad():
-        logits = model.eval()(input_ids=ids, attention_mask=mask).logits.float().cpu()
-    return logits * mask.cpu()[..., None]
-
-
-def logits_agree(a, b, dtype) -> dict:
-    """Same model? Top-1 tokens agree at >= 95% of real positions and the largest difference is within the
-    tolerance of ``dtype`` (the lower precision of the two). Introduced in notebooks/05_lora_finetune.ipynb."""
-    real = a.abs().sum(-1) > 0  # probe_logits zeroes the padding positions
-    top1 = (a.argmax(-1) == b.argmax(-1))[real].float().mean().item()
-    diff = (a - b).abs().max().item()
-    atol = {"torch.float32": 1e-3, "torch.float16": 0.25, "torch.bfloat16": 1.0}[str(dtype)]
-    return {"top1_agreement": top1, "max_diff": diff, "atol": atol, "ok": top1 >= 0.95 and diff <= atol}

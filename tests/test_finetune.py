@@ -25,6 +25,11 @@ from helpers.config import DATA_DIR, REPO_ROOT as REPO, TutorialError, resolve_m
 from helpers.evaluation import chinese_share
 from helpers.prompts import IGNORE_INDEX, encode_prompt
 from scripts.train_lora import StopAfterSteps
+from tests.lesson_code import lesson_definitions
+
+# Lesson 05 writes its reload check out (section 11): the tests use that code.
+LESSON = lesson_definitions("05_lora_finetune.ipynb", "c43-36")
+probe_logits, logits_agree = LESSON["probe_logits"], LESSON["logits_agree"]
 
 
 @pytest.fixture(scope="module")
@@ -294,15 +299,15 @@ def test_reload_check_compares_like_with_like(small_run, choice, tok):
     _, run, _, _ = small_run
     probe = td.validate_sft_file(DATA_DIR / "dev_sft.csv", tok).input_ids[:4]
     trained, _ = ft.load_with_adapter(choice, run.adapter_dir)
-    trained_logits = ft.probe_logits(trained, probe)
+    trained_logits = probe_logits(trained, probe)
     again, _ = ft.load_with_adapter(choice, run.adapter_dir, as_trained=True)
-    assert torch.equal(ft.probe_logits(again, probe), trained_logits), "same loading path: identical logits"
-    bf16 = ft.probe_logits(trained.to(torch.bfloat16), probe)
+    assert torch.equal(probe_logits(again, probe), trained_logits), "same loading path: identical logits"
+    bf16 = probe_logits(trained.to(torch.bfloat16), probe)
     old_atol = 1e-4  # the old check: a fixed tolerance from the settings, blind to the dtype compared
     assert (bf16 - trained_logits).abs().max() > old_atol, "the old check would have failed here"
-    assert ft.logits_agree(trained_logits, bf16, torch.bfloat16)["ok"]
-    base = ft.probe_logits(AutoModelForCausalLM.from_pretrained(choice.path, dtype=torch.float32), probe)
-    assert not ft.logits_agree(trained_logits, base, torch.float32)["ok"], "the adapter changes the outputs"
+    assert logits_agree(trained_logits, bf16, torch.bfloat16)["ok"]
+    base = probe_logits(AutoModelForCausalLM.from_pretrained(choice.path, dtype=torch.float32), probe)
+    assert not logits_agree(trained_logits, base, torch.float32)["ok"], "the adapter changes the outputs"
 
 
 def test_merge_and_no_overwrite(small_run, choice, tok, tmp_path):
@@ -311,11 +316,11 @@ def test_merge_and_no_overwrite(small_run, choice, tok, tmp_path):
     _, run, _, _ = small_run
     probe = td.validate_sft_file(DATA_DIR / "dev_sft.csv", tok).input_ids[:3]
     reloaded, _ = ft.load_with_adapter(choice, run.adapter_dir)
-    unmerged = ft.probe_logits(reloaded, probe)
+    unmerged = probe_logits(reloaded, probe)
     merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(choice.path, dtype=torch.float32),
                                        str(run.adapter_dir)).merge_and_unload()
-    merged_logits = ft.probe_logits(merged, probe)
-    assert ft.logits_agree(unmerged, merged_logits, torch.float32)["ok"]
+    merged_logits = probe_logits(merged, probe)
+    assert logits_agree(unmerged, merged_logits, torch.float32)["ok"]
     target = ft.save_merged(merged, tok, tmp_path / "merged")
     before = {p.name: p.read_bytes() for p in target.iterdir()}
     with pytest.raises(ft.OutputExistsError):
@@ -329,7 +334,7 @@ def test_merge_and_no_overwrite(small_run, choice, tok, tmp_path):
     ft.save_merged(merged, tok, target, overwrite=True)
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir()), "stale and temporary folders are cleaned"
     loaded = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32)
-    assert torch.allclose(ft.probe_logits(loaded, probe), merged_logits, atol=1e-6)
+    assert torch.allclose(probe_logits(loaded, probe), merged_logits, atol=1e-6)
 
 
 def test_two_writers_never_overwrite_each_other(tmp_path):
