@@ -15,7 +15,7 @@ from helpers.prompts import IGNORE_INDEX, PromptFormatError, csv_text_to_message
 
 
 class BadRowsError(TutorialError, ValueError):
-    """Some rows of a training file are unusable; ``.bad`` lists every one of them."""
+    """Some rows of a training file are unusable; ``.bad`` lists every one (notebooks/05_lora_finetune.ipynb)."""
 
     def __init__(self, message: str, bad: list):
         super().__init__(message)
@@ -27,7 +27,7 @@ BadRow = namedtuple("BadRow", "row problem detail")  # row 1 = the first data ro
 
 @dataclass
 class SFTRows:
-    """A checked training file (made by :func:`validate_sft_file`)."""
+    """A checked training file (made by :func:`validate_sft_file`, notebooks/05_lora_finetune.ipynb)."""
 
     path: Path
     layout: str  # "text" (the article's CSV), "question_answer" (two-column CSV), "messages" (JSONL)
