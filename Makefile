@@ -55,7 +55,7 @@ tiny: $(STAMP)
 
 # The real Llama-2 vocabulary for lesson 03 and the token-exact tests (fetched once, ~77 MB).
 vocab: $(STAMP)
-	$(PY) -m helpers.vocab
+	$(PY) scripts/fetch_llama2_vocab.py
 
 # JupyterLab refuses to start as root (Docker, rented GPU machines) unless told --allow-root.
 lab: setup

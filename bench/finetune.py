@@ -75,8 +75,8 @@ def run_worker(recipe: str, examples: int) -> dict:
     from transformers import AutoTokenizer, DataCollatorForSeq2Seq, Trainer, set_seed
 
     from helpers.config import DATA_DIR, resolve_model
-    from helpers.finetune import load_base, lora_config, prepare_tokenizer, read_table, settings_for, training_arguments, \
-        validate_sft_file
+    from helpers.finetune import load_base, lora_config, prepare_tokenizer, settings_for, training_arguments
+    from helpers.training_data import read_table, validate_sft_file
 
     choice = resolve_model(verbose=False)
     s = settings_for(choice)

@@ -185,30 +185,3 @@ def _local_folder(spec: str) -> Path | None:
         f"{'has no config.json' if found else 'is not a local folder'}; looked at: {where}). Point it at a model "
         "folder (lesson 01 prints its path); a path is never taken as a Hub repo id.",
     ))
-
-
-def environment_report() -> dict:
-    """Facts about this machine that decide how the lessons run (see notebooks/00_overview.ipynb)."""
-    import shutil
-    from importlib.metadata import version
-
-    import torch
-
-    from helpers.loading import check_bitsandbytes, pick_dtype
-
-    report = {"torch": torch.__version__, "transformers": version("transformers"),
-              "CUDA": torch.version.cuda or "无（CPU 版 torch）", "GPU": "无"}
-    if torch.cuda.is_available():
-        free, total = torch.cuda.mem_get_info()
-        major, minor = torch.cuda.get_device_capability(0)
-        report["GPU"] = f"{torch.cuda.get_device_name(0)}（计算能力 {major}.{minor}）"
-        report["显存"] = f"空闲 {free / 1024**3:.1f} / 共 {total / 1024**3:.1f} GiB"
-        report["bf16"] = "支持" if pick_dtype("cuda") == torch.bfloat16 else "不支持（计算能力低于 8.0），用 fp16"
-    try:
-        report["bitsandbytes"] = f"{version('bitsandbytes')}（后端 {check_bitsandbytes()}）"
-    except Exception as err:  # not installed, or it cannot quantize here
-        report["bitsandbytes"] = str(err).splitlines()[0]
-    home = home_dir()
-    home.mkdir(parents=True, exist_ok=True)
-    report["空闲磁盘"] = f"{shutil.disk_usage(home).free / 1024**3:.1f} GiB（{home}）"
-    return report

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from transformers.utils.chat_template_utils import render_jinja_template
 
-from helpers.config import TutorialError, bilingual
+from helpers.config import TutorialError, bilingual, home_dir
 
 IGNORE_INDEX = -100
 
@@ -154,6 +154,19 @@ def encode(tokenizer, messages: list[dict], fmt: str = "llama2", *, add_generati
 def encode_prompt(tokenizer, messages: list[dict], fmt: str = "llama2") -> list[int]:
     """Token ids to generate from, up to where the next answer starts (notebooks/03_prompt_templates.ipynb)."""
     return encode(tokenizer, messages, fmt, add_generation_prompt=True).input_ids
+
+
+def load_llama2_tokenizer(**kwargs):
+    """The real Llama-2 tokenizer (32000 tokens) that ``make setup`` caches (scripts/fetch_llama2_vocab.py);
+    if it is missing, an error that says how to get it (notebooks/03_prompt_templates.ipynb)."""
+    from transformers import AutoTokenizer
+
+    folder = home_dir() / "llama2-vocab"
+    if not (folder / "tokenizer.json").exists():
+        how = "make setup  (or: python scripts/fetch_llama2_vocab.py)"
+        raise TutorialError(bilingual(f"还没有下载 Llama-2 的真实词表。请运行：{how}",
+                                      f"The real Llama-2 vocabulary is not fetched yet. Run: {how}"))
+    return AutoTokenizer.from_pretrained(folder, **kwargs)
 
 
 def token_table(tokenizer, input_ids: list[int], labels: list[int] | None = None):

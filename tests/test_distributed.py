@@ -9,14 +9,13 @@ import pytest
 from transformers import LlamaConfig
 
 from helpers.config import REPO_ROOT
-from helpers.distributed import (
-    SHARDS,
-    STRATEGIES,
-    llama_config,
-    lora_trainable,
-    per_gpu_memory,
-    smallest_gpu_count,
-)
+from tests.lesson_code import lesson_definitions
+
+# Lesson 08 writes its memory accounting out (section 1, and smallest_gpu_count in section 2): test that code.
+LESSON = lesson_definitions("08_multi_gpu_lora.ipynb", "f821ae6c", "011e877c")
+SHARDS, STRATEGIES, llama_config = LESSON["SHARDS"], LESSON["STRATEGIES"], LESSON["llama_config"]
+lora_trainable, per_gpu_memory, smallest_gpu_count = (LESSON[name] for name in (
+    "lora_trainable", "per_gpu_memory", "smallest_gpu_count"))
 
 CONFIGS = REPO_ROOT / "scripts" / "accelerate"
 GB = 1e9

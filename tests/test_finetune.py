@@ -1,5 +1,6 @@
-"""Lesson 05 (helpers.finetune): data checks, answer-only labels, collation, resume of one run only,
-never overwriting (also with two writers), where adapters live, and the tiny model's outcome."""
+"""Lesson 05 (helpers.training_data, helpers.finetune): data checks, answer-only labels, collation,
+resume of one run only, never overwriting (also with two writers), where adapters live, and the tiny
+model's outcome."""
 
 from __future__ import annotations
 
@@ -19,10 +20,16 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForLa
                           TrainerCallback)
 
 from helpers import finetune as ft
+from helpers import training_data as td
 from helpers.config import DATA_DIR, REPO_ROOT as REPO, TutorialError, resolve_model
 from helpers.evaluation import chinese_share
 from helpers.prompts import IGNORE_INDEX, encode_prompt
 from scripts.train_lora import StopAfterSteps
+from tests.lesson_code import lesson_definitions
+
+# Lesson 05 writes its reload check out (section 11): the tests use that code.
+LESSON = lesson_definitions("05_lora_finetune.ipynb", "c43-36")
+probe_logits, logits_agree = LESSON["probe_logits"], LESSON["logits_agree"]
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +66,7 @@ TRICKY = {
 
 def test_labels_start_exactly_at_the_answer_on_tricky_rows(tmp_path, choice, tok):
     path = _csv(tmp_path / "tricky.csv", [_row(q, a) for q, a in TRICKY.values()])
-    rows = ft.validate_sft_file(path, tok, fmt=choice.chat_format, max_length=512)
+    rows = td.validate_sft_file(path, tok, fmt=choice.chat_format, max_length=512)
     assert rows.ok and len(rows.rows) == len(TRICKY)
     for (name, (question, answer)), ids, labels in zip(TRICKY.items(), rows.input_ids, rows.labels):
         prompt = encode_prompt(tok, [{"role": "user", "content": question}], choice.chat_format)
@@ -84,7 +91,7 @@ def test_mask_boundary_on_many_random_rows(tmp_path, choice, tok):
 
     pairs = [(text(rng.randint(1, 30)), text(rng.randint(1, 20))) for _ in range(200)]
     pd.DataFrame({"question": [q for q, _ in pairs], "answer": [a for _, a in pairs]}).to_csv(tmp_path / "qa.csv", index=False)
-    rows = ft.validate_sft_file(tmp_path / "qa.csv", tok, fmt=choice.chat_format, max_length=512)
+    rows = td.validate_sft_file(tmp_path / "qa.csv", tok, fmt=choice.chat_format, max_length=512)
     assert rows.layout == "question_answer" and len(rows.rows) == 200, rows.bad[:3]
     for (question, _), ids, labels in zip(pairs, rows.input_ids, rows.labels):
         prompt = encode_prompt(tok, [{"role": "user", "content": question}], choice.chat_format)
@@ -100,7 +107,7 @@ def test_three_layouts_give_the_same_tokens(tmp_path, choice, tok):
     (tmp_path / "m.jsonl").write_text(
         json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}, ensure_ascii=False)
         + "\n", "utf-8")
-    got = [ft.validate_sft_file(tmp_path / n, tok, fmt=choice.chat_format) for n in ("text.csv", "qa.csv", "m.jsonl")]
+    got = [td.validate_sft_file(tmp_path / n, tok, fmt=choice.chat_format) for n in ("text.csv", "qa.csv", "m.jsonl")]
     assert [g.layout for g in got] == ["text", "question_answer", "messages"]
     assert got[0].input_ids == got[1].input_ids == got[2].input_ids
     assert got[0].labels == got[1].labels == got[2].labels
@@ -123,7 +130,7 @@ def _expected_batch(feats, pad_id, multiple=None):
 def test_library_collator_gives_the_answer_only_batches(choice, tok, multiple):
     """DataCollatorForSeq2Seq (which replaced the hand-made AnswerOnlyCollator) keeps encode's labels,
     the final EOS label included, and pads with <unk>, not EOS."""
-    rows = ft.validate_sft_file(DATA_DIR / "dev_sft.csv", tok, fmt=choice.chat_format)
+    rows = td.validate_sft_file(DATA_DIR / "dev_sft.csv", tok, fmt=choice.chat_format)
     feats = [rows.dataset()[i] for i in range(6)]
     assert len({len(f["input_ids"]) for f in feats}) > 1, "the test needs rows of different lengths"
     batch = DataCollatorForSeq2Seq(tok, label_pad_token_id=IGNORE_INDEX, pad_to_multiple_of=multiple)(feats)
@@ -163,20 +170,20 @@ def test_every_bad_row_is_reported_at_once_and_nothing_is_written(tmp_path, choi
         _row("角色", "回答里又写了一轮\n</s><s>Human: 这是问题吗"),  # 9: a role marker inside the answer
         _row("另一个角色", "他说 <s>Human: 你好"),  # 10: <s> inside the answer
     ])
-    rows = ft.validate_sft_file(path, tok, fmt=choice.chat_format, max_length=128)
+    rows = td.validate_sft_file(path, tok, fmt=choice.chat_format, max_length=128)
     assert [(b.row, b.problem) for b in rows.bad] == [
         (2, "no_assistant"), (3, "empty_answer"), (4, "missing_column"), (5, "too_long"), (6, "format"),
         (8, "special_token"), (9, "special_token"), (10, "special_token")]
     assert "</s>" in rows.bad[5].detail and "Human:" in rows.bad[6].detail
     assert rows.rows == [1, 7]
-    with pytest.raises(ft.BadRowsError) as err:
+    with pytest.raises(td.BadRowsError) as err:
         rows.dataset(on_bad="stop")
     for n in (2, 3, 4, 5, 6, 8, 9, 10):
         assert f"第 {n} 行" in str(err.value) and f"row {n}:" in str(err.value)
     assert len(rows.dataset(on_bad="drop")) == 2
 
     out = tmp_path / "out"
-    with pytest.raises(ft.BadRowsError):
+    with pytest.raises(td.BadRowsError):
         ft.train_adapter(choice, out / "lora-adapter", train_file=path, dev_file=path, verbose=False)
     assert not (out / "lora-adapter").exists(), "a refused training run must not write an adapter"
 
@@ -184,14 +191,14 @@ def test_every_bad_row_is_reported_at_once_and_nothing_is_written(tmp_path, choi
 def test_file_level_problems(tmp_path, tok):
     pd.DataFrame({"content": ["x"]}).to_csv(tmp_path / "wrong.csv", index=False)
     with pytest.raises(TutorialError, match="content"):
-        ft.validate_sft_file(tmp_path / "wrong.csv", tok)
+        td.validate_sft_file(tmp_path / "wrong.csv", tok)
     (tmp_path / "broken.jsonl").write_text('{"messages": []}\nnot json\n{"messages": [\n', "utf-8")
     with pytest.raises(TutorialError, match="2, 3"):
-        ft.validate_sft_file(tmp_path / "broken.jsonl", tok)
+        td.validate_sft_file(tmp_path / "broken.jsonl", tok)
     with pytest.raises(TutorialError):
-        ft.validate_sft_file(tmp_path / "missing.csv", tok)
+        td.validate_sft_file(tmp_path / "missing.csv", tok)
     pd.DataFrame({"question": ["问", "问"], "answer": ["答", None]}).to_csv(tmp_path / "qa.csv", index=False)
-    rows = ft.validate_sft_file(tmp_path / "qa.csv", tok)
+    rows = td.validate_sft_file(tmp_path / "qa.csv", tok)
     assert [(b.row, b.problem) for b in rows.bad] == [(2, "missing_column")]
 
 
@@ -199,15 +206,15 @@ def test_empty_files_and_odd_shapes_get_clear_messages(tmp_path, tok):
     for name, content in (("empty.csv", ""), ("blank.csv", "\n\n"), ("empty.jsonl", "")):
         (tmp_path / name).write_text(content, "utf-8")
         with pytest.raises(TutorialError, match="空文件|empty"):
-            ft.validate_sft_file(tmp_path / name, tok)
+            td.validate_sft_file(tmp_path / name, tok)
     (tmp_path / "header.csv").write_text("text\n", "utf-8")
     with pytest.raises(TutorialError, match="没有可用的行"):
-        ft.validate_sft_file(tmp_path / "header.csv", tok).dataset()
+        td.validate_sft_file(tmp_path / "header.csv", tok).dataset()
     good = {"messages": [{"role": "user", "content": "问"}, {"role": "assistant", "content": "答"}]}
     lines = [good, {"messages": ["问", "答"]}, ["not", "an", "object"], {"messages": "问答"},
              {"messages": [{"role": "user", "content": "问"}, {"role": "assistant", "content": 3}]}]
     (tmp_path / "shapes.jsonl").write_text("\n".join(json.dumps(x, ensure_ascii=False) for x in lines), "utf-8")
-    rows = ft.validate_sft_file(tmp_path / "shapes.jsonl", tok)
+    rows = td.validate_sft_file(tmp_path / "shapes.jsonl", tok)
     assert rows.rows == [1] and [(b.row, b.problem) for b in rows.bad] == [(2, "format"), (3, "format"), (4, "format"), (5, "format")]
 
 
@@ -215,13 +222,13 @@ def test_gbk_csv_from_excel_is_read_with_a_notice(tmp_path, choice, tok, capsys)
     text = _row("地球的卫星是什么？", "月球。")
     pd.DataFrame({"text": [text]}).to_csv(tmp_path / "gbk.csv", index=False, encoding="gb18030")
     pd.DataFrame({"text": [text]}).to_csv(tmp_path / "utf8.csv", index=False, encoding="utf-8")
-    rows = ft.validate_sft_file(tmp_path / "gbk.csv", tok, fmt=choice.chat_format)
+    rows = td.validate_sft_file(tmp_path / "gbk.csv", tok, fmt=choice.chat_format)
     notice = capsys.readouterr().out
     assert "GB18030" in notice and "iconv -f gb18030 -t utf-8" in notice
-    assert rows.ok and rows.input_ids == ft.validate_sft_file(tmp_path / "utf8.csv", tok, fmt=choice.chat_format).input_ids
+    assert rows.ok and rows.input_ids == td.validate_sft_file(tmp_path / "utf8.csv", tok, fmt=choice.chat_format).input_ids
     (tmp_path / "binary.csv").write_bytes(b"text\n\xff\xfe\x00\x81")
     with pytest.raises(TutorialError, match="UTF-8"):
-        ft.validate_sft_file(tmp_path / "binary.csv", tok)
+        td.validate_sft_file(tmp_path / "binary.csv", tok)
 
 
 # --------------------------------------------------------------------------- resume, save, merge
@@ -271,10 +278,10 @@ def test_resume_refuses_checkpoints_of_another_run(small_run, choice, tok, tmp_p
     """Checkpoints of another base model, other settings or other data are never resumed (issue 17.3)."""
     _, run, _, settings = small_run
     ckpt = ft.checkpoint_dir_for(run.adapter_dir)
-    rows = ft.validate_sft_file(DATA_DIR / "train_sft.csv", tok, fmt=choice.chat_format, max_length=settings.max_length)
+    rows = td.validate_sft_file(DATA_DIR / "train_sft.csv", tok, fmt=choice.chat_format, max_length=settings.max_length)
     same = ft.run_fingerprint(choice, settings, rows) | {"limit_rows": 16}
     assert ft.resume_point(ckpt, same).endswith("checkpoint-6")
-    other_data = ft.validate_sft_file(DATA_DIR / "dev_sft.csv", tok, fmt=choice.chat_format)
+    other_data = td.validate_sft_file(DATA_DIR / "dev_sft.csv", tok, fmt=choice.chat_format)
     other_model = dataclasses.replace(choice, path=str(tmp_path / "llama-2-7b"))
     for fingerprint, what in ((ft.run_fingerprint(choice, settings, other_data) | {"limit_rows": 16}, "data_sha256"),
                               (ft.run_fingerprint(other_model, settings, rows) | {"limit_rows": 16}, "base_model"),
@@ -290,30 +297,30 @@ def test_reload_check_compares_like_with_like(small_run, choice, tok):
     """Issue 14.4: a reloaded adapter in another dtype fails a fixed atol although it is right; the
     dtype-aware check accepts it and still rejects a different adapter."""
     _, run, _, _ = small_run
-    probe = ft.validate_sft_file(DATA_DIR / "dev_sft.csv", tok).input_ids[:4]
+    probe = td.validate_sft_file(DATA_DIR / "dev_sft.csv", tok).input_ids[:4]
     trained, _ = ft.load_with_adapter(choice, run.adapter_dir)
-    trained_logits = ft.probe_logits(trained, probe)
+    trained_logits = probe_logits(trained, probe)
     again, _ = ft.load_with_adapter(choice, run.adapter_dir, as_trained=True)
-    assert torch.equal(ft.probe_logits(again, probe), trained_logits), "same loading path: identical logits"
-    bf16 = ft.probe_logits(trained.to(torch.bfloat16), probe)
+    assert torch.equal(probe_logits(again, probe), trained_logits), "same loading path: identical logits"
+    bf16 = probe_logits(trained.to(torch.bfloat16), probe)
     old_atol = 1e-4  # the old check: a fixed tolerance from the settings, blind to the dtype compared
     assert (bf16 - trained_logits).abs().max() > old_atol, "the old check would have failed here"
-    assert ft.logits_agree(trained_logits, bf16, torch.bfloat16)["ok"]
-    base = ft.probe_logits(AutoModelForCausalLM.from_pretrained(choice.path, dtype=torch.float32), probe)
-    assert not ft.logits_agree(trained_logits, base, torch.float32)["ok"], "the adapter changes the outputs"
+    assert logits_agree(trained_logits, bf16, torch.bfloat16)["ok"]
+    base = probe_logits(AutoModelForCausalLM.from_pretrained(choice.path, dtype=torch.float32), probe)
+    assert not logits_agree(trained_logits, base, torch.float32)["ok"], "the adapter changes the outputs"
 
 
 def test_merge_and_no_overwrite(small_run, choice, tok, tmp_path):
     from peft import PeftModel
 
     _, run, _, _ = small_run
-    probe = ft.validate_sft_file(DATA_DIR / "dev_sft.csv", tok).input_ids[:3]
+    probe = td.validate_sft_file(DATA_DIR / "dev_sft.csv", tok).input_ids[:3]
     reloaded, _ = ft.load_with_adapter(choice, run.adapter_dir)
-    unmerged = ft.probe_logits(reloaded, probe)
+    unmerged = probe_logits(reloaded, probe)
     merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(choice.path, dtype=torch.float32),
                                        str(run.adapter_dir)).merge_and_unload()
-    merged_logits = ft.probe_logits(merged, probe)
-    assert ft.logits_agree(unmerged, merged_logits, torch.float32)["ok"]
+    merged_logits = probe_logits(merged, probe)
+    assert logits_agree(unmerged, merged_logits, torch.float32)["ok"]
     target = ft.save_merged(merged, tok, tmp_path / "merged")
     before = {p.name: p.read_bytes() for p in target.iterdir()}
     with pytest.raises(ft.OutputExistsError):
@@ -327,7 +334,7 @@ def test_merge_and_no_overwrite(small_run, choice, tok, tmp_path):
     ft.save_merged(merged, tok, target, overwrite=True)
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir()), "stale and temporary folders are cleaned"
     loaded = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32)
-    assert torch.allclose(ft.probe_logits(loaded, probe), merged_logits, atol=1e-6)
+    assert torch.allclose(probe_logits(loaded, probe), merged_logits, atol=1e-6)
 
 
 def test_two_writers_never_overwrite_each_other(tmp_path):
@@ -449,7 +456,7 @@ def test_lora_turns_the_tiny_models_answers_chinese(choice, tok, tmp_path, monke
     assert adapter_dir == tmp_path / "lora-adapter"
     info = ft.read_training_info(adapter_dir)
     assert info["dev_loss_last"] < info["dev_loss_first"] - 1.0, info
-    questions = [c[0]["content"] for c in ft.validate_sft_file(DATA_DIR / "dev_sft.csv", tok).conversations]
+    questions = [c[0]["content"] for c in td.validate_sft_file(DATA_DIR / "dev_sft.csv", tok).conversations]
     assert len(questions) == 72
     before = _answer(AutoModelForCausalLM.from_pretrained(choice.path, dtype=torch.float32), tok, questions, settings,
                      choice.chat_format)

@@ -133,8 +133,9 @@ def test_qlora_training_arguments_follow_the_compute_capability(monkeypatch, tmp
 
 @pytest.mark.parametrize("capability, says", [((7, 5), "不支持"), ((8, 0), "支持")])
 def test_environment_report_follows_the_compute_capability(monkeypatch, tmp_path, capability, says):
-    from helpers.config import environment_report
+    from tests.lesson_code import lesson_definitions
 
+    environment_report = lesson_definitions("00_overview.ipynb", "c15-04")["environment_report"]  # lesson 00 writes it
     monkeypatch.setenv("LLAMA_TUTORIAL_HOME", str(tmp_path))
     simulate_gpu(monkeypatch, capability, name="NVIDIA A100" if capability[0] == 8 else "Tesla T4")
     report = environment_report()

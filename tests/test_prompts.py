@@ -22,12 +22,12 @@ from helpers.prompts import (
     csv_text_to_messages,
     encode,
     encode_prompt,
+    load_llama2_tokenizer,
     messages_to_csv_text,
     token_table,
     truncate_history,
 )
 from helpers.tiny import ensure_tiny_model
-from helpers.vocab import load_llama2_tokenizer
 
 HYPOTHESIS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
@@ -483,7 +483,7 @@ def real_tok(request):
     try:
         return load_llama2_tokenizer(legacy=request.param)
     except TutorialError as err:
-        pytest.fail(f"{err}\nThese tests need the real Llama-2 vocabulary: run `make setup` or `python -m helpers.vocab`.")
+        pytest.fail(f"{err}\nThese tests need the real Llama-2 vocabulary: run `make setup` or `python scripts/fetch_llama2_vocab.py`.")
 
 
 def test_real_vocabulary_is_llama2s(real_tok):
@@ -561,7 +561,7 @@ def test_vocabulary_fetch_is_quick_when_cached_and_clear_when_pip_fails(monkeypa
     import subprocess
     from types import SimpleNamespace
 
-    from helpers import vocab
+    from scripts import fetch_llama2_vocab as vocab
 
     calls = []
     fake_run = lambda cmd, **kw: calls.append(cmd) or subprocess.CompletedProcess(cmd, 1)  # noqa: E731 (pip fails)

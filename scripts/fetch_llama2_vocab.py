@@ -1,6 +1,10 @@
-"""The real Llama-2 vocabulary (32000 tokens) offline, for notebooks/03_prompt_templates.ipynb and tests:
-``python -m helpers.vocab`` (run by ``make setup``) converts the ``ggml-vocab-llama-spm.gguf`` of the
-llama-cpp-python source package (about 77 MB, no gated download) into a tokenizer beside the tiny model."""
+"""``make vocab`` (part of ``make setup``): the real Llama-2 vocabulary (32000 tokens) offline, for
+notebooks/03_prompt_templates.ipynb and the token-exact tests. Converts the ``ggml-vocab-llama-spm.gguf``
+of the llama-cpp-python source package (about 77 MB, no gated download) into a tokenizer beside the tiny
+model, where :func:`helpers.prompts.load_llama2_tokenizer` finds it.
+
+    python scripts/fetch_llama2_vocab.py
+"""
 
 import subprocess
 import sys
@@ -8,10 +12,12 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from transformers import AutoTokenizer, LlamaTokenizer
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from helpers.config import TutorialError, bilingual, home_dir
-from helpers.tiny import LLAMA2_CHAT_TEMPLATE
+from transformers import AutoTokenizer, LlamaTokenizer  # noqa: E402
+
+from helpers.config import TutorialError, bilingual, home_dir  # noqa: E402
+from helpers.tiny import LLAMA2_CHAT_TEMPLATE  # noqa: E402
 
 GGUF_NAME = "ggml-vocab-llama-spm.gguf"
 SOURCE_PACKAGE = "llama-cpp-python==0.3.36"
@@ -39,16 +45,6 @@ def fetch_llama2_vocab() -> Path:
         tok.save_pretrained(Path(tmp) / "tokenizer")
         (Path(tmp) / "tokenizer").replace(target)  # all or nothing: an interrupted fetch leaves no half folder
     return target
-
-
-def load_llama2_tokenizer(**kwargs):
-    """The real Llama-2 tokenizer from the cache; if it is missing, an error that says how to get it."""
-    folder = home_dir() / "llama2-vocab"
-    if not (folder / "tokenizer.json").exists():
-        how = "make setup  (or: python -m helpers.vocab)"
-        raise TutorialError(bilingual(f"还没有下载 Llama-2 的真实词表。请运行：{how}",
-                                      f"The real Llama-2 vocabulary is not fetched yet. Run: {how}"))
-    return AutoTokenizer.from_pretrained(folder, **kwargs)
 
 
 if __name__ == "__main__":
