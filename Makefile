@@ -65,11 +65,11 @@ lab: setup
 	cd notebooks && exec $(abspath $(VENV))/bin/jupyter lab $$root $(JUPYTER_ARGS)
 
 # Unit tests and nbval over every lesson, on two workers (tests/nbenv.py sets the offline variables
-# first and groups the tests: one file or lesson per group). TEST_WORKERS=0 runs them in one process.
+# first and orders them: longest files first). TEST_WORKERS=0 runs them in one process.
 TEST_WORKERS ?= 2
 test: setup
 	$(PY) -m pytest tests notebooks --nbval-lax --nbval-current-env -rs --durations=20 \
-	  $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadgroup) $(PYTEST_ARGS)
+	  $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile) $(PYTEST_ARGS)
 
 unit: setup
 	$(PY) -m pytest tests $(PYTEST_ARGS)

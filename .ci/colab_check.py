@@ -144,7 +144,7 @@ def main() -> int:
     lessons = [str(p.relative_to(ROOT)) for n in LESSONS for p in sorted((ROOT / "notebooks").glob(f"{n}_*.ipynb"))]
     ignore = [f"--ignore={path}" for path in LOCAL_ONLY + NOT_ON_COLAB]
     command = [str(python), "-m", "pytest", "tests", *ignore, *lessons, "--nbval-lax", "--nbval-current-env", "-rs",
-               *args.pytest_args]
+               "-n", "2", "--dist", "loadfile", *args.pytest_args]  # two workers, as `make test` (tests/nbenv.py)
     _say("running: " + shlex.join(command))
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     env["PYDEVD_DISABLE_FILE_VALIDATION"] = "1"  # ipykernel 6.17's debugger warns about frozen modules
