@@ -17,8 +17,10 @@ from pathlib import Path
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 # Every in_features a multiple of 64, as in Llama-2 (4096, 11008): bitsandbytes 0.50's CPU 4-bit path
 # (AVX512-BF16 packing) fails on layers whose input is not a whole number of 64-blocks.
-SHAPE = dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, max_position_embeddings=1024)
+# Head size 32: vLLM's CPU attention rejects 16 ("Unsupported CPU attention configuration: head_dim=16"),
+# which made lesson 07's server answer 500 on this model.
+SHAPE = dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=2,
+             num_key_value_heads=1, max_position_embeddings=1024)
 
 
 def random_llama_folder(tmp_path: Path, chat_template: bool, *, seed: int = 0) -> Path:
