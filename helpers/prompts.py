@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from transformers.utils.chat_template_utils import render_jinja_template
 
-from helpers.config import TutorialError, bilingual, home_dir
+from helpers.config import REPO_ROOT, TutorialError, bilingual, home_dir
 
 IGNORE_INDEX = -100
 
@@ -163,9 +163,10 @@ def load_llama2_tokenizer(**kwargs):
 
     folder = home_dir() / "llama2-vocab"
     if not (folder / "tokenizer.json").exists():
-        how = "make setup  (or: python scripts/fetch_llama2_vocab.py)"
-        raise TutorialError(bilingual(f"还没有下载 Llama-2 的真实词表。请运行：{how}",
-                                      f"The real Llama-2 vocabulary is not fetched yet. Run: {how}"))
+        script = REPO_ROOT / "scripts" / "fetch_llama2_vocab.py"  # runs from any folder, Colab included
+        raise TutorialError(bilingual(f"还没有下载 Llama-2 的真实词表。请运行 make setup，或者（在任何目录、Colab 里也行）：python {script}",
+                                      f"The real Llama-2 vocabulary is not fetched yet. Run make setup, or (from any "
+                                      f"folder, Colab too): python {script}"))
     return AutoTokenizer.from_pretrained(folder, **kwargs)
 
 
