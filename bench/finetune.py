@@ -102,7 +102,7 @@ def run_worker(recipe: str, examples: int) -> dict:
         got = trainer.train_dataset
         exact = sum(ids == our_ids and labels == our_labels for ids, labels, our_ids, our_labels
                     in zip(got["input_ids"], got["labels"], rows.input_ids, rows.labels))
-        extra = {"rows_with_exact_mask": exact}
+        extra = {"rows_with_exact_mask": exact, "unpadded_tokens": sum(map(len, got["input_ids"]))}
         trainer.data_collator = collator = _Counting(trainer.data_collator)
     else:
         model = get_peft_model(model, lora_config(s))
@@ -110,6 +110,7 @@ def run_worker(recipe: str, examples: int) -> dict:
             data = rows.dataset().select(range(n))
             collator = _Counting(DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, pad_to_multiple_of=8))
             sampling = "group_by_length"
+            extra = {"unpadded_tokens": sum(map(len, rows.input_ids[:n]))}
         else:
             anchor_tok = AutoTokenizer.from_pretrained(choice.path, padding_side="left")
             anchor_tok.pad_token = anchor_tok.eos_token
@@ -119,7 +120,8 @@ def run_worker(recipe: str, examples: int) -> dict:
                                       "labels": [list(x) for x in enc["input_ids"]]}).shuffle(seed=s.seed)
             collator = _Counting(DataCollatorForSeq2Seq(anchor_tok, pad_to_multiple_of=8, padding=True))
             sampling = "random"
-            extra = {"double_bos_rows": sum(ids[:2] == [anchor_tok.bos_token_id] * 2 for ids in enc["input_ids"])}
+            extra = {"double_bos_rows": sum(ids[:2] == [anchor_tok.bos_token_id] * 2 for ids in enc["input_ids"]),
+                     "unpadded_tokens": sum(map(len, enc["input_ids"]))}
         args = training_arguments(s, tmp, train_sampling_strategy=sampling, **no_eval)
         trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=collator)
     if gpu:
@@ -155,6 +157,7 @@ ROWS = [("training wall time, s (median)", "seconds", "{:.2f}"),
         ("useful answer tokens / CPU-second", "useful_tokens_per_cpu_s", "{:,.0f}"),
         ("useful answer tokens", "useful_answer_tokens", "{:,.0f}"),
         ("tokens fed to the model (with padding)", "input_tokens", "{:,.0f}"),
+        ("tokens of the rows, without padding", "unpadded_tokens", "{:,.0f}"),
         ("labelled tokens", "labelled_tokens", "{:,.0f}"),
         ("peak memory growth, MB (median)", "peak_growth_mb", "{:,.1f}"),
         ("peak memory, MB (median)", "peak_mb", "{:,.1f}")]
@@ -195,6 +198,10 @@ def main(argv=None) -> dict:
     for key, what in (("useful_tokens_per_s", "wall"), ("useful_tokens_per_cpu_s", "CPU")):
         print(f"useful answer tokens per {what} second, lesson 05 / anchor: {ratios[key + ':ours/anchor']:.2f}x "
               f"(target >= 1.5x); lesson 05 / SFTTrainer: {ratios[key + ':ours/trl']:.2f}x (target >= 1.0x)")
+    # Same model, so the work per token is the same: padding alone can gain at most the anchor's tokens fed
+    # over lesson 05's rows without any padding (attention's quadratic part aside).
+    print(f"most that less padding can gain over the anchor here: {a['input_tokens']:,} / "
+          f"{med['ours']['unpadded_tokens']:,} tokens = {a['input_tokens'] / med['ours']['unpadded_tokens']:.2f}x")
     print(f"bench wall time: {time.perf_counter() - wall:.0f} s")
     report = {"medians": med, "runs": runs, "ratios": ratios}
     if args.json:
