@@ -12,6 +12,7 @@ import importlib.util
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -116,9 +117,10 @@ class Server:
 
         return OpenAI(base_url=self.base_url, api_key=self.api_key, timeout=timeout, max_retries=0)
 
-    def stop(self, timeout: float = 20.0) -> None:
+    def stop(self, timeout: float = 20.0, *, keep_log: bool = False) -> None:
         """SIGTERM to the server's process group, SIGKILL to what is left after ``timeout`` s; idempotent.
-        Returns once no process of the group runs (the engine core too, even if the API server was killed)."""
+        Returns once no process of the group runs (the engine core too, even if the API server was killed),
+        then deletes the server's temporary folder (log, chat template) unless ``keep_log``."""
         _SERVERS.pop(self.key, None)
         # A dead API server cannot shut its children (the engine core) down: then SIGKILL at once.
         for sig, wait in ((signal.SIGTERM, timeout if self.alive() else 0), (signal.SIGKILL, 10.0)):
@@ -128,6 +130,8 @@ class Server:
             while (self.alive() or group_members(self.process.pid)) and time.monotonic() < deadline:
                 time.sleep(0.1)
         self.process.wait()
+        if not keep_log:
+            shutil.rmtree(self.log_path.parent, ignore_errors=True)
 
 
 def start_server(model=None, *, adapters: dict[str, str | Path] | None = None, port: int | None = None,
@@ -154,8 +158,9 @@ def start_server(model=None, *, adapters: dict[str, str | Path] | None = None, p
             "--max-model-len", "1024"]
     if not torch.cuda.is_available():
         args += ["--dtype", "float32", "--enforce-eager"]
+    workdir = Path(tempfile.mkdtemp(prefix=f"vllm-{port}-"))  # the log and the chat template; stop() deletes it
     if AutoTokenizer.from_pretrained(choice.path).chat_template is None:  # FlagAlpha's ship none; chat needs one
-        template = Path(tempfile.mkstemp(prefix="chat-template-", suffix=".jinja")[1])
+        template = workdir / "chat_template.jinja"
         text = TEMPLATES[choice.chat_format].replace("{% generation %}", "").replace("{% endgeneration %}", "")
         template.write_text(text, "utf-8")  # the course's template (lesson 03), without the training-mask tags
         args += ["--chat-template", str(template)]
@@ -164,11 +169,11 @@ def start_server(model=None, *, adapters: dict[str, str | Path] | None = None, p
         rank = min(r for r in LORA_RANKS if r >= max(ranks))
         args += ["--enable-lora", "--max-loras", str(len(adapters)), "--max-lora-rank", str(rank),
                  "--lora-modules", *[f"{name}={path}" for name, path in adapters.items()]]
-    # On a CPU: a 1 GiB KV cache, and the model runs inside the engine process (no third process to start: a
-    # start takes ~35 s instead of ~50 s on 2 cores, see bench/serve.py for the throughput). Either can be overridden.
+    # On a CPU: a 1 GiB KV cache, and the model runs inside the engine process (no third process to start; on
+    # 2 cores bench.serve measured a start of 41 s instead of 63 s and more throughput). Either can be overridden.
     cpu = {} if torch.cuda.is_available() else {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
     env = {**cpu, **os.environ}
-    log_path = Path(tempfile.mkstemp(prefix=f"vllm-{port}-", suffix=".log")[1])
+    log_path = workdir / "server.log"
     with open(log_path, "wb") as log:
         process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                                    start_new_session=True,
@@ -178,7 +183,7 @@ def start_server(model=None, *, adapters: dict[str, str | Path] | None = None, p
     try:
         _wait_healthy(server, port, timeout)
     except BaseException:  # a failed start or Ctrl-C while waiting: never leave the process behind
-        server.stop()
+        server.stop(keep_log=True)  # the error names the log
         raise
     return server
 

@@ -14,6 +14,7 @@ import sys
 import textwrap
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -141,6 +142,8 @@ def test_failed_start_shows_the_log_tail(choice, monkeypatch):
     with pytest.raises(TutorialError, match="No module named") as err:
         start_server(choice, timeout=60)
     assert "failed to start" in str(err.value)
+    log = next(word for word in str(err.value).split() if word.endswith("server.log"))
+    assert Path(log).is_file(), "after a failed start the log the error names is kept"
 
 
 def test_server_dies_with_its_parent(tmp_path):
@@ -263,3 +266,4 @@ def test_killed_server_mid_stream_then_nothing_left(server):
     assert not server.alive()
     assert not group_members(server.process.pid), "stop() leaves no process of the server's group running"
     assert port_is_free(port)
+    assert not server.log_path.parent.exists(), "stop() deletes the server's temporary folder (log, template)"
