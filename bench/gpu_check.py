@@ -282,10 +282,10 @@ def machine_description(device: str, dtype: torch.dtype, bandwidth: float) -> di
 
 
 def tiny_shape() -> dict:
-    from helpers.tiny import RECIPE, ensure_tiny_model
+    from helpers.tiny import ensure_tiny_model
 
     config = json.loads((ensure_tiny_model(verbose=False) / "config.json").read_text())
-    return {**RECIPE["model"], "vocab_size": config["vocab_size"]}
+    return {key: config[key] for key in (*LLAMA2_SHAPES["llama2-7b"], "rms_norm_eps")}
 
 
 def run(shape: str | None = None, *, new_tokens: int | None = None, lora_seq: int = 512, workdir: str | None = None,

@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from transformers import AutoTokenizer, LlamaTokenizer  # noqa: E402
 
 from helpers.config import TutorialError, bilingual, home_dir  # noqa: E402
-from helpers.tiny import LLAMA2_CHAT_TEMPLATE  # noqa: E402
+from scripts.build_tiny_model import LLAMA2_CHAT_TEMPLATE  # noqa: E402
 
 GGUF_NAME = "ggml-vocab-llama-spm.gguf"
 SOURCE_PACKAGE = "llama-cpp-python==0.3.36"

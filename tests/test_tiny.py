@@ -1,9 +1,10 @@
-"""The tiny offline Llama-2 (helpers/tiny.py): tokenizer like Llama-2's, model, cache, behaviour."""
+"""The tiny offline Llama-2 (scripts/build_tiny_model.py, cached by helpers/tiny.py): tokenizer like Llama-2's,
+model, cache, behaviour."""
 
 from __future__ import annotations
 
-import copy
 import hashlib
+import importlib.util
 import json
 
 import pytest
@@ -11,7 +12,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
 from helpers import tiny
+from helpers.config import TutorialError
 from helpers.evaluation import chinese_share
+from scripts.build_tiny_model import LLAMA2_CHAT_TEMPLATE
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +75,7 @@ def test_rare_characters_use_byte_fallback(tok):
 
 
 def test_chat_template_is_llama2(tok):
-    assert tok.chat_template == tiny.LLAMA2_CHAT_TEMPLATE
+    assert tok.chat_template == LLAMA2_CHAT_TEMPLATE
     text = tok.apply_chat_template(
         [{"role": "system", "content": "S"}, {"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}],
         tokenize=False,
@@ -100,36 +103,52 @@ def test_answers_a_chinese_question_in_english_like_text(tok, model):
     assert sum(ch.isascii() and ch.isalpha() for ch in answer) >= 10
 
 
-def test_recipe_hash_follows_recipe(monkeypatch):
-    before = tiny.recipe_hash()
-    changed = copy.deepcopy(tiny.RECIPE)
-    changed["train"]["steps"] += 1
-    monkeypatch.setattr(tiny, "RECIPE", changed)
-    assert tiny.recipe_hash() != before
+def test_cache_key_follows_the_build_script(monkeypatch, tmp_path):
+    before = tiny.build_hash()
+    script = tmp_path / tiny.BUILD_SCRIPT.name
+    script.write_bytes(tiny.BUILD_SCRIPT.read_bytes())
+    monkeypatch.setattr(tiny, "BUILD_SCRIPT", script)
+    assert tiny.build_hash() == before
+    script.write_text(script.read_text().replace('"steps": 360', '"steps": 361'))
+    assert tiny.build_hash() != before
 
 
-def test_recipe_hash_follows_corpus(monkeypatch, tmp_path):
-    before = tiny.recipe_hash()
+def test_cache_key_follows_the_corpus(monkeypatch, tmp_path):
+    before = tiny.build_hash()
     for name in tiny.CORPUS_FILES:
         (tmp_path / name).write_bytes((tiny.DATA_DIR / name).read_bytes())
     monkeypatch.setattr(tiny, "DATA_DIR", tmp_path)
-    assert tiny.recipe_hash() == before
+    assert tiny.build_hash() == before
     with open(tmp_path / "pretrain_zh.txt", "a", encoding="utf-8") as f:
         f.write("新加的一行语料。\n")
-    assert tiny.recipe_hash() != before
+    assert tiny.build_hash() != before
 
 
-def test_build_is_deterministic(monkeypatch, tmp_path):
-    quick = copy.deepcopy(tiny.RECIPE)
-    quick["train"]["steps"] = 3
-    monkeypatch.setattr(tiny, "RECIPE", quick)
+def test_build_is_deterministic(tmp_path):
+    spec = importlib.util.spec_from_file_location("build_tiny_model", tiny.BUILD_SCRIPT)
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    build.RECIPE["train"]["steps"] = 3  # this module object only: the script file is unchanged
     digests = []
     for name in ("a", "b"):
-        out = tiny.build_tiny_model(tmp_path / name, verbose=False)
+        out = build.build_tiny_model(tmp_path / name, verbose=False)
         digests.append(
             [hashlib.sha256((out / f).read_bytes()).hexdigest() for f in ("model.safetensors", "tokenizer.json")]
         )
     assert digests[0] == digests[1]
+
+
+def test_failed_build_says_why_and_caches_nothing(monkeypatch, tmp_path):
+    script = tmp_path / "build_tiny_model.py"
+    script.write_text("import sys\nprint('reading data/pretrain_zh.txt')\nsys.exit('corpus line 7 is broken')\n")
+    monkeypatch.setattr(tiny, "BUILD_SCRIPT", script)
+    monkeypatch.setenv("LLAMA_TUTORIAL_HOME", str(tmp_path / "home"))
+    with pytest.raises(TutorialError) as caught:
+        tiny.ensure_tiny_model(verbose=False)
+    message = str(caught.value)
+    assert "构建 tiny 模型失败" in message and "exited with 1" in message and "corpus line 7 is broken" in message
+    left = [p.name for p in (tmp_path / "home" / "tiny").iterdir() if not p.name.endswith(".lock")]
+    assert left == [], f"a failed build must leave no folder behind: {left}"
 
 
 def test_lesson_00_answer_is_english_like_for_the_tiny_model():
