@@ -207,7 +207,6 @@ CSV_ROLE_NAMES = {"user": "Human", "assistant": "Assistant", "system": "System"}
 _CSV_ROLES = {name: role for role, name in CSV_ROLE_NAMES.items()}
 # Where one CSV turn ends and the next begins: "</s>" right before "<s>Human:" (or Assistant/System).
 _CSV_TURN_END = re.compile(r"\n?</s>(?=<s>(?:Human|Assistant|System):)")
-_CSV_BOUNDARY_IN_TEXT = re.compile(r"</s><s>(?:Human|Assistant|System):")
 _CSV_HEADER = re.compile(r"<s>(Human|Assistant|System):[ ]?")
 
 
@@ -239,21 +238,3 @@ def csv_text_to_messages(text: str, *, row: int | None = None) -> list[dict]:
             kind_zh, kind_en = ("回答", "answer") if m["role"] == "assistant" else ("问题", "question")
             raise PromptFormatError(bilingual(f"{zh}第 {n} 条消息的{kind_zh}是空的。", f"{en}: message {n} has an empty {kind_en}."))
     return messages
-
-
-def messages_to_csv_text(messages: list[dict]) -> str:
-    """One row of the article's CSV, the inverse of :func:`csv_text_to_messages` (notebooks/03_prompt_templates.ipynb);
-    refuses what would not read back the same: no final answer, an empty message, a turn boundary."""
-    check_messages(messages)
-    if messages[-1]["role"] != "assistant":
-        raise PromptFormatError(bilingual("文章的 CSV 每一行都以回答结尾：最后一条消息必须来自 assistant。",
-                                          "Every row of the article's CSV ends with an answer: the last message must be the assistant's."))
-    for n, m in enumerate(messages, 1):
-        found = _CSV_BOUNDARY_IN_TEXT.search(m["content"])
-        if m["role"] != "system" and not m["content"].strip():
-            raise PromptFormatError(bilingual(f"第 {n} 条消息是空的。", f"Message {n} is empty."))
-        if found:
-            raise PromptFormatError(bilingual(
-                f"第 {n} 条消息里含有轮次分界 {found.group(0)!r}，写进 CSV 后会被读成新的一轮。请改写它。",
-                f"Message {n} contains the turn boundary {found.group(0)!r}; in the CSV it would read as a new turn. Rewrite it."))
-    return "".join(f"<s>{CSV_ROLE_NAMES[m['role']]}: {m['content']}\n</s>" for m in messages)

@@ -23,11 +23,13 @@ from helpers.prompts import (
     encode,
     encode_prompt,
     load_llama2_tokenizer,
-    messages_to_csv_text,
     token_table,
     truncate_history,
 )
 from helpers.tiny import ensure_tiny_model
+from tests.lesson_code import lesson_definitions
+
+messages_to_csv_text = lesson_definitions("03_prompt_templates.ipynb", "c37-24")["messages_to_csv_text"]  # lesson 03 writes it
 
 HYPOTHESIS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
