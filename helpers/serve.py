@@ -25,7 +25,6 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
-from helpers.chat import free_port
 from helpers.config import REPO_ROOT, TutorialError, bilingual, resolve_model
 from helpers.prompts import TEMPLATES
 
@@ -49,6 +48,13 @@ def serve_python() -> str:
         f"或在 Colab/GPU 上 `pip install vllm`，或用 {SERVE_PYTHON_ENV} 指向装好 vllm 的 python。",
         f"No vLLM environment: no {SERVE_VENV} and no vllm in this python. Run `make serve-env` at the repository "
         f"root, or `pip install vllm` on Colab/a GPU, or point {SERVE_PYTHON_ENV} at a python that has vllm."))
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now: where start_server puts a server by default (lesson 07)."""
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return sock.getsockname()[1]
 
 
 def port_is_free(port: int) -> bool:
@@ -146,7 +152,7 @@ def start_server(model=None, *, adapters: dict[str, str | Path] | None = None, p
         return _SERVERS[key]
     python = serve_python()
     if port is None:
-        port = free_port(HOST)
+        port = free_port()
     elif not port_is_free(port):
         raise TutorialError(bilingual(
             f"端口 {port} 已被占用（也许是还没停掉的服务器，`lsof -i :{port}` 可查）。换一个端口，或不传 port 自动挑选。",
@@ -209,39 +215,3 @@ def stop_all() -> None:
     """Stop every server this process started (also runs at exit)."""
     for server in list(_SERVERS.values()):
         server.stop()
-
-
-class OpenAIChatStream:
-    """One streamed chat answer, as lesson 04's ChatWidget backend contract asks (helpers.chat docstring)."""
-
-    def __init__(self, client, model: str, messages: list[dict], params, stop):
-        self.client, self.model, self.messages, self.params, self.stop = client, model, messages, params, stop
-        self.token_count = self.finish_reason = None
-
-    def __iter__(self):
-        p = self.params
-        sampling = {"temperature": p.temperature, "top_p": p.top_p} if p.do_sample else {"temperature": 0.0}
-        extra = {"repetition_penalty": p.repetition_penalty, **({"top_k": p.top_k} if p.do_sample and p.top_k else {})}
-        stream = self.client.chat.completions.create(
-            model=self.model, messages=self.messages, max_tokens=p.max_new_tokens, stream=True,
-            stream_options={"include_usage": True}, extra_body=extra, **sampling)
-        try:
-            for event in stream:
-                if event.usage:
-                    self.token_count = event.usage.completion_tokens
-                for choice in event.choices:
-                    if choice.finish_reason:
-                        self.finish_reason = {"stop": "eos"}.get(choice.finish_reason, choice.finish_reason)
-                    if choice.delta.content:
-                        yield choice.delta.content
-                if self.stop.is_set():
-                    self.finish_reason = "stop"
-                    break
-        finally:
-            stream.close()
-
-
-def openai_backend(client, model: str):
-    """A ChatWidget backend streaming from an OpenAI-compatible server (notebooks/07_serving_vllm.ipynb):
-    ``ChatWidget(backend=openai_backend(server.client(), "tiny"))``; each call returns an OpenAIChatStream."""
-    return functools.partial(OpenAIChatStream, client, model)

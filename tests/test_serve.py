@@ -25,7 +25,8 @@ from helpers import serve
 from helpers.config import TutorialError, resolve_model
 from helpers.evaluation import load_questions, question_messages
 from helpers.prompts import SYSTEM_PROMPT_ARTICLE, encode_prompt
-from helpers.serve import check_adapter, group_members, openai_backend, port_is_free, start_server
+from helpers.serve import check_adapter, group_members, port_is_free, start_server
+from tests.lesson_code import lesson_definitions
 
 NEW_TOKENS = 24
 N_QUESTIONS = 12
@@ -208,6 +209,7 @@ def test_stream_equals_non_streamed_answer(server):
 def test_openai_backend_follows_the_chat_widget_contract(server):
     from helpers.chat import GenerationParams
 
+    openai_backend = lesson_definitions("07_serving_vllm.ipynb", "ae780859")["openai_backend"]  # lesson 07 writes it
     backend = openai_backend(server.client(timeout=60), "tiny")
     stream = backend([{"role": "user", "content": "你好"}], GenerationParams(do_sample=False, max_new_tokens=16),
                      threading.Event())
