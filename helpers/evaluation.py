@@ -1,15 +1,13 @@
-"""Chinese evaluation: the plumbing around the metrics notebooks/06_evaluation.ipynb writes out."""
+"""Chinese evaluation: what notebooks/06_evaluation.ipynb (which writes the metrics out) shares with lesson 07 and
+the others: the Chinese-share formula, the checked question file, prompts, resumable batched generation."""
 
 from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import re
 import warnings
 from pathlib import Path
-
-import pandas as pd
 
 from helpers.config import DATA_DIR, TutorialError, bilingual
 from helpers.prompts import SYSTEM_PROMPT_ARTICLE, article_prompt, encode_prompt
@@ -19,7 +17,6 @@ HAN_RE = re.compile(  # Han ideographs: CJK Unified Ideographs, Extensions A-F a
 )
 LATIN_WORD_RE = re.compile(r"[A-Za-z\u00c0-\u024f]+(?:['’][A-Za-z]+)?")
 CODE_RE = re.compile(r"```.*?(?:```|$)|`[^`\n]*`", re.S)  # fenced blocks (closed or not), inline code
-CHINESE_THRESHOLD, ENGLISH_THRESHOLD = 0.8, 0.2
 # Questions whose right answer is English; they are left out of the Chinese-answer rate.
 TASK_TRANSLATE_TO_EN = "translate_to_en"
 TRANSLATE_TO_EN_RE = re.compile(r"(翻译|译)(成|为|到)?(英文|英语)|用英(文|语)(回答|写)|translate\b.*\b(in)?to\s+english", re.I | re.S)
@@ -30,15 +27,6 @@ def chinese_share(text: str) -> float | None:
     clean = CODE_RE.sub(" ", text or "")
     han, latin = len(HAN_RE.findall(clean)), len(LATIN_WORD_RE.findall(clean))
     return han / (han + latin) if han + latin else None
-
-
-def answer_language(text: str) -> dict:
-    """``share``, ``label`` (zh from 0.8, mixed from 0.2, en, none), ``starts_zh`` of an answer (lesson 06)."""
-    share = chinese_share(text)
-    label = "none" if share is None else "zh" if share >= CHINESE_THRESHOLD else (
-        "mixed" if share >= ENGLISH_THRESHOLD else "en")
-    first = re.search(f"{HAN_RE.pattern}|{LATIN_WORD_RE.pattern}", CODE_RE.sub(" ", text or ""))
-    return {"share": share, "label": label, "starts_zh": bool(first and HAN_RE.match(first.group()))}
 
 
 # The article's categories (AtomBulb's first-level classes), in the article's order.
@@ -54,7 +42,8 @@ def _fail(zh: str, en: str):
     raise EvalDataError(bilingual(zh, en))
 
 
-def _read_text(path: Path, what: tuple[str, str]) -> str:
+def read_text(path: Path, what: tuple[str, str]) -> str:
+    """A UTF-8 file's text, or an :class:`EvalDataError` for a missing or non-UTF-8 file (notebooks/06_evaluation.ipynb)."""
     if not path.is_file():
         _fail(f"找不到{what[0]}文件 {path}。请检查路径。", f"The {what[1]} file {path} does not exist. Check the path.")
     try:
@@ -68,7 +57,7 @@ def load_questions(path: str | Path | None = None) -> list[dict]:
     """The checked questions of ``path`` (default data/eval_questions.json; AtomBulb's load unchanged), lesson 06."""
     path = Path(path) if path is not None else DATA_DIR / "eval_questions.json"
     try:
-        data = json.loads(_read_text(path, ("问题", "question")))
+        data = json.loads(read_text(path, ("问题", "question")))
     except json.JSONDecodeError as err:
         _fail(f"{path} 不是合法的 JSON：第 {err.lineno} 行第 {err.colno} 列 {err.msg}。常见原因：多余的逗号、单引号、缺少括号。",
               f"{path} is not valid JSON: line {err.lineno}, column {err.colno}: {err.msg}. "
@@ -178,97 +167,3 @@ def generate_answers(model, tokenizer, questions: list[dict], answers_path: str 
                 fh.writelines(json.dumps(done[q["qid"]], ensure_ascii=False) + "\n" for q in chunk)
             bar.update(len(chunk))
     return [done[q["qid"]] for q in questions]
-
-
-def rouge_l(hypothesis: str, reference: str) -> float:
-    """ROUGE-L F1 on jieba words without punctuation, 0.0 without words (by hand in notebooks/06_evaluation.ipynb)."""
-    import jieba
-    from rouge_chinese import Rouge
-
-    jieba.setLogLevel(logging.WARNING)
-    hyp, ref = (" ".join(w.lower() for w in jieba.lcut(t or "") if re.search(r"\w", w)) for t in (hypothesis, reference))
-    return float(Rouge(metrics=["rouge-l"]).get_scores(hyp, ref)[0]["rouge-l"]["f"]) if hyp and ref else 0.0
-
-
-def bleu(hypotheses: list[str], references: list[str]) -> float:
-    """Corpus BLEU (0-100), sacrebleu's ``zh`` tokenizer; NaN without pairs (notebooks/06_evaluation.ipynb)."""
-    import sacrebleu
-
-    if not hypotheses:
-        return float("nan")
-    return float(sacrebleu.corpus_bleu([h or "" for h in hypotheses], [[r or "" for r in references]], tokenize="zh").score)
-
-
-COL_COUNT, COL_ZH, COL_MIXED, COL_EN, COL_NONE = "题数", "中文回答率", "中英混合率", "英文回答率", "无文字率"
-COL_STARTS, COL_ROUGE, COL_BLEU = "以中文开头率", "ROUGE-L", "BLEU"
-OVERALL, UNCATEGORIZED = "全部", "未分类"
-
-
-def score_answers(records: list[dict], questions: list[dict]):
-    """One row per question: its fields, answer, chinese_share, language, starts_zh, counted, rouge_l (lesson 06)."""
-    by_qid = {r["qid"]: r.get("answer") or "" for r in records}
-    rows = []
-    for q in questions:
-        answer, ref = by_qid.get(q["qid"], ""), q.get("reference")
-        lang = answer_language(answer)
-        rows.append({**q, "first_level_class": q.get("first_level_class") or UNCATEGORIZED, "answer": answer,
-                     "chinese_share": lang["share"], "language": lang["label"], "starts_zh": lang["starts_zh"],
-                     "counted": q.get("task") != TASK_TRANSLATE_TO_EN,
-                     "rouge_l": rouge_l(answer, ref) if ref else float("nan")})
-    return pd.DataFrame(rows)
-
-
-def _summary_row(group) -> pd.Series:
-    counted, refs = group[group["counted"]], group[group["reference"].notna()]
-    language = counted["language"]  # the mean of no rows is NaN: a category with nothing counted
-    return pd.Series({COL_COUNT: len(group), COL_ZH: (language == "zh").mean(),
-                      COL_MIXED: (language == "mixed").mean(), COL_EN: (language == "en").mean(),
-                      COL_NONE: (language == "none").mean(), COL_STARTS: counted["starts_zh"].astype(bool).mean(),
-                      COL_ROUGE: refs["rouge_l"].mean(), COL_BLEU: bleu(list(refs["answer"]), list(refs["reference"]))})
-
-
-def summarize(scored):
-    """Per-category table of :func:`score_answers` output plus a row ``全部`` (notebooks/06_evaluation.ipynb)."""
-    rows = {cat: _summary_row(group) for cat, group in scored.groupby("first_level_class", sort=False)}
-    table = pd.DataFrame([*rows.values(), _summary_row(scored)], index=[*rows, OVERALL]).rename_axis("类别")
-    return table.astype({COL_COUNT: int})
-
-
-COLUMN_ALIASES = {  # lower-cased column name -> role; FlagAlpha's tables use 一级分类 | 二级分类 | 问题 | 答案
-    "question": "question", "prompt": "question", "instruction": "question", "问题": "question",
-    "answer": "answer", "response": "answer", "output": "answer", "回答": "answer", "答案": "answer",
-    "first_level_class": "first_level_class", "category": "first_level_class", "一级分类": "first_level_class",
-    "second_level_class": "second_level_class", "subcategory": "second_level_class", "二级分类": "second_level_class",
-}
-
-
-def read_published_answers(path: str | Path):
-    """(question, answer[, category...]) rows of a CSV or FlagAlpha's markdown table (notebooks/06_evaluation.ipynb)."""
-    path = Path(path)
-    if path.suffix.lower() not in (".csv", ".md"):
-        _fail(f"不支持的文件类型 {path.suffix!r}：请用 .csv 或 .md。", f"Unsupported file type {path.suffix!r}: use .csv or .md.")
-    text = _read_text(path, ("回答", "answers"))
-    if path.suffix.lower() == ".md":  # rows of the pipe table; the last column keeps any " | " it contains
-        rows = [line.strip()[1:-1] for line in text.split("\n") if re.fullmatch(r"\s*\|.*\|\s*", line)]
-        header = [c.strip() for c in rows[0].split("|")] if rows else []
-        frame = pd.DataFrame([dict(zip(header, (c.strip() for c in r.split(" | ", len(header) - 1))))
-                              for r in rows[1:] if not re.fullmatch(r"[\s|:-]*", r)])  # skips the | --- | line
-        frame = frame.replace({r"\\n": "\n", r'\\"': '"', r"\\t": "\t"}, regex=True)  # FlagAlpha's escapes
-    else:
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig") if text.strip() else pd.DataFrame()
-    frame = frame.rename(columns=lambda c: COLUMN_ALIASES.get(str(c).strip().lower(), c))
-    if frame.empty or not {"question", "answer"} <= set(frame.columns):
-        columns = ", ".join(map(str, frame.columns)) or "无 / none"
-        _fail(f"{path} 需要一张含“问题”和“回答”两列的表（例如 question 和 answer）。找到的列：{columns}。",
-              f"{path} needs a table with a question and an answer column (e.g. question and answer). Columns found: {columns}.")
-    frame = frame.loc[:, ~frame.columns.duplicated()].fillna("").astype(str)
-    frame["answer"] = frame["answer"].str.replace(r'\s*</s>"?\s*$', "", regex=True)  # FlagAlpha's answers end in </s>"
-    return frame.reset_index(drop=True)
-
-
-def score_published_answers(path: str | Path):
-    """The per-category table (:func:`summarize`) of any model's published answers (notebooks/06_evaluation.ipynb)."""
-    rows = read_published_answers(path).to_dict(orient="records")
-    questions = [{"qid": i, "question": r["question"], "reference": None, "first_level_class": r.get("first_level_class"),
-                  "task": TASK_TRANSLATE_TO_EN if TRANSLATE_TO_EN_RE.search(r["question"]) else None} for i, r in enumerate(rows)]
-    return summarize(score_answers([{"qid": i, "answer": r["answer"]} for i, r in enumerate(rows)], questions))

@@ -13,6 +13,13 @@ from helpers.config import REPO_ROOT
 DEFINITIONS = (ast.Import, ast.ImportFrom, ast.FunctionDef, ast.ClassDef)
 
 
+def _upper_case(target) -> bool:
+    """``NAME = ...`` or ``NAME_A, NAME_B = ...`` with upper-case names only."""
+    if isinstance(target, ast.Tuple):
+        return all(_upper_case(t) for t in target.elts)
+    return isinstance(target, ast.Name) and target.id.isupper()
+
+
 def lesson_definitions(lesson: str, *cell_ids: str) -> dict:
     """The namespace the definitions of ``cell_ids`` (in this order) of notebooks/``lesson`` leave behind."""
     cells = {cell.id: cell.source for cell in nbformat.read(REPO_ROOT / "notebooks" / lesson, as_version=4).cells}
@@ -20,6 +27,6 @@ def lesson_definitions(lesson: str, *cell_ids: str) -> dict:
     for cell_id in cell_ids:
         tree = ast.parse(cells[cell_id])
         tree.body = [node for node in tree.body if isinstance(node, DEFINITIONS) or (
-            isinstance(node, ast.Assign) and all(isinstance(t, ast.Name) and t.id.isupper() for t in node.targets))]
+            isinstance(node, ast.Assign) and all(_upper_case(t) for t in node.targets))]
         exec(compile(tree, f"{lesson}, cell {cell_id}", "exec"), namespace)
     return namespace

@@ -7,6 +7,7 @@ import json
 import math
 import re
 from collections import Counter
+from types import SimpleNamespace
 
 import pandas as pd
 import pytest
@@ -16,6 +17,10 @@ from hypothesis import strategies as st
 from helpers import evaluation as ev
 from helpers.config import TutorialError
 from helpers.prompts import SYSTEM_PROMPT_ARTICLE, article_prompt, encode_prompt
+from tests.lesson_code import lesson_definitions
+
+# Lesson 06 writes its metrics out (sections 2, 3, 6 and 12): the tests run that code.
+L = SimpleNamespace(**lesson_definitions("06_evaluation.ipynb", "c41-03", "c41-09", "c41-24", "c41-22", "c41-36a"))
 
 HAN = re.compile(r"[\u4e00-\u9fff]")
 
@@ -50,20 +55,20 @@ def _bilingual(message: str) -> bool:
 def test_chinese_share_and_label(text, share, label):
     got = ev.chinese_share(text)
     assert got is None if share is None else got == pytest.approx(share)
-    assert ev.answer_language(text)["label"] == label
+    assert L.answer_language(text)["label"] == label
 
 
 @pytest.mark.parametrize("text, starts", [("好的，Sure thing", True), ("Sure! 好的，我来回答。", False),
                                           ("2024年是龙年", True), ("```python\nprint(1)\n```\n这是代码", True),
                                           ("", False), ("😀 Hello", False)])
 def test_starts_in_chinese(text, starts):
-    assert ev.answer_language(text)["starts_zh"] is starts
+    assert L.answer_language(text)["starts_zh"] is starts
 
 
 @settings(max_examples=200, deadline=None)
 @given(st.text(alphabet=st.sampled_from(list("中文回答abcXYZ 12，。！`\n😀é")), max_size=60))
 def test_share_is_a_fraction_and_label_follows_it(text):
-    facts = ev.answer_language(text)
+    facts = L.answer_language(text)
     if facts["share"] is None:
         assert facts["label"] == "none" and not facts["starts_zh"]
     else:
@@ -73,17 +78,17 @@ def test_share_is_a_fraction_and_label_follows_it(text):
 
 def test_rouge_l_and_bleu_on_chinese():
     ref = "太平洋是世界上面积最大的大洋"
-    assert 0.3 < ev.rouge_l("太平洋是最大的大洋", ref) < 1.0
-    assert ev.rouge_l(ref, ref) == pytest.approx(1.0, abs=1e-6)
-    assert ev.rouge_l("今天晚饭吃面条", ref) == 0.0
-    assert ev.rouge_l("The Pacific is the largest ocean", ref) == 0.0
-    assert ev.rouge_l("先分组再统计", "先 分组 再 统计") > ev.rouge_l("统计再分组先", "先 分组 再 统计")
+    assert 0.3 < L.rouge_l("太平洋是最大的大洋", ref) < 1.0
+    assert L.rouge_l(ref, ref) == pytest.approx(1.0, abs=1e-6)
+    assert L.rouge_l("今天晚饭吃面条", ref) == 0.0
+    assert L.rouge_l("The Pacific is the largest ocean", ref) == 0.0
+    assert L.rouge_l("先分组再统计", "先 分组 再 统计") > L.rouge_l("统计再分组先", "先 分组 再 统计")
     for hyp, r in [("", "长江"), ("长江", ""), ("。！？", "长江"), ("😀", "长江")]:
-        assert ev.rouge_l(hyp, r) == 0.0
+        assert L.rouge_l(hyp, r) == 0.0
     long_ref = "长江是中国最长的河流，全长约6300公里。"
-    assert ev.bleu([long_ref], [long_ref]) == pytest.approx(100.0)
-    assert 0 < ev.bleu(["长江是中国最长的河流。"], [long_ref]) < 100
-    assert ev.bleu([""], [long_ref]) == 0.0 and math.isnan(ev.bleu([], []))
+    assert L.bleu([long_ref], [long_ref]) == pytest.approx(100.0)
+    assert 0 < L.bleu(["长江是中国最长的河流。"], [long_ref]) < 100
+    assert L.bleu([""], [long_ref]) == 0.0 and math.isnan(L.bleu([], []))
 
 
 # --------------------------------------------------------------------------- question files
@@ -178,20 +183,20 @@ def _questions():
 def test_score_and_summarize():
     records = [{"qid": 1, "answer": "长江全长约6300公里，是中国最长的河流。"}, {"qid": 2, "answer": "Spring comes, 花开了"},
                {"qid": 3, "answer": "Hello."}, {"qid": 4, "answer": "The Yellow River is long."}]
-    scored = ev.score_answers(records, _questions())
+    scored = L.score_answers(records, _questions())
     assert list(scored["language"]) == ["zh", "mixed", "en", "en"]
     assert list(scored["counted"]) == [True, True, False, True]
     assert scored.loc[0, "rouge_l"] > 0 and scored.loc[3, "rouge_l"] == 0 and math.isnan(scored.loc[1, "rouge_l"])
-    table = ev.summarize(scored)
-    assert list(table.index) == ["通用知识", "创作能力", "语言理解", ev.OVERALL]
-    overall = table.loc[ev.OVERALL]
-    assert overall[ev.COL_ZH] == pytest.approx(1 / 3) and overall[ev.COL_EN] == pytest.approx(1 / 3)
-    assert overall[ev.COL_COUNT] == 4 and table[ev.COL_COUNT].dtype.kind == "i"
-    assert math.isnan(table.loc["语言理解", ev.COL_ZH])  # only a translation question: nothing counted
-    assert table.loc["通用知识", ev.COL_ROUGE] == pytest.approx(scored.loc[0, "rouge_l"] / 2)
-    assert overall[[ev.COL_ZH, ev.COL_MIXED, ev.COL_EN, ev.COL_NONE]].sum() == pytest.approx(1.0)
-    empty = ev.summarize(ev.score_answers([], _questions()))  # no answers at all: nothing crashes
-    assert empty.loc[ev.OVERALL, ev.COL_NONE] == 1.0 and empty.loc[ev.OVERALL, ev.COL_BLEU] == 0.0
+    table = L.summarize(scored)
+    assert list(table.index) == ["通用知识", "创作能力", "语言理解", L.OVERALL]
+    overall = table.loc[L.OVERALL]
+    assert overall[L.COL_ZH] == pytest.approx(1 / 3) and overall[L.COL_EN] == pytest.approx(1 / 3)
+    assert overall[L.COL_COUNT] == 4 and table[L.COL_COUNT].dtype.kind == "i"
+    assert math.isnan(table.loc["语言理解", L.COL_ZH])  # only a translation question: nothing counted
+    assert table.loc["通用知识", L.COL_ROUGE] == pytest.approx(scored.loc[0, "rouge_l"] / 2)
+    assert overall[[L.COL_ZH, L.COL_MIXED, L.COL_EN, L.COL_NONE]].sum() == pytest.approx(1.0)
+    empty = L.summarize(L.score_answers([], _questions()))  # no answers at all: nothing crashes
+    assert empty.loc[L.OVERALL, L.COL_NONE] == 1.0 and empty.loc[L.OVERALL, L.COL_BLEU] == 0.0
 
 
 # --------------------------------------------------------------------------- FlagAlpha's published tables
@@ -209,14 +214,14 @@ SAMPLE_MD = HEADER + (
 def test_published_markdown_table_is_read_as_flagalpha_writes_it(tmp_path):
     path = tmp_path / "meta_eval_7B.md"
     path.write_text(SAMPLE_MD, encoding="utf-8")
-    frame = ev.read_published_answers(path)
+    frame = L.read_published_answers(path)
     assert list(frame["first_level_class"]) == ["通用知识", "代码编程", "语言理解"]
     assert frame.loc[0, "answer"] == "Hello! China has 23 provinces.\n\n* Anhui\n* Fujian"
     assert frame.loc[1, "answer"].startswith('这段代码输出 1 到 10，例如 "1"。\n```python')
     assert frame.loc[2, "answer"] == "I like spring. A | B", "a | inside the last column stays"
-    table = ev.score_published_answers(path)
-    assert table.loc["通用知识", ev.COL_EN] == 1.0 and table.loc["代码编程", ev.COL_ZH] == 1.0
-    assert math.isnan(table.loc["语言理解", ev.COL_ZH]), "a translation into English is not counted"
+    table = L.score_published_answers(path)
+    assert table.loc["通用知识", L.COL_EN] == 1.0 and table.loc["代码编程", L.COL_ZH] == 1.0
+    assert math.isnan(table.loc["语言理解", L.COL_ZH]), "a translation into English is not counted"
 
 
 def test_95_published_rows_give_seven_categories(tmp_path):
@@ -225,11 +230,11 @@ def test_95_published_rows_give_seven_categories(tmp_path):
             for cat, n in counts.items() for i in range(n)]
     path = tmp_path / "meta_eval_13B.md"
     path.write_text(HEADER + "\n".join(rows) + "\n", encoding="utf-8")
-    table = ev.score_published_answers(path)
-    assert table.loc[ev.OVERALL, ev.COL_COUNT] == 95
-    per_category = table.drop(index=ev.OVERALL)
-    assert len(per_category) == 7 and (per_category[ev.COL_COUNT] > 0).all()
-    assert (per_category[ev.COL_MIXED] == 1.0).all()  # 4 Latin words, 4 Han characters: mixed
+    table = L.score_published_answers(path)
+    assert table.loc[L.OVERALL, L.COL_COUNT] == 95
+    per_category = table.drop(index=L.OVERALL)
+    assert len(per_category) == 7 and (per_category[L.COL_COUNT] > 0).all()
+    assert (per_category[L.COL_MIXED] == 1.0).all()  # 4 Latin words, 4 Han characters: mixed
 
 
 @settings(max_examples=150, deadline=None)
@@ -239,7 +244,7 @@ def test_answers_survive_the_flagalpha_layout(tmp_path_factory, answer):
     path = tmp_path_factory.mktemp("md") / "answers.md"
     row = f"| 通用知识 | 子类 | 问题？ | {answer}</s> |".replace("\n", "\\n")
     path.write_text(HEADER + row + "\n", encoding="utf-8")
-    back = ev.read_published_answers(path).loc[0, "answer"]
+    back = L.read_published_answers(path).loc[0, "answer"]
     assert ev.chinese_share(back) == ev.chinese_share(answer)
 
 
@@ -248,24 +253,24 @@ def test_published_csv_with_category_columns(tmp_path, columns):
     path = tmp_path / "answers.csv"
     pd.DataFrame({columns[0]: ["通用知识", "逻辑推理"], columns[1]: ["a", "b"], "Question": ["长江有多长？", "1+1=?"],
                   "Answer": ["约6300公里。", "It is 2."]}).to_csv(path, index=False)
-    table = ev.score_published_answers(path)
-    assert list(table.index) == ["通用知识", "逻辑推理", ev.OVERALL]
-    assert table.loc["通用知识", ev.COL_ZH] == 1.0 and table.loc["逻辑推理", ev.COL_EN] == 1.0
+    table = L.score_published_answers(path)
+    assert list(table.index) == ["通用知识", "逻辑推理", L.OVERALL]
+    assert table.loc["通用知识", L.COL_ZH] == 1.0 and table.loc["逻辑推理", L.COL_EN] == 1.0
 
 
 def test_published_answers_with_wrong_columns_or_type(tmp_path):
     path = tmp_path / "p.csv"
     pd.DataFrame({"q": ["问题"], "a": ["回答"]}).to_csv(path, index=False)
     with pytest.raises(ev.EvalDataError) as err:
-        ev.score_published_answers(path)
+        L.score_published_answers(path)
     assert "q, a" in str(err.value) and _bilingual(str(err.value))
     (tmp_path / "empty.csv").write_text("", encoding="utf-8")
     (tmp_path / "no_table.md").write_text("# nothing here\n", encoding="utf-8")
     for name in ("empty.csv", "no_table.md"):
         with pytest.raises(ev.EvalDataError, match="question"):
-            ev.score_published_answers(tmp_path / name)
+            L.score_published_answers(tmp_path / name)
     with pytest.raises(ev.EvalDataError, match="Unsupported"):
-        ev.read_published_answers(tmp_path / "p.txt")
+        L.read_published_answers(tmp_path / "p.txt")
 
 
 # --------------------------------------------------------------------------- generation (tiny model)
@@ -506,7 +511,7 @@ def test_tiny_models_outcome_in_lesson_06(tiny, tmp_path):
         else:
             with model.disable_adapter():
                 records = ev.generate_answers(model, tokenizer, qs, path, settings_, progress=False)
-        return ev.summarize(ev.score_answers(records, qs)).loc[ev.OVERALL, ev.COL_ZH]
+        return L.summarize(L.score_answers(records, qs)).loc[L.OVERALL, L.COL_ZH]
 
     assert rate(article_run, False) < 0.2 and rate(article_run, True) < 0.2
     assert rate(train_format, False) < 0.2 and rate(train_format, True) > 0.6
