@@ -12,7 +12,6 @@ it early). Optional attributes of the result: ``token_count``, ``finish_reason``
 from __future__ import annotations
 
 import html
-import socket
 import threading
 import time
 from dataclasses import dataclass, replace
@@ -304,10 +303,3 @@ def history_to_messages(history: list, message, system_prompt: str = "") -> list
         turns.pop()
     system = [{"role": "system", "content": system_prompt.strip()}] if system_prompt.strip() else []
     return system + turns + [{"role": "user", "content": text(message)}]
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port nobody listens on right now (for the page in notebooks/04_streaming_chat.ipynb, servers in 07)."""
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]

@@ -21,6 +21,7 @@ from helpers.chat import ChatWidget, GenerationParams, history_to_messages, loca
 from helpers.config import REPO_ROOT, TutorialError, resolve_model
 from helpers.loading import load_model_and_tokenizer
 from helpers.prompts import PromptFormatError, encode_prompt
+from helpers.serve import free_port
 from scripts import gradio_chat
 
 GREEDY = GenerationParams(do_sample=False, max_new_tokens=40)
@@ -633,7 +634,7 @@ def test_gradio_page_streams_in_chunks_and_stops_cleanly(loaded):
     from gradio_client import Client
 
     model, tokenizer = loaded
-    port = chat_mod.free_port()
+    port = free_port()
     app = gradio_chat.build_gradio_app(local_backend(model, tokenizer), params=GenerationParams(do_sample=False),
                                     show_error=False)  # as on a page others can reach
     app.queue(default_concurrency_limit=1)
@@ -665,7 +666,7 @@ def test_gradio_page_streams_in_chunks_and_stops_cleanly(loaded):
         app.close()
     assert not _port_open(port), "the server still listens after close()"
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", chat_mod.free_port()))  # free_port gives a port one can bind
+        sock.bind(("127.0.0.1", free_port()))  # free_port gives a port one can bind
 
 
 class _FakeApp:
