@@ -228,7 +228,10 @@ def resume_point(ckpt_dir: str | Path, fingerprint: dict) -> str | None:
             f"The checkpoints in {ckpt_dir} belong to another run (different {what}), so they cannot be "
             "resumed. To start fresh, delete or rename that folder, or use another adapter folder."))
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    stored.write_text(json.dumps(fingerprint, indent=1), "utf-8")
+    if old != fingerprint:  # all ranks of a torchrun get here at once: a reader sees the whole file or none
+        tmp = stored.with_name(f".{stored.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(fingerprint, indent=1), "utf-8")
+        os.replace(tmp, stored)
     return last
 
 

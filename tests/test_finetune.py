@@ -466,3 +466,24 @@ def test_lora_turns_the_tiny_models_answers_chinese(choice, tok, tmp_path, monke
     assert share_before < 0.2, f"the base tiny model answers in English-like text ({share_before:.0%})"
     assert share_after > 0.6, f"after LoRA the answers are Chinese ({share_before:.0%} -> {share_after:.0%})"
     assert sum((chinese_share(a) or 0) > 0.5 for a in after) > len(after) / 2
+
+
+def _call_resume_point(ckpt_dir: str, rounds: int) -> str:
+    """One 'rank' (a separate process): resume_point over and over with two alternating fingerprints."""
+    try:
+        for n in range(rounds):
+            ft.resume_point(ckpt_dir, {"base_model": "tiny", "round": n % 2})
+    except Exception as err:  # noqa: BLE001 - the test reports what a rank saw
+        return f"{type(err).__name__}: {err}"
+    return ""
+
+
+def test_ranks_that_store_the_fingerprint_at_once_never_read_half_a_file(tmp_path):
+    """torchrun/accelerate start every rank into resume_point at the same moment (no checkpoints yet: any
+    fingerprint is stored). A rank must never read the file another is writing (it once read it empty:
+    JSONDecodeError, and the resumed two-process run of lesson 08 failed)."""
+    import multiprocessing
+
+    with multiprocessing.get_context("fork").Pool(4) as pool:
+        seen = pool.starmap(_call_resume_point, [(str(tmp_path / "ckpt"), 300)] * 4)
+    assert seen == [""] * 4, seen
