@@ -43,11 +43,12 @@ def ensure_tiny_model(verbose: bool = True) -> Path:
                 if done.returncode != 0:
                     tail = "\n".join((done.stdout + done.stderr).splitlines()[-15:])
                     raise TutorialError(bilingual(
-                        f"构建 tiny 模型失败（{BUILD_SCRIPT.name} 的退出码 {done.returncode}），什么也没有缓存。输出的最后几行：",
+                        f"构建 tiny 模型失败（{BUILD_SCRIPT.name} 的退出码 {done.returncode}），什么也没有缓存。运行 python {BUILD_SCRIPT} "
+                        "/tmp/tiny 可以看到完整的输出。最后几行：",
                         f"Building the tiny model failed ({BUILD_SCRIPT.name} exited with {done.returncode}); nothing "
                         f"was cached. Run python {BUILD_SCRIPT} /tmp/tiny to see it whole. Last lines:") + "\n" + tail)
                 if verbose:
-                    print(done.stdout.strip().splitlines()[-1])  # the script's summary: size, loss, seconds
+                    print(*done.stdout.strip().splitlines()[-1:])  # the script's summary: size, loss, seconds
                 os.replace(tmp, target)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
