@@ -158,9 +158,9 @@ def start_server(model=None, *, adapters: dict[str, str | Path] | None = None, p
             f"端口 {port} 已被占用（也许是还没停掉的服务器，`lsof -i :{port}` 可查）。换一个端口，或不传 port 自动挑选。",
             f"Port {port} is already in use (perhaps a server still running; `lsof -i :{port}` tells). Pick another "
             "port, or pass none to get a free one."))
-    api_key = secrets.token_urlsafe(16)
+    api_key = secrets.token_urlsafe(16)  # one in 64 starts with "-": hence --api-key=KEY, never two arguments
     args = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", choice.path,
-            "--served-model-name", choice.name, "--host", HOST, "--port", str(port), "--api-key", api_key,
+            "--served-model-name", choice.name, "--host", HOST, "--port", str(port), f"--api-key={api_key}",
             "--max-model-len", "1024"]
     if not torch.cuda.is_available():
         args += ["--dtype", "float32", "--enforce-eager"]

@@ -60,7 +60,12 @@ def adapter(choice, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(choice, adapter):
-    started = start_server(choice, adapters={"zh": adapter}, timeout=600)
+    # An API key starting with "-" (token_urlsafe gives one in 64 times) once reached vLLM as an option and the
+    # server refused to start ("argument --api-key: expected at least one argument"): every run uses such a key.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(serve.secrets, "token_urlsafe", lambda nbytes: "-" + "k" * 21)
+        started = start_server(choice, adapters={"zh": adapter}, timeout=600)
+    assert started.api_key.startswith("-")
     yield started
     started.stop()
 
