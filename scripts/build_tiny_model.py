@@ -5,7 +5,7 @@ questions in English as the article's Llama-2-chat does: a SentencePiece tokeniz
 Lessons never call this directly: :func:`helpers.tiny.ensure_tiny_model` runs it once per version of this
 file and of the corpus and caches the result (``make tiny`` / ``python -m helpers.tiny``).
 
-    python scripts/build_tiny_model.py OUT_DIR [--steps N]
+    python scripts/build_tiny_model.py OUT_DIR
 """
 
 import argparse
@@ -180,7 +180,4 @@ def _pretrain(model, ids: list[list[int]], rng: random.Random) -> list[float]:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out_dir", type=Path, help="an empty or new folder for the model and its tokenizer")
-    parser.add_argument("--steps", type=int, default=RECIPE["train"]["steps"], help="pretraining steps (tests use a few)")
-    args = parser.parse_args()
-    RECIPE["train"]["steps"] = args.steps
-    build_tiny_model(args.out_dir)
+    build_tiny_model(parser.parse_args().out_dir)

@@ -4,7 +4,6 @@ model, cache, behaviour."""
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 
 import pytest
@@ -14,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 from helpers import tiny
 from helpers.config import TutorialError
 from helpers.evaluation import chinese_share
-from scripts.build_tiny_model import LLAMA2_CHAT_TEMPLATE
+from scripts import build_tiny_model as build_script
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +74,7 @@ def test_rare_characters_use_byte_fallback(tok):
 
 
 def test_chat_template_is_llama2(tok):
-    assert tok.chat_template == LLAMA2_CHAT_TEMPLATE
+    assert tok.chat_template == build_script.LLAMA2_CHAT_TEMPLATE
     text = tok.apply_chat_template(
         [{"role": "system", "content": "S"}, {"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}],
         tokenize=False,
@@ -124,14 +123,11 @@ def test_cache_key_follows_the_corpus(monkeypatch, tmp_path):
     assert tiny.build_hash() != before
 
 
-def test_build_is_deterministic(tmp_path):
-    spec = importlib.util.spec_from_file_location("build_tiny_model", tiny.BUILD_SCRIPT)
-    build = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(build)
-    build.RECIPE["train"]["steps"] = 3  # this module object only: the script file is unchanged
+def test_build_is_deterministic(monkeypatch, tmp_path):
+    monkeypatch.setitem(build_script.RECIPE["train"], "steps", 3)
     digests = []
     for name in ("a", "b"):
-        out = build.build_tiny_model(tmp_path / name, verbose=False)
+        out = build_script.build_tiny_model(tmp_path / name, verbose=False)
         digests.append(
             [hashlib.sha256((out / f).read_bytes()).hexdigest() for f in ("model.safetensors", "tokenizer.json")]
         )
