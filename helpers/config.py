@@ -26,7 +26,8 @@ def bilingual(zh: str, en: str) -> str:
 @dataclass(frozen=True)
 class Profile:
     """A model the series knows by a short name, and the chat format it was tuned on: "llama2"
-    ([INST] ...) or "human_assistant" (FlagAlpha's). See notebooks/00_overview.ipynb."""
+    ([INST] ...), "human_assistant" (FlagAlpha's) or "model" (the tokenizer's own ``chat_template``).
+    See notebooks/00_overview.ipynb."""
 
     name: str
     repo_id: str | None
@@ -35,6 +36,8 @@ class Profile:
 
 PROFILES: dict[str, Profile] = {
     "tiny": Profile("tiny", None),
+    # The CPU learner's real chat model (helpers.tiny.ensure_smollm2_model): ChatML, its own template.
+    "smollm2-135m": Profile("smollm2-135m", None, "model"),
     "llama2-7b-chat": Profile("llama2-7b-chat", "meta-llama/Llama-2-7b-chat-hf"),
     "llama2-13b-chat": Profile("llama2-13b-chat", "meta-llama/Llama-2-13b-chat-hf"),
     "chinese-7b-chat": Profile("chinese-7b-chat", "FlagAlpha/Llama2-Chinese-7b-Chat", "human_assistant"),
@@ -72,8 +75,22 @@ class ModelChoice:
         return self.name == "tiny"
 
     @property
+    def is_local_build(self) -> bool:
+        """A model the course builds on this machine (``tiny``, ``smollm2-135m``), not downloaded weights."""
+        return self.profile is not None and self.profile.repo_id is None
+
+    @property
     def chat_format(self) -> str:
-        return self.profile.chat_format if self.profile else "llama2"
+        """The profile's format; for any other model its own chat template ("model"), except a local
+        folder whose tokenizer has none, which is prompted in Llama-2's format."""
+        if self.profile:
+            return self.profile.chat_format
+        folder = Path(self.path)
+        if folder.is_dir() and not (folder / "chat_template.jinja").is_file():
+            config = folder / "tokenizer_config.json"
+            if not (config.is_file() and "chat_template" in config.read_text("utf-8")):
+                return "llama2"
+        return "model"
 
 
 def _local_weights(profile: Profile) -> tuple[Path | None, list[str]]:
@@ -132,6 +149,10 @@ def _resolve(spec: str) -> ModelChoice:
     if spec in ("auto", *PROFILES):
         if spec == "tiny":
             return _tiny(f"{ENV_MODEL}=tiny")
+        if spec == "smollm2-135m":
+            from helpers.tiny import ensure_smollm2_model
+
+            return ModelChoice(spec, str(ensure_smollm2_model()), f"{ENV_MODEL}={spec}", PROFILES[spec])
         gpu = _cuda_free_gb() if spec == "auto" else None
         if spec == "auto" and gpu is None:
             return _tiny("auto：没有检测到 CUDA GPU，使用离线小模型 tiny")

@@ -1,9 +1,11 @@
 """Prompt templates: one source of truth for chat (lesson 04), training (05) and evaluation (06).
 
-notebooks/03_prompt_templates.ipynb writes out by hand what these helpers do. Each format is a Jinja
-chat template in :data:`TEMPLATES` for ``apply_chat_template``: ``"llama2"`` (Meta's), ``"article"``
-(:func:`article_prompt`), ``"human_assistant"`` (FlagAlpha's, the article's CSV files; a system prompt
-opens the first ``Human:`` line). Answers sit in ``{% generation %}`` blocks, which give the answer mask."""
+notebooks/03_prompt_templates.ipynb writes out by hand what these helpers do. A format is a Jinja chat
+template for ``apply_chat_template``: the course's own in :data:`TEMPLATES` (``"llama2"``, Meta's;
+``"article"``, :func:`article_prompt`; ``"human_assistant"``, FlagAlpha's, whose system prompt opens the first
+``Human:`` line), or ``"model"``: the tokenizer's own ``chat_template`` (ChatML for SmolLM2, Llama-3's...).
+The answer mask works for any template: each answer is the text a conversation gains when that answer is
+added to it (:func:`render_with_answers`)."""
 
 from __future__ import annotations
 
@@ -71,7 +73,8 @@ TEMPLATES = {
         "{% if add_generation_prompt and loop_messages[-1]['role'] == 'user' %}{{ bos_token + 'Assistant:' }}{% endif %}"
     ),
 }
-FORMATS = tuple(TEMPLATES)
+MODEL_FORMAT = "model"  # the tokenizer's own chat_template
+FORMATS = (*TEMPLATES, MODEL_FORMAT)
 
 
 class PromptFormatError(TutorialError, ValueError):
@@ -116,25 +119,74 @@ def check_messages(messages: list[dict], *, where: str = "", where_en: str | Non
                 f"{en}message {i + 1 + offset} has role {role!r}, expected {expected!r}: {hint_en}"))
 
 
-def build_prompt(messages: list[dict], fmt: str = "llama2", *, add_generation_prompt: bool = True,
-                 bos: str = "<s>", eos: str = "</s>") -> str:
-    """The exact text the model sees, special tokens written out (notebooks/03_prompt_templates.ipynb)."""
+def chat_template_for(fmt: str, tokenizer=None) -> str:
+    """The Jinja template of ``fmt``: one of :data:`TEMPLATES`, or for ``"model"`` the tokenizer's own
+    ``chat_template`` (Llama-2's when the tokenizer has none, as FlagAlpha's) (notebooks/03_prompt_templates.ipynb)."""
+    if fmt == MODEL_FORMAT:
+        if tokenizer is None:
+            raise PromptFormatError(bilingual("格式 \"model\" 用分词器自己的 chat_template：请传入 tokenizer=。",
+                                              'Format "model" uses the tokenizer\'s own chat_template: pass tokenizer=.'))
+        return tokenizer.chat_template or TEMPLATES["llama2"]
     if fmt not in TEMPLATES:
         raise PromptFormatError(bilingual(f"未知的模板格式 {fmt!r}，可选：{', '.join(FORMATS)}。",
                                           f"Unknown format {fmt!r}; use one of {FORMATS}."))
+    return TEMPLATES[fmt]
+
+
+def _render(messages: list[dict], template: str, add_generation_prompt: bool, tokens: dict) -> str:
+    rendered, _ = render_jinja_template(conversations=[list(messages)], chat_template=template,
+                                        add_generation_prompt=add_generation_prompt, **tokens)
+    return rendered[0]
+
+
+def render_with_answers(messages: list[dict], fmt: str = "llama2", *, tokenizer=None, add_generation_prompt: bool = True,
+                        bos: str = "<s>", eos: str = "</s>") -> tuple[str, list[tuple[int, int]]]:
+    """The text of the conversation and the character span of each answer (with the end-of-turn token the
+    template puts after it, trailing whitespace left out), for any chat template.
+
+    An answer's span is what the text gains when that answer is added: the conversation up to the question,
+    rendered with the generation prompt, must be the start of the conversation with the answer. Templates
+    that rewrite earlier turns break that rule and are refused (notebooks/03_prompt_templates.ipynb)."""
     check_messages(messages)
-    rendered, _ = render_jinja_template(conversations=[list(messages)], chat_template=TEMPLATES[fmt],
-                                        add_generation_prompt=add_generation_prompt, bos_token=bos, eos_token=eos)
-    return (bos if fmt == "article" else "") + rendered[0]
+    template = chat_template_for(fmt, tokenizer)
+    tokens = dict(tokenizer.special_tokens_map) if tokenizer is not None else {}
+    tokens.update(bos_token=tokenizer.bos_token if tokenizer is not None else bos,
+                  eos_token=tokenizer.eos_token if tokenizer is not None else eos)
+    text = _render(messages, template, add_generation_prompt, tokens)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = _render(messages[:i], template, True, tokens)
+        upto = _render(messages[: i + 1], template, False, tokens)
+        if not (upto.startswith(before) and text.startswith(upto)):
+            raise PromptFormatError(bilingual(
+                f"这个对话模板在加上第 {i + 1} 条消息（回答）时改写了前面的文本，无法确定回答从哪里开始，"
+                "不能只在回答上计算损失。请换用 fmt=\"llama2\" 等课程模板，或给模板加上 {% generation %} 标记。",
+                f"This chat template rewrites earlier text when message {i + 1} (an answer) is added, so where the "
+                "answer starts is unknown and answer-only labels cannot be built. Use a course template "
+                "(fmt=\"llama2\"...) instead."))
+        answer = upto[len(before):]
+        spans.append((len(before), len(before) + len(answer.rstrip())))
+    return text, spans
+
+
+def build_prompt(messages: list[dict], fmt: str = "llama2", *, add_generation_prompt: bool = True,
+                 bos: str = "<s>", eos: str = "</s>", tokenizer=None) -> str:
+    """The exact text the model sees, special tokens written out (notebooks/03_prompt_templates.ipynb).
+    ``fmt="model"`` needs the ``tokenizer`` whose template it uses."""
+    text, _ = render_with_answers(messages, fmt, tokenizer=tokenizer, add_generation_prompt=add_generation_prompt,
+                                  bos=bos, eos=eos)
+    return ((tokenizer.bos_token if tokenizer is not None else bos) if fmt == "article" else "") + text
 
 
 def encode(tokenizer, messages: list[dict], fmt: str = "llama2", *, add_generation_prompt: bool = True) -> Encoded:
-    """Token ids and labels (-100 outside each answer and its EOS), from one tokenization of the whole text.
+    """Token ids and labels (-100 outside each answer and its end-of-turn token), from one tokenization of
+    the whole text: a token is labelled when its characters overlap an answer's span.
 
     notebooks/03_prompt_templates.ipynb writes this answer mask out from ``return_offsets_mapping``. Raises
-    :class:`PromptFormatError` for roles out of order, an unknown ``fmt`` or a literal ``<s>``/``</s>`` in a message."""
-    text = build_prompt(messages, fmt, add_generation_prompt=add_generation_prompt,  # checks fmt and roles
-                        bos=tokenizer.bos_token, eos=tokenizer.eos_token)
+    :class:`PromptFormatError` for roles out of order, an unknown ``fmt`` or a literal special token in a message."""
+    text, spans = render_with_answers(messages, fmt, tokenizer=tokenizer, add_generation_prompt=add_generation_prompt)
     specials = sorted({t for t in tokenizer.all_special_tokens if t}, key=len, reverse=True)
     for n, msg in enumerate(messages, 1):
         for special in (s for s in specials if s in msg["content"]):
@@ -143,12 +195,13 @@ def encode(tokenizer, messages: list[dict], fmt: str = "llama2", *, add_generati
                 f"（BOS/EOS），模型会以为对话在这里断开。请删掉或改写它（例如写成 “{special.replace('<', '< ')}”）。",
                 f"Message {n} ({msg['role']}) contains the literal special token {special!r}, which the "
                 "tokenizer would read as a real control token (BOS/EOS). Remove or rewrite it."))
-    out = tokenizer.apply_chat_template(list(messages), chat_template=TEMPLATES[fmt], tokenize=True, return_dict=True,
-                                        add_generation_prompt=add_generation_prompt, return_assistant_tokens_mask=True)
-    ids, mask = list(out["input_ids"]), list(out["assistant_masks"])
+    out = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)  # as apply_chat_template tokenizes
+    ids = list(out["input_ids"])
+    labels = [t if any(start < end_ and stop > start_ for start_, end_ in spans) else IGNORE_INDEX
+              for t, (start, stop) in zip(ids, out["offset_mapping"])]
     if fmt == "article":  # the article let the tokenizer add BOS: tokenizer(article_prompt(q)) gives these ids
-        ids, mask = [tokenizer.bos_token_id] + ids, [0] + mask
-    return Encoded(ids, [t if in_answer else IGNORE_INDEX for t, in_answer in zip(ids, mask)], text)
+        ids, labels, text = [tokenizer.bos_token_id] + ids, [IGNORE_INDEX] + labels, tokenizer.bos_token + text
+    return Encoded(ids, labels, text)
 
 
 def encode_prompt(tokenizer, messages: list[dict], fmt: str = "llama2") -> list[int]:

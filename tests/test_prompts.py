@@ -17,12 +17,15 @@ from helpers.prompts import (
     SYSTEM_PROMPT_CHINESE,
     PromptFormatError,
     article_prompt,
+    TEMPLATES,
     build_prompt,
+    chat_template_for,
     check_messages,
     csv_text_to_messages,
     encode,
     encode_prompt,
     load_llama2_tokenizer,
+    render_with_answers,
     token_table,
     truncate_history,
 )
@@ -577,3 +580,90 @@ def test_vocabulary_fetch_is_quick_when_cached_and_clear_when_pip_fails(monkeypa
     (tmp_path / "llama2-vocab").mkdir()
     (tmp_path / "llama2-vocab" / "tokenizer.json").write_text("{}")
     assert vocab.fetch_llama2_vocab() == tmp_path / "llama2-vocab" and len(calls) == 1, "cached: no second download"
+
+
+# --------------------------------------------------------------------------- any chat template (answer-only labels)
+
+LLAMA3_TEMPLATE = (  # Meta's Llama-3-Instruct template, without its date/tools branches
+    "{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'"
+    " + message['content'] | trim + '<|eot_id|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
+)
+MULTI_TURN = [S("系统提示"), U("第一个问题？"), A("第一个回答。"), U("Second question"), A("Second answer, 二。")]
+
+
+def generation_block_labels(tokenizer, messages, fmt):
+    """The reference: transformers' own mask from the course template's {% generation %} blocks."""
+    out = tokenizer.apply_chat_template(list(messages), chat_template=TEMPLATES[fmt], tokenize=True, return_dict=True,
+                                        add_generation_prompt=False, return_assistant_tokens_mask=True)
+    ids = list(out["input_ids"])
+    labels = [t if m else IGNORE_INDEX for t, m in zip(ids, out["assistant_masks"])]
+    return ([tokenizer.bos_token_id] + ids, [IGNORE_INDEX] + labels) if fmt == "article" else (ids, labels)
+
+
+@pytest.mark.parametrize("fmt", ["llama2", "article", "human_assistant"])
+@pytest.mark.parametrize("messages", CONVERSATIONS[:6] + [MULTI_TURN], ids=range(7))
+def test_answer_mask_equals_the_generation_block_mask(tok, fmt, messages):
+    if messages[-1]["role"] != "assistant":
+        messages = messages + [A("补上的回答")]
+    enc = encode(tok, messages, fmt, add_generation_prompt=False)
+    assert (enc.input_ids, enc.labels) == generation_block_labels(tok, messages, fmt)
+
+
+def test_metas_template_without_generation_blocks_gives_the_course_labels(tok):
+    """The tiny tokenizer ships Meta's Llama-2 template (no {% generation %}): "model" must label the same tokens."""
+    assert "generation" not in tok.chat_template
+    for messages in [MULTI_TURN, [U("问"), A("答")]]:
+        own, course = (encode(tok, messages, fmt, add_generation_prompt=False) for fmt in ("model", "llama2"))
+        assert (own.input_ids, own.labels) == (course.input_ids, course.labels)
+
+
+@pytest.fixture(scope="module")
+def smol_tok():
+    from helpers.tiny import ensure_smollm2_model
+
+    return AutoTokenizer.from_pretrained(ensure_smollm2_model(verbose=False))
+
+
+def labelled_text(tokenizer, enc):
+    return [tokenizer.decode(run) for run in label_runs(enc)]
+
+
+def test_chatml_labels_each_answer_and_its_end_token(smol_tok):
+    enc = encode(smol_tok, MULTI_TURN, "model", add_generation_prompt=False)
+    ids = smol_tok.apply_chat_template(MULTI_TURN, tokenize=True, return_dict=False)
+    assert enc.input_ids == list(ids), "the same tokens as the model's own apply_chat_template"
+    assert labelled_text(smol_tok, enc) == ["第一个回答。<|im_end|>", "Second answer, 二。<|im_end|>"]
+    prompt = encode_prompt(smol_tok, [U("你好")], "model")
+    assert smol_tok.decode(prompt).endswith("<|im_start|>user\n你好<|im_end|>\n<|im_start|>assistant\n")
+    assert "You are a helpful AI assistant named SmolLM" in smol_tok.decode(prompt), "its default system prompt"
+
+
+def test_llama3_template_labels_each_answer_and_eot():
+    tokens = {"bos_token": "<|begin_of_text|>"}
+    from types import SimpleNamespace
+
+    fake = SimpleNamespace(chat_template=LLAMA3_TEMPLATE, special_tokens_map=tokens, bos_token=tokens["bos_token"],
+                           eos_token="<|eot_id|>")
+    text, spans = render_with_answers(MULTI_TURN, "model", tokenizer=fake, add_generation_prompt=False)
+    assert [text[a:b] for a, b in spans] == ["第一个回答。<|eot_id|>", "Second answer, 二。<|eot_id|>"]
+    assert text.startswith("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n系统提示<|eot_id|>")
+
+
+def test_a_template_that_rewrites_earlier_turns_is_refused():
+    from types import SimpleNamespace
+
+    # Like templates that drop earlier reasoning: the last answer is written differently from earlier ones.
+    template = ("{% for m in messages %}{% if m['role'] == 'assistant' and not loop.last %}{{ 'A: ...\\n' }}"
+                "{% else %}{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endif %}{% endfor %}")
+    fake = SimpleNamespace(chat_template=template, special_tokens_map={}, bos_token="", eos_token="")
+    with pytest.raises(PromptFormatError, match="rewrites earlier text"):
+        render_with_answers(MULTI_TURN, "model", tokenizer=fake, add_generation_prompt=False)
+
+
+def test_model_format_without_a_template_falls_back_to_llama2(tok):
+    from types import SimpleNamespace
+
+    assert chat_template_for("model", SimpleNamespace(chat_template=None)) == TEMPLATES["llama2"]
+    with pytest.raises(PromptFormatError, match="tokenizer="):
+        chat_template_for("model")
