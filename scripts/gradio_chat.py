@@ -80,8 +80,10 @@ def main(argv: list[str] | None = None) -> None:
     app = build_gradio_app(local_backend(model, tokenizer, choice.chat_format), show_error=loopback)
     app.queue(default_concurrency_limit=1)  # one model: one answer at a time
     print(f"问答页 / Q&A page: http://{args.host}:{args.port}  （Ctrl+C 退出 / to quit）", flush=True)
+    # share=False always: gradio turns a public *.gradio.live link on by itself in Colab, Kaggle, SageMaker
+    # or with GRADIO_SHARE=true (Blocks.launch), which would expose the model with no password.
     app.launch(server_name=args.host, server_port=args.port, auth=(user, password) if args.auth else None,
-               show_error=loopback)
+               show_error=loopback, share=False)
 
 
 if __name__ == "__main__":

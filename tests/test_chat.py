@@ -724,3 +724,50 @@ def test_forced_answers_exercise_byte_pieces(loaded):
     split = [a for a in FORCED_ANSWERS
              if any(p.startswith("<0x") for p in tokenizer.convert_ids_to_tokens(tokenizer(a, add_special_tokens=False).input_ids))]
     assert len(split) >= len(FORCED_ANSWERS) - 2, "most forced answers must contain byte-fallback pieces"
+
+
+def _launch_keywords(source: str) -> dict:
+    """The keyword arguments of the ``.launch(...)`` call in ``source``, evaluated (IN_COLAB as in Colab)."""
+    import ast
+
+    call = next(node for node in ast.walk(ast.parse(source)) if isinstance(node, ast.Call)
+                and getattr(node.func, "attr", "") == "launch")
+    return {kw.arg: eval(compile(ast.Expression(kw.value), "launch", "eval"), {"IN_COLAB": True}, {})
+            for kw in call.keywords if kw.arg not in ("server_port", "auth", "show_error", "server_name")}
+
+
+@pytest.mark.parametrize("where", ["lesson 04", "scripts/gradio_chat.py"])
+def test_gradio_page_is_never_public_in_colab(monkeypatch, where):
+    """In Colab (or Kaggle, or with GRADIO_SHARE=true) gradio turns a public, password-less *.gradio.live link on by
+    itself unless launch() is told share=False. Colab is simulated; a share tunnel would fail the test."""
+    import gradio as gr
+    import nbformat
+    from gradio import networking, utils
+
+    from helpers.config import REPO_ROOT
+
+    if where == "lesson 04":
+        cells = nbformat.read(REPO_ROOT / "notebooks" / "04_streaming_chat.ipynb", as_version=4).cells
+        source = next(c.source for c in cells if c.cell_type == "code" and "demo.launch(" in c.source)
+    else:
+        source = (REPO_ROOT / "scripts" / "gradio_chat.py").read_text("utf-8")
+    kwargs = _launch_keywords(source)
+    kwargs.update(inline=False, prevent_thread_lock=True, quiet=True)  # no Colab frontend here to draw into
+
+    tunnels = []
+
+    def no_tunnel(*args, **kw):  # gradio catches a failed tunnel and goes on: record the request instead
+        tunnels.append(kw)
+        raise OSError("no public link in tests")
+
+    monkeypatch.setattr(utils, "colab_check", lambda: True)
+    monkeypatch.setattr(networking, "setup_tunnel", no_tunnel)
+    monkeypatch.setenv("GRADIO_SHARE", "true")
+    with gr.Blocks() as app:
+        gr.Markdown("page")
+    try:
+        app.launch(server_name="127.0.0.1", **kwargs)
+        assert not tunnels, "launch() asked for a public share link"
+        assert app.share is False and app.share_url is None
+    finally:
+        app.close()
