@@ -487,3 +487,38 @@ def test_ranks_that_store_the_fingerprint_at_once_never_read_half_a_file(tmp_pat
     with multiprocessing.get_context("fork").Pool(4) as pool:
         seen = pool.starmap(_call_resume_point, [(str(tmp_path / "ckpt"), 300)] * 4)
     assert seen == [""] * 4, seen
+
+
+def _lesson_training_arguments(settings, checkpoint_dir, *, gpu=False, compute_dtype=None):
+    """Run lesson 05's own TrainingArguments statements (the cell that builds ``args``) with these inputs."""
+    import ast
+
+    import nbformat
+    import torch
+    from transformers import TrainingArguments
+
+    from helpers.config import REPO_ROOT
+
+    cells = nbformat.read(REPO_ROOT / "notebooks" / "05_lora_finetune.ipynb", as_version=4).cells
+    source = next(c.source for c in cells if c.cell_type == "code" and "args = TrainingArguments(" in c.source)
+    wanted = {"fields", "CHECKPOINTING", "args"}
+    tree = ast.parse(source)
+    tree.body = [n for n in tree.body if isinstance(n, ast.Assign) and {getattr(t, "id", "") for t in n.targets} & wanted]
+    qlora = gpu and settings.quantization is not None
+    namespace = {"TrainingArguments": TrainingArguments, "torch": torch, "S": settings, "gpu": gpu, "qlora": qlora,
+                 "compute_dtype": compute_dtype or torch.float32, "CKPT_DIR": checkpoint_dir}
+    exec(compile(tree, "lesson 05", "exec"), namespace)
+    return namespace["args"]
+
+
+@pytest.mark.parametrize("name", ["cpu_tiny", "colab_t4"])
+def test_lessons_training_arguments_equal_the_helpers(tmp_path, name):
+    """One recipe, two copies: lesson 05 writes TrainingArguments out, train_adapter builds them with
+    helpers.finetune.training_arguments. Equal under the installed transformers (and Colab's, in make colab-check)."""
+    from helpers.finetune import SETTINGS, training_arguments
+
+    settings = SETTINGS[name]
+    lesson = _lesson_training_arguments(settings, tmp_path).to_dict()
+    helper = training_arguments(settings, tmp_path).to_dict()
+    differ = {k: (lesson[k], helper[k]) for k in lesson if lesson[k] != helper[k]}
+    assert set(differ) <= {"disable_tqdm"}, differ  # the helper silences progress bars for lessons 06/08's runs
