@@ -8,7 +8,7 @@
 2. run the lessons' install cell there as Colab would (COLAB_RELEASE_TAG set, pip, the course
    installed from this checkout) and check that no preinstalled package was replaced or removed;
 3. add the test tools (pyproject's `test` extra) without changing any installed version;
-4. run the unit tests (all but LOCAL_ONLY) and lessons 01, 04 and 06 under nbval in that environment.
+4. run the unit tests (all but LOCAL_ONLY) and lessons 01, 04, 05 and 06 under nbval in that environment.
 
     python .ci/colab_check.py [--venv build/colab-venv] [--build-only] [-- PYTEST_ARGS...]
 """
@@ -32,7 +32,7 @@ from tests.notebook_conventions import INSTALL_CELL  # noqa: E402
 
 PINS = ROOT / ".ci" / "colab-preinstalled.txt"
 TORCH = "torch==2.13.0"
-LESSONS = ["01", "04", "06"]
+LESSONS = ["01", "04", "05", "06"]  # 05: Colab's transformers 5.15 once broke its TrainingArguments cell
 # Tests of the local JupyterLab set-up, not of what Colab runs: Colab's frontend is not JupyterLab
 # (JupyterLab 4 cannot render ipywidgets 7 anyway) and `make lab` needs the [lab] extra.
 LOCAL_ONLY = ["tests/test_browser.py", "tests/test_makefile.py"]
