@@ -131,7 +131,7 @@ def _hub_reachable(repo_id: str) -> bool:
 def resolve_model(spec: str | None = None, *, verbose: bool = True) -> ModelChoice:
     """Turn ``spec`` (default: ``$LLAMA_TUTORIAL_MODEL`` or ``auto``) into a :class:`ModelChoice` and print
     which model runs and why. ``auto`` takes Llama-2-7b-chat when a CUDA GPU with enough free memory is
-    present and the weights are reachable, else ``tiny``; a profile name, a Hub repo id (``owner/name``)
+    present and the weights are reachable, else the CPU model SmolLM2-135M-Instruct (``smollm2-135m``); a profile name, a Hub repo id (``owner/name``)
     or a local model folder name one. Raises :class:`TutorialError` for anything else."""
     choice = _resolve((spec if spec is not None else os.environ.get(ENV_MODEL, "auto")).strip() or "auto")
     if verbose:
@@ -145,19 +145,25 @@ def _tiny(reason: str) -> ModelChoice:
     return ModelChoice("tiny", str(ensure_tiny_model()), reason, PROFILES["tiny"])
 
 
+def _cpu_model(reason: str) -> ModelChoice:
+    """The CPU learner's real chat model, SmolLM2-135M-Instruct (converted once by helpers.tiny)."""
+    from helpers.tiny import ensure_smollm2_model
+
+    return ModelChoice("smollm2-135m", str(ensure_smollm2_model()), reason, PROFILES["smollm2-135m"])
+
+
 def _resolve(spec: str) -> ModelChoice:
     if spec in ("auto", *PROFILES):
         if spec == "tiny":
             return _tiny(f"{ENV_MODEL}=tiny")
         if spec == "smollm2-135m":
-            from helpers.tiny import ensure_smollm2_model
-
-            return ModelChoice(spec, str(ensure_smollm2_model()), f"{ENV_MODEL}={spec}", PROFILES[spec])
+            return _cpu_model(f"{ENV_MODEL}={spec}")
         gpu = _cuda_free_gb() if spec == "auto" else None
         if spec == "auto" and gpu is None:
-            return _tiny("auto：没有检测到 CUDA GPU，使用离线小模型 tiny")
+            return _cpu_model("auto：没有检测到 CUDA GPU，使用 CPU 上的真实对话模型 SmolLM2-135M-Instruct")
         if gpu is not None and gpu[1] < AUTO_MIN_FREE_GPU_GB:
-            return _tiny(f"auto：GPU {gpu[0]} 只有 {gpu[1]:.1f} GB 空闲显存，不足 {AUTO_MIN_FREE_GPU_GB:.0f} GB，使用 tiny")
+            return _cpu_model(f"auto：GPU {gpu[0]} 只有 {gpu[1]:.1f} GB 空闲显存，不足 {AUTO_MIN_FREE_GPU_GB:.0f} GB，"
+                              "使用 SmolLM2-135M-Instruct")
         profile = PROFILES["llama2-7b-chat" if spec == "auto" else spec]
         how = f"auto：GPU {gpu[0]} 显存足够" if gpu else f"{ENV_MODEL}={spec}"
         local, missing = _local_weights(profile)
@@ -167,7 +173,8 @@ def _resolve(spec: str) -> ModelChoice:
         unfinished = f"（{models_dir() / profile.name} 下载未完成，缺 {'; '.join(missing[:3])}）" if missing else ""
         if spec != "auto" or _hub_reachable(profile.repo_id):
             return ModelChoice(profile.name, profile.repo_id, f"{how}{unfinished}，从 Hub 加载 {profile.repo_id}", profile)
-        return _tiny(f"auto：GPU {gpu[0]} 可用，但拿不到完整的 Llama-2 权重{unfinished}（先做第 01 课下载），暂用 tiny")
+        return _cpu_model(f"auto：GPU {gpu[0]} 可用，但拿不到完整的 Llama-2 权重{unfinished}（先做第 01 课下载），"
+                          "暂用 SmolLM2-135M-Instruct")
 
     folder = _local_folder(spec)
     if folder is not None:

@@ -29,6 +29,39 @@ def chinese_share(text: str) -> float | None:
     return han / (han + latin) if han + latin else None
 
 
+_ECHO_END = "？?。.!！：:；;，,"  # a question's closing punctuation, which an echo may leave out or change
+_ECHO_QUOTES = "\"'“”‘’「」『』《》*#> \t\r\n"  # what may wrap an echoed question: quotes, markdown, space
+
+
+def echoed_question(answer: str, question: str) -> str:
+    """The start of ``answer`` that only repeats ``question`` (lesson 06's echo rule), or "".
+
+    Small chat models often copy the question and go on in English ("造纸术是由谁改进的？\n\nThe word..."):
+    counted as it stands, such an answer looks Chinese. The echo is the whole question (whitespace, quotes
+    and its closing punctuation aside) at the very start of the answer, with the punctuation and space that
+    follow it. A Chinese answer that merely begins like the question ("造纸术是由蔡伦改进的") is no echo."""
+    want = [c for c in (question or "").rstrip().rstrip(_ECHO_END) if not c.isspace()]
+    text, i = answer or "", 0
+    while i < len(text) and text[i] in _ECHO_QUOTES:
+        i += 1
+    for c in want:
+        while i < len(text) and text[i].isspace():
+            i += 1
+        if i >= len(text) or text[i] != c:
+            return ""
+        i += 1
+    if not want:
+        return ""
+    while i < len(text) and (text[i] in _ECHO_END or text[i] in _ECHO_QUOTES):
+        i += 1
+    return text[:i]
+
+
+def without_echo(answer: str, question: str) -> str:
+    """``answer`` without the question it repeats at its start (see :func:`echoed_question`)."""
+    return (answer or "")[len(echoed_question(answer, question)):]
+
+
 # The article's categories (AtomBulb's first-level classes), in the article's order.
 CATEGORIES = ("通用知识", "语言理解", "创作能力", "逻辑推理", "代码编程", "工作技能", "使用工具", "人格特征")
 REQUIRED_FIELDS = ("qid", "question", "first_level_class", "second_level_class")

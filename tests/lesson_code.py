@@ -20,10 +20,11 @@ def _upper_case(target) -> bool:
     return isinstance(target, ast.Name) and target.id.isupper()
 
 
-def lesson_definitions(lesson: str, *cell_ids: str) -> dict:
-    """The namespace the definitions of ``cell_ids`` (in this order) of notebooks/``lesson`` leave behind."""
+def lesson_definitions(lesson: str, *cell_ids: str, given: dict | None = None) -> dict:
+    """The namespace the definitions of ``cell_ids`` (in this order) of notebooks/``lesson`` leave behind;
+    ``given`` holds what those definitions read from the skipped statements (``choice``, for instance)."""
     cells = {cell.id: cell.source for cell in nbformat.read(REPO_ROOT / "notebooks" / lesson, as_version=4).cells}
-    namespace: dict = {}
+    namespace: dict = dict(given or {})
     for cell_id in cell_ids:
         tree = ast.parse(cells[cell_id])
         tree.body = [node for node in tree.body if isinstance(node, DEFINITIONS) or (

@@ -48,8 +48,8 @@ def pytest_configure(config):
 # The longest files are handed out first, so neither worker is left with a long one at the end.
 # (--dist loadgroup, to keep lessons 05-07 on one worker, did not group here: with pytest 9.2 and xdist 3.8
 # the group suffix never reached the node ids.)
-LONGEST_FIRST = ["08_multi_gpu_lora", "test_serve", "07_serving_vllm", "test_evaluation", "05_lora_finetune",
-                 "test_finetune", "test_distributed", "06_evaluation"]  # measured: --durations=0, tiny model, 2 cores
+LONGEST_FIRST = ["test_real_model", "08_multi_gpu_lora", "test_serve", "07_serving_vllm", "test_evaluation", "05_lora_finetune",
+                 "test_finetune", "test_distributed", "06_evaluation"]  # measured: --durations=0, 2 cores
 
 
 def pytest_collection_modifyitems(config, items):

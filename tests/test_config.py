@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 
+from pathlib import Path
+
 import pytest
 
 from helpers import config
@@ -22,12 +24,13 @@ def _verified_download(folder, files=None):
     return folder
 
 
-def test_auto_without_cuda_picks_tiny_and_says_why(capsys):
+def test_auto_without_cuda_picks_the_real_cpu_model_and_says_why(capsys):
     choice = resolve_model("auto")
-    assert choice.is_tiny
+    assert choice.name == "smollm2-135m" and choice.chat_format == "model" and not choice.is_tiny
+    assert (Path(choice.path) / "config.json").is_file(), "the converted SmolLM2 folder"
     line = capsys.readouterr().out.strip()
     assert len(line.splitlines()) == 1
-    assert "tiny" in line and "CUDA" in line
+    assert "SmolLM2" in line and "CUDA" in line
     assert any("\u4e00" <= ch <= "\u9fff" for ch in line), "the line must be in Chinese"
 
 
@@ -81,7 +84,7 @@ def test_auto_with_gpu_and_an_unfinished_download_says_so(monkeypatch, tmp_path)
     (folder / "config.json").write_text("{}")
     monkeypatch.setattr(config, "_cuda_free_gb", lambda: ("Tesla T4", 14.5))
     choice = resolve_model("auto", verbose=False)
-    assert choice.is_tiny and "model.safetensors" in choice.reason
+    assert choice.name == "smollm2-135m" and "model.safetensors" in choice.reason
 
 
 def test_relative_folder_is_found_from_the_repository_root_and_the_cwd(monkeypatch, tmp_path):
@@ -138,10 +141,10 @@ def test_folder_without_config_json_says_so(tmp_path):
     assert "没有含 config.json" in msg and "no model folder with config.json" in msg
 
 
-def test_auto_with_small_gpu_falls_back_to_tiny(monkeypatch, capsys):
+def test_auto_with_small_gpu_falls_back_to_the_cpu_model(monkeypatch, capsys):
     monkeypatch.setattr(config, "_cuda_free_gb", lambda: ("Tesla T4", 3.0))
     choice = resolve_model("auto")
-    assert choice.is_tiny
+    assert choice.name == "smollm2-135m"
     assert "3.0 GB" in capsys.readouterr().out
 
 
@@ -158,4 +161,4 @@ def test_auto_with_gpu_but_no_weights_offline_falls_back(monkeypatch):
     monkeypatch.setattr(config, "_cuda_free_gb", lambda: ("Tesla T4", 14.5))
     monkeypatch.setattr(config, "_local_weights", lambda profile: (None, []))
     choice = resolve_model("auto", verbose=False)
-    assert choice.is_tiny and "01" in choice.reason
+    assert choice.name == "smollm2-135m" and "01" in choice.reason

@@ -15,12 +15,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from helpers import evaluation as ev
-from helpers.config import TutorialError
+from helpers.config import TutorialError, resolve_model
 from helpers.prompts import SYSTEM_PROMPT_ARTICLE, article_prompt, encode_prompt
 from tests.lesson_code import lesson_definitions
 
 # Lesson 06 writes its metrics out (sections 2, 3, 6 and 12): the tests run that code.
-L = SimpleNamespace(**lesson_definitions("06_evaluation.ipynb", "c41-03", "c41-09", "c41-24", "c41-22", "c41-36a"))
+# The lesson's model is the tiny one here (its format is Llama-2's): LAYOUT is the article's.
+L = SimpleNamespace(**lesson_definitions("06_evaluation.ipynb", "c41-03", "c41-09", "c41-24", "c41-22", "c41-36a",
+                                         given={"choice": resolve_model("tiny", verbose=False)}))
 
 HAN = re.compile(r"[\u4e00-\u9fff]")
 
@@ -197,6 +199,39 @@ def test_score_and_summarize():
     assert overall[[L.COL_ZH, L.COL_MIXED, L.COL_EN, L.COL_NONE]].sum() == pytest.approx(1.0)
     empty = L.summarize(L.score_answers([], _questions()))  # no answers at all: nothing crashes
     assert empty.loc[L.OVERALL, L.COL_NONE] == 1.0 and empty.loc[L.OVERALL, L.COL_BLEU] == 0.0
+
+
+@pytest.mark.parametrize("answer, question, echo", [
+    # SmolLM2-135M-Instruct's own answers (greedy, no repetition penalty; NOTES "A real model on the CPU")
+    ('造纸术是由谁改进的？\n\nThe word "造" is a suffix', "造纸术是由谁改进的？", "造纸术是由谁改进的？\n\n"),
+    ("第一次世界大战是在哪一年爆发的？The World at War", "第一次世界大战是在哪一年爆发的？", "第一次世界大战是在哪一年爆发的？"),
+    ("造纸术是由谁改进的 The word", "造纸术是由谁改进的？", "造纸术是由谁改进的 "),  # closing mark left out
+    ('"长城有多长?" It is long.', "长城有多长？", '"长城有多长?" '),  # quoted, half-width mark
+    ("长 城 有 多 长？It is long.", "长城有多长？", "长 城 有 多 长？"),  # spaced out
+    ("造纸术是由东汉的蔡伦改进的。", "造纸术是由谁改进的？", ""),  # begins like the question: an answer
+    ("长城", "长城有多长？", ""),  # only part of the question
+    ("It is long. 长城有多长？", "长城有多长？", ""),  # not at the start
+    ("", "长城有多长？", ""),
+    ("Anything", "？", ""),  # a question of punctuation only echoes nothing
+])
+def test_echo_rule(answer, question, echo):
+    assert ev.echoed_question(answer, question) == echo
+    assert ev.without_echo(answer, question) == answer[len(echo):]
+
+
+def test_echoed_answers_are_scored_without_the_echo_and_both_counts_are_reported():
+    """An answer that copies the question and goes on in English is English (echo rule); the summary keeps
+    the count without the rule too."""
+    qs = _questions()
+    records = [{"qid": 1, "answer": "长江有多长？\n\nLong."},  # 5 Han and 1 word: "Chinese" when the echo counts
+               {"qid": 2, "answer": "写一首诗。春风吹过山岗，花开满地。"}, {"qid": 4, "answer": "黄河全长约5464公里。"}]
+    scored = L.score_answers(records, qs).set_index("qid")
+    assert scored.loc[1, "echo"] and scored.loc[1, "language"] == "en" and scored.loc[1, "language_with_echo"] == "zh"
+    assert scored.loc[2, "echo"] and scored.loc[2, "language"] == "zh", "an echo followed by a Chinese answer is Chinese"
+    assert not scored.loc[4, "echo"] and scored.loc[4, "reply"] == scored.loc[4, "answer"]
+    overall = L.summarize(L.score_answers(records, qs)).loc[L.OVERALL]
+    assert overall[L.COL_ZH] == pytest.approx(2 / 3) and overall[L.COL_ZH_ECHO] == pytest.approx(1.0)
+    assert overall[L.COL_ECHO] == pytest.approx(2 / 3)
 
 
 # --------------------------------------------------------------------------- FlagAlpha's published tables

@@ -412,13 +412,19 @@ def test_settings_live_in_one_place(choice, monkeypatch):
     assert ft.settings_for(device="cuda") is ft.SETTINGS["colab_t4"]
     assert ft.settings_for(device="cpu") is ft.SETTINGS["cpu_tiny"]
     assert ft.settings_for(choice, device="cuda") is ft.settings_for(choice, device="cpu") is ft.SETTINGS["cpu_tiny"]
+    from helpers.config import PROFILES, ModelChoice
+
+    smol = ModelChoice("smollm2-135m", "/unused", "", PROFILES["smollm2-135m"])
+    assert ft.settings_for(smol, device="cuda") is ft.settings_for(smol, device="cpu") is ft.SETTINGS["cpu_smollm2"]
+    assert ft.SETTINGS["cpu_smollm2"].max_steps > 0 and ft.SETTINGS["cpu_smollm2"].quantization is None
     t4 = ft.SETTINGS["colab_t4"]
     assert t4.quantization in ("4bit", "8bit") and t4.gradient_checkpointing and t4.merge_dtype == "float16"
     for s in ft.SETTINGS.values():
         assert {"q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"} <= set(s.target_modules), "MLP included"
         args = ft.training_arguments(s, "/tmp/unused")
         assert args.train_sampling_strategy == "group_by_length" and args.eval_strategy == "steps"
-        assert args.gradient_accumulation_steps == s.gradient_accumulation_steps > 1
+        assert args.gradient_accumulation_steps == s.gradient_accumulation_steps >= 1
+        assert args.max_steps == s.max_steps, "a step budget (cpu_smollm2) reaches TrainingArguments"
     # Mixed precision follows helpers.loading.pick_dtype (never torch.cuda.is_bf16_supported here).
     import helpers.loading
 
@@ -511,7 +517,7 @@ def _lesson_training_arguments(settings, checkpoint_dir, *, gpu=False, compute_d
     return namespace["args"]
 
 
-@pytest.mark.parametrize("name", ["cpu_tiny", "colab_t4"])
+@pytest.mark.parametrize("name", ["cpu_tiny", "cpu_smollm2", "colab_t4"])
 def test_lessons_training_arguments_equal_the_helpers(tmp_path, name):
     """One recipe, two copies: lesson 05 writes TrainingArguments out, train_adapter builds them with
     helpers.finetune.training_arguments. Equal under the installed transformers (and Colab's, in make colab-check)."""
