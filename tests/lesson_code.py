@@ -31,3 +31,23 @@ def lesson_definitions(lesson: str, *cell_ids: str, given: dict | None = None) -
             isinstance(node, ast.Assign) and all(_upper_case(t) for t in node.targets))]
         exec(compile(tree, f"{lesson}, cell {cell_id}", "exec"), namespace)
     return namespace
+
+
+def lesson_calls(lesson: str, cell_id: str, callable_name: str, given: dict) -> list:
+    """Every call to ``callable_name`` written in a lesson's cell, evaluated in ``given`` (the names its
+    arguments read), in source order: the lesson's own copy of a recipe, for the one-source tests."""
+    cells = {cell.id: cell.source for cell in nbformat.read(REPO_ROOT / "notebooks" / lesson, as_version=4).cells}
+    tree = ast.parse(cells[cell_id])
+    calls = [node for node in ast.walk(tree) if isinstance(node, ast.Call)
+             and getattr(node.func, "id", getattr(node.func, "attr", None)) == callable_name]
+    calls.sort(key=lambda node: (node.lineno, node.col_offset))
+    return [eval(compile(ast.Expression(node), f"{lesson}, cell {cell_id}", "eval"), dict(given)) for node in calls]
+
+
+def lesson_expression(lesson: str, cell_id: str, name: str) -> ast.expr:
+    """The right-hand side of the (single) ``name = ...`` statement of a lesson's cell."""
+    cells = {cell.id: cell.source for cell in nbformat.read(REPO_ROOT / "notebooks" / lesson, as_version=4).cells}
+    found = [node.value for node in ast.walk(ast.parse(cells[cell_id])) if isinstance(node, ast.Assign)
+             and any(getattr(t, "id", None) == name for t in node.targets)]
+    assert len(found) == 1, f"{lesson}, cell {cell_id}: {len(found)} assignments to {name}"
+    return found[0]
