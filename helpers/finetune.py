@@ -226,23 +226,68 @@ def run_fingerprint(choice, settings: TrainSettings, rows: SFTRows) -> dict:
     return {"base_model": choice.path, "settings": asdict(settings), "data_sha256": data}
 
 
+def complete_checkpoint(folder: Path) -> bool:
+    """A ``checkpoint-N`` the Trainer finished writing: it writes ``trainer_state.json`` last (after the
+    adapter, optimizer, scheduler and RNG state), so a readable one with step N marks a complete save."""
+    try:
+        state = json.loads((folder / "trainer_state.json").read_text("utf-8"))
+        return int(state.get("global_step", -1)) == int(folder.name.rsplit("-", 1)[1])
+    except (OSError, ValueError, AttributeError, IndexError):
+        return False
+
+
+def set_incomplete_checkpoints_aside(ckpt_dir: str | Path) -> list[Path]:
+    """Rename checkpoints a kill or a full disk cut off (``checkpoint-N`` without a complete trainer state)
+    to ``incomplete-checkpoint-N[-k]`` with a notice, so the Trainer resumes from the newest complete one;
+    nothing is deleted. Returns the new names."""
+    import re
+    import warnings
+
+    moved = []
+    for folder in sorted(Path(ckpt_dir).glob("checkpoint-*")):
+        if not (folder.is_dir() and re.fullmatch(r"checkpoint-\d+", folder.name)) or complete_checkpoint(folder):
+            continue
+        target, k = folder.with_name(f"incomplete-{folder.name}"), 1
+        while target.exists():
+            target, k = folder.with_name(f"incomplete-{folder.name}-{k}"), k + 1
+        folder.rename(target)
+        moved.append(target)
+        warnings.warn(bilingual(
+            f"{folder.name} 没有写完（训练在保存时被中断，或磁盘满了），已改名为 {target.name} 放在一边；"
+            "从最新的完整检查点继续。确认不需要它以后可以删除。",
+            f"{folder.name} was not written completely (the save was interrupted or the disk was full); it is set "
+            f"aside as {target.name} and training resumes from the newest complete checkpoint. Delete it once "
+            "you are sure you do not need it."), stacklevel=3)
+    return moved
+
+
 def resume_point(ckpt_dir: str | Path, fingerprint: dict) -> str | None:
-    """The last checkpoint of an interrupted run *of this same run* (None: a fresh start); stores
-    ``fingerprint`` in ``ckpt_dir`` and refuses another run's checkpoints with a bilingual error.
+    """The newest complete checkpoint of an interrupted run *of this same run* (None: a fresh start);
+    incomplete ones are set aside (:func:`set_incomplete_checkpoints_aside`). Stores ``fingerprint`` in
+    ``ckpt_dir`` and refuses another run's checkpoints with a bilingual error that names a free folder.
     Introduced in notebooks/05_lora_finetune.ipynb."""
     from transformers.trainer_utils import get_last_checkpoint
 
     ckpt_dir, fingerprint = Path(ckpt_dir), json.loads(json.dumps(fingerprint))  # as stored: tuples become lists
-    last = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
     stored = ckpt_dir / FINGERPRINT_FILE
     old = json.loads(stored.read_text("utf-8")) if stored.exists() else {}
+    if ckpt_dir.is_dir() and old == fingerprint:
+        set_incomplete_checkpoints_aside(ckpt_dir)
+    last = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
     if last and old != fingerprint:
         what = ", ".join(k for k in fingerprint if old.get(k) != fingerprint[k])
+        base = ckpt_dir.name.removesuffix("-checkpoints")
+        free = next(ckpt_dir.with_name(f"{base}-{n}") for n in range(2, 10_000)
+                    if not ckpt_dir.with_name(f"{base}-{n}").exists()
+                    and not checkpoint_dir_for(ckpt_dir.with_name(f"{base}-{n}")).exists())
         raise TutorialError(bilingual(
-            f"{ckpt_dir} 里的检查点属于另一次训练（不同的：{what}），不能接着训练。要从头开始，"
-            f"请删除或改名这个目录；或者换一个适配器目录名。",
-            f"The checkpoints in {ckpt_dir} belong to another run (different {what}), so they cannot be "
-            "resumed. To start fresh, delete or rename that folder, or use another adapter folder."))
+            f"{ckpt_dir} 里的检查点属于另一次训练（不同的：{what}），这次不能接着它训练；那次训练仍可以用原来的设置继续，"
+            f"所以这里什么都没有改动。要用新设置训练，换一个适配器目录，例如 {free.name}"
+            f"（第 05 课：ADAPTER_DIR = new_adapter_dir(name=\"{free.name}\")；train_adapter(..., adapter_dir=...)）。",
+            f"The checkpoints in {ckpt_dir} belong to another run (different {what}); that run can still be resumed "
+            f"with its own settings, so nothing was changed. To train with the new settings use another adapter "
+            f"folder, for instance {free.name} (lesson 05: ADAPTER_DIR = new_adapter_dir(name=\"{free.name}\"); "
+            "train_adapter(..., adapter_dir=...))."))
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     if old != fingerprint:  # all ranks of a torchrun get here at once: a reader sees the whole file or none
         tmp = stored.with_name(f".{stored.name}.{os.getpid()}")

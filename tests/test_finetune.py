@@ -289,8 +289,62 @@ def test_resume_refuses_checkpoints_of_another_run(small_run, choice, tok, tmp_p
                                | {"limit_rows": 16}, "settings")):
         with pytest.raises(TutorialError, match=what) as err:
             ft.resume_point(ckpt, fingerprint)
-        assert "删除或改名" in str(err.value) and "start fresh" in str(err.value)
+        message = str(err.value)
+        assert "删除" not in message and "delete" not in message, "never suggest deleting a run that can resume"
+        assert 'new_adapter_dir(name="lora-adapter-2")' in message, "names a free folder and how to use it"
     assert ft.resume_point(ckpt, same).endswith("checkpoint-6"), "a refused resume changes nothing"
+
+
+@pytest.mark.parametrize("cut", ["no_state", "truncated_state", "truncated_weights", "empty"])
+def test_resume_skips_a_checkpoint_a_kill_or_a_full_disk_cut_off(small_run, choice, tok, tmp_path, cut, recwarn):
+    """Issue 26.2: a checkpoint whose save was cut off (the Trainer writes trainer_state.json last) is set aside
+    with a notice, not deleted, and the newest complete one is resumed. get_last_checkpoint alone picks the
+    cut-off one, and resuming from it raised SafetensorError / FileNotFoundError."""
+    import shutil
+
+    from transformers.trainer_utils import get_last_checkpoint
+
+    _, run, _, settings = small_run
+    ckpt = tmp_path / "lora-adapter-checkpoints"
+    shutil.copytree(ft.checkpoint_dir_for(run.adapter_dir), ckpt)
+    cutoff = ckpt / "checkpoint-9"
+    shutil.copytree(ckpt / "checkpoint-6", cutoff)
+    state = cutoff / "trainer_state.json"
+    if cut == "no_state":
+        state.unlink()
+    elif cut == "truncated_state":
+        state.write_text(state.read_text()[:40])
+    elif cut == "truncated_weights":
+        (cutoff / "adapter_model.safetensors").write_bytes(b"\x00" * 8)
+        state.unlink()
+    else:
+        shutil.rmtree(cutoff)
+        cutoff.mkdir()
+    assert get_last_checkpoint(str(ckpt)).endswith("checkpoint-9"), "what the Trainer alone would resume"
+    rows = td.validate_sft_file(DATA_DIR / "train_sft.csv", tok, fmt=choice.chat_format, max_length=settings.max_length)
+    same = ft.run_fingerprint(choice, settings, rows) | {"limit_rows": 16}
+    assert ft.resume_point(ckpt, same).endswith("checkpoint-6")
+    assert not cutoff.exists() and (ckpt / "incomplete-checkpoint-9").is_dir(), "set aside, nothing deleted"
+    assert any("incomplete-checkpoint-9" in str(w.message) for w in recwarn), "with a notice"
+    assert ft.resume_point(ckpt, same).endswith("checkpoint-6"), "a second call changes nothing more"
+
+
+def test_training_resumes_after_a_cut_off_save(small_run, choice, tmp_path):
+    """End to end: train_adapter resumes past a cut-off newest checkpoint and finishes."""
+    import shutil
+
+    _, run, _, settings = small_run
+    adapter_dir = tmp_path / "lora-adapter"
+    shutil.copytree(ft.checkpoint_dir_for(run.adapter_dir), ft.checkpoint_dir_for(adapter_dir))
+    for stale in ft.checkpoint_dir_for(adapter_dir).glob("checkpoint-*"):
+        if stale.name != "checkpoint-3":
+            shutil.rmtree(stale)
+    shutil.copytree(ft.checkpoint_dir_for(adapter_dir) / "checkpoint-3", ft.checkpoint_dir_for(adapter_dir) / "checkpoint-5")
+    (ft.checkpoint_dir_for(adapter_dir) / "checkpoint-5" / "trainer_state.json").unlink()
+    with pytest.warns(UserWarning, match="incomplete-checkpoint-5"):
+        trainer = ft.train_adapter(choice, adapter_dir, settings=settings, max_steps=6, limit_rows=16, verbose=False)
+    assert trainer.resumed_from.endswith("checkpoint-3") and trainer.state.global_step == 6
+    assert (adapter_dir / "adapter_model.safetensors").exists()
 
 
 def test_reload_check_compares_like_with_like(small_run, choice, tok):
