@@ -105,7 +105,7 @@ clean-outputs:
 	esac
 
 # Colab's preinstalled versions in a second environment (build/colab-venv, built with uv), the
-# install cell run there as Colab would, then the unit tests and lessons 01, 04, 05, 06 (.ci/colab_check.py).
+# install cell run there as Colab would, then the unit tests and lessons 00-06 and 08 (.ci/colab_check.py).
 colab-check: setup
 	$(PIP) install -q uv
 	$(PY) .ci/colab_check.py $(if $(PYTEST_ARGS),-- $(PYTEST_ARGS))
