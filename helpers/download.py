@@ -15,13 +15,14 @@ from pathlib import Path, PurePosixPath
 from urllib.parse import urlsplit
 
 from helpers.config import DOWNLOAD_MARKER, PROFILES, TutorialError, bilingual, models_dir, output_dir
-from helpers.local_hub import LOCAL_REPO
+from helpers.local_hub import LOCAL_BIN_REPO, LOCAL_REPO
 
 HUB_ENDPOINT = "https://huggingface.co"
 MIRROR_EXAMPLE = "https://hf-mirror.com"
 # One weight format: safetensors plus config, tokenizer, chat template, generation settings (lesson 01).
 ALLOW_PATTERNS = ["*.json", "*.jinja", "*.safetensors", "tokenizer.model"]
 DISK_RESERVE_BYTES = 512 * 1024**2  # keep this much free after a download
+WEIGHT_SUFFIXES = (".safetensors", ".bin")  # weight files a Transformers or PEFT repo holds
 
 MESSAGES = {  # kind: (what happened, next step), each in Chinese and English; {repo} {endpoint} {target} {detail}
     "gated_no_token": ("{repo} 是受限（gated）仓库：要用获批的账号登录才能下载，而这次请求没有带 token。",
@@ -72,6 +73,10 @@ MESSAGES = {  # kind: (what happened, next step), each in Chinese and English; {
                  "给 target 换一个新文件夹；确定要覆盖的话传 overwrite=True（只下载有变化的文件）。",
                  "{target} already holds something else ({detail}). To keep it, nothing was downloaded.",
                  "pass another target folder, or overwrite=True if you mean it (only changed files are fetched)."),
+    "no_weights": ("按过滤条件 {detail}，{repo} 的权重文件一个也不会下载：下载完的文件夹里只有配置和分词器，却照样能通过校验。",
+                   "不传 allow_patterns，让 download_model 按仓库的文件列表选格式（只有 .bin 时下载 .bin，见 allow_patterns_for）；或在 allow_patterns 里加上 \"*.bin\"。",
+                   "With the filter {detail}, not one weight file of {repo} would be downloaded: the folder would hold only config and tokenizer, and still pass verification.",
+                   "leave allow_patterns out, so download_model picks the format from the repo's file list (.bin when it has only .bin, see allow_patterns_for), or add \"*.bin\" to allow_patterns."),
     "modelscope_missing": ("没有安装可选依赖 modelscope，不能从 ModelScope（魔搭社区）下载。",
                            "运行 pip install \"modelscope>=1.20\"，重启内核后再运行。",
                            "The optional modelscope package is not installed, so nothing can be downloaded from ModelScope.",
@@ -232,11 +237,32 @@ def check_disk(needed: int, target, free: int | None = None) -> None:
 
 def default_target(repo_id: str) -> Path:
     """Where a download goes (notebooks/01_download_weights.ipynb): ``models_dir()/<profile>`` for a profile's repo,
-    where resolve_model looks; ``output_dir()/downloads/`` for the practice repo; else ``models_dir()/<owner>--<name>``."""
-    if repo_id == LOCAL_REPO:
+    where resolve_model looks; ``output_dir()/downloads/`` for the practice repos; else ``models_dir()/<owner>--<name>``."""
+    if repo_id in (LOCAL_REPO, LOCAL_BIN_REPO):
         return output_dir() / "downloads" / repo_id.replace("/", "--")
     profile = next((p.name for p in PROFILES.values() if p.repo_id == repo_id), None)
     return models_dir() / (profile or repo_id.replace("/", "--"))
+
+
+def allow_patterns_for(files) -> list[str]:
+    """The download filter for a repo with these files (notebooks/01_download_weights.ipynb): :data:`ALLOW_PATTERNS`
+    (safetensors) when the repo has safetensors weights or no weights at all; the same with ``"*.bin"`` in place of
+    ``"*.safetensors"`` when its weights are PyTorch ``.bin`` files only (FlagAlpha's LoRA adapters hold only
+    ``adapter_model.bin``). One weight format either way: never both copies."""
+    names = list(files)
+    if any(n.endswith(".safetensors") for n in names) or not any(n.endswith(".bin") for n in names):
+        return list(ALLOW_PATTERNS)
+    return ["*.bin" if p == "*.safetensors" else p for p in ALLOW_PATTERNS]
+
+
+def check_weights_allowed(repo_id: str, files, allow_patterns) -> None:
+    """Refuse a filter that lets none of a repo's weight files through (notebooks/01_download_weights.ipynb):
+    the download would end in a folder without weights that still verifies."""
+    from huggingface_hub.utils import filter_repo_objects
+
+    weights = [n for n in files if n.endswith(WEIGHT_SUFFIXES)]
+    if weights and not list(filter_repo_objects(weights, allow_patterns=allow_patterns)):
+        raise DownloadError("no_weights", repo=repo_id, detail=str(list(allow_patterns)))
 
 
 def download_model(repo_id: str, target=None, *, endpoint: str | None = None, token=None, allow_patterns=None,
@@ -244,6 +270,8 @@ def download_model(repo_id: str, target=None, *, endpoint: str | None = None, to
     """notebooks/01_download_weights.ipynb's steps in one call: check, ``snapshot_download``, verify, write the marker.
 
     ``endpoint`` defaults to ``HF_ENDPOINT``; a stored token goes only to huggingface.co (:func:`safe_token`).
+    ``allow_patterns`` defaults to :func:`allow_patterns_for` the repo's file list (safetensors, or ``.bin`` where
+    that is all the repo has); a filter that would skip every weight file is refused (:func:`check_weights_allowed`).
     A verified download of the same commit is reused; ``repair=True`` first deletes the files that fail
     verification. Returns the marker record plus ``fetched`` (bytes downloaded now).
     """
@@ -252,12 +280,15 @@ def download_model(repo_id: str, target=None, *, endpoint: str | None = None, to
 
     endpoint = (endpoint or os.environ.get("HF_ENDPOINT") or HUB_ENDPOINT).rstrip("/")
     target, token = Path(target or default_target(repo_id)).expanduser(), safe_token(endpoint, token)
-    api, allow = HfApi(endpoint=endpoint, token=token), allow_patterns or ALLOW_PATTERNS
+    api = HfApi(endpoint=endpoint, token=token)
     with hub_errors(repo_id, endpoint, target):
         info = api.model_info(repo_id, files_metadata=True)
         if info.gated:
             api.auth_check(repo_id)
-        check_names([s.rfilename for s in info.siblings], target)
+        names = [s.rfilename for s in info.siblings]
+        check_names(names, target)
+        allow = allow_patterns or allow_patterns_for(names)
+        check_weights_allowed(repo_id, names, allow)
         marker = check_target(target, repo_id, info.sha, overwrite)
         sizes_ok = marker and all((target / p).is_file() and (target / p).stat().st_size == v["size"]
                                   for p, v in marker["files"].items())

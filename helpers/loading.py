@@ -20,6 +20,13 @@ MODES = ("full", "8bit", "4bit")  # "full" is the device's dtype (pick_dtype)
 QUANT_BYTES_PER_WEIGHT = {"8bit": 1.0, "4bit": 0.5 + 4 / 64}
 DEFAULT_CONTEXT_TOKENS = 2048  # tokens of context the fit check reserves KV cache for
 SAFETY_MARGIN = 0.05
+# What a Colab T4 leaves for a model, in GiB: an ESTIMATE, the one figure every lesson and helper that asks
+# "does it fit a T4?" uses (lessons 00, 01, 02; bench/report.py). Basis: nvidia-smi shows 15,360 MiB, but CUDA
+# itself reports a smaller total, "GPU 0 has a total capacity of 14.74 GiB" on a Colab T4 in PyTorch's
+# out-of-memory message (github.com/zai-org/CogVideo/issues/741; 14.56 GiB on a GCP T4, Zheng-Chong/CatVTON
+# issue 133), and the CUDA context of the process takes a few hundred MiB more before any weight is loaded.
+# Not measured by this course on a T4: lesson 02 reads the real figure with torch.cuda.mem_get_info().
+T4_USABLE_GIB = 14.5
 
 # Llama-2's published shapes (Meta's config.json files), for estimates and the benchmarks.
 _LLAMA2_COMMON = {"vocab_size": 32000, "max_position_embeddings": 4096}
@@ -190,7 +197,7 @@ def check_fits(config, mode: str, dtype: torch.dtype | None = None, *, budget_by
         f" + KV 缓存 {est.kv_cache / GIB:.1f} + 激活 {est.activations / GIB:.1f}，再加 {SAFETY_MARGIN:.0%} 余量），可用的只有 "
         f"{budget_bytes / GIB:.1f} GiB（{where}）。为避免溢出，先不加载。可以：" + (f"改用 4-bit {q4}（约需 {four:.1f} GiB）；"
         if mode != "4bit" else "") + f"换更小的模型（13B 换 7B，或 LLAMA_TUTORIAL_MODEL=tiny）；把放不下的层卸载到 CPU："
-        f"{offload}（慢得多）；缩短上下文或减小 batch（现按 batch={est.batch}、{est.context_tokens} 个 token 预留 KV 缓存）。",
+        f"{offload}（慢得多）；缩短上下文或减小批大小（现按批大小 {est.batch}、{est.context_tokens} 个 token 预留 KV 缓存）。",
         f"By estimate, this {est.params / 1e9:.2f}B-parameter model needs about {est.total / GIB:.1f} GiB in {est.label}, "
         f"but only {budget_bytes / GIB:.1f} GiB is available ({where}). Not loading, to avoid an out-of-memory crash. "
         "Options: " + (f"4-bit with {q4} (about {four:.1f} GiB); " if mode != "4bit" else "") + "a smaller model (7B "

@@ -14,6 +14,8 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 LOCAL_REPO = "local/tiny-llama2-chat"
+# The same model with PyTorch .bin weights only, as FlagAlpha's LoRA adapter repos (adapter_model.bin) hold them.
+LOCAL_BIN_REPO = "local/tiny-llama2-chat-bin-only"
 LFS_SUFFIXES = (".safetensors", ".bin", ".model")  # what the Hub stores with Git LFS
 _HUB: ThreadingHTTPServer | None = None
 
@@ -113,13 +115,20 @@ def start(repos: dict, handler=Handler) -> ThreadingHTTPServer:
     return server
 
 
+def bin_only(files: dict[str, HubFile]) -> dict[str, HubFile]:
+    """A repo's files without its safetensors copy: PyTorch ``.bin`` weights only."""
+    return {path: f for path, f in files.items() if not path.endswith(".safetensors")}
+
+
 def local_hub() -> ThreadingHTTPServer:
-    """The one loopback Hub of this process, serving the tiny model as :data:`LOCAL_REPO` (notebooks/01_download_weights.ipynb)."""
+    """The one loopback Hub of this process, serving the tiny model as :data:`LOCAL_REPO` and, with .bin weights
+    only, as :data:`LOCAL_BIN_REPO` (notebooks/01_download_weights.ipynb)."""
     global _HUB
     if _HUB is None:
         from helpers.tiny import ensure_tiny_model
 
-        _HUB = start({LOCAL_REPO: tiny_repo_files(ensure_tiny_model(verbose=False))})
+        files = tiny_repo_files(ensure_tiny_model(verbose=False))
+        _HUB = start({LOCAL_REPO: files, LOCAL_BIN_REPO: bin_only(files)})
     return _HUB
 
 

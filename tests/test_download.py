@@ -127,6 +127,64 @@ def test_corrupted_file_is_caught_and_repaired(hub, tmp_path):
     assert (target / DOWNLOAD_MARKER).exists()
 
 
+
+# ---------------------------------------------------------------------------- repos with .bin weights only (issue 27 item 12)
+
+
+@pytest.mark.parametrize("names, weights", [
+    (["config.json", "model.safetensors", "pytorch_model.bin"], "*.safetensors"),  # Meta's: both copies
+    (["config.json", "pytorch_model-00001-of-00002.bin", "pytorch_model.bin.index.json"], "*.bin"),
+    (["adapter_config.json", "adapter_model.bin"], "*.bin"),  # FlagAlpha's LoRA adapters
+    (["config.json", "tokenizer.json"], "*.safetensors"),  # no weights at all: the default
+])
+def test_allow_patterns_for_picks_one_weight_format(names, weights):
+    allow = dl.allow_patterns_for(names)
+    assert weights in allow and ({"*.safetensors", "*.bin"} - {weights}).isdisjoint(allow)
+    assert [p for p in allow if p not in ("*.safetensors", "*.bin")] == [p for p in dl.ALLOW_PATTERNS if p != "*.safetensors"]
+
+
+@pytest.fixture
+def bin_hub(files):
+    server = FaultyHub({local_hub.LOCAL_BIN_REPO: local_hub.bin_only(files)})
+    yield server
+    server.stop()
+
+
+def test_a_bin_only_repo_downloads_its_bin_weights_and_loads(bin_hub, tmp_path):
+    """Without allow_patterns, download_model reads the repo's file list and takes the .bin weights."""
+    from transformers import AutoModelForCausalLM
+
+    from helpers.loading import missing_weights
+
+    target = tmp_path / "model"
+    record = fetch(bin_hub, target, repo=local_hub.LOCAL_BIN_REPO)
+    assert "pytorch_model.bin" in record["files"] and [r["file"] for r in bin_hub.gets()].count("pytorch_model.bin") == 1
+    assert not list(target.glob("*.safetensors")) and missing_weights(target) == []
+    assert AutoModelForCausalLM.from_pretrained(target).num_parameters() > 0
+
+
+def test_a_filter_that_skips_every_weight_file_is_refused(bin_hub, tmp_path):
+    """The old failure: safetensors-only patterns on a .bin-only repo downloaded a folder without weights that verified."""
+    err = kind_of(bin_hub, tmp_path, repo=local_hub.LOCAL_BIN_REPO, allow_patterns=dl.ALLOW_PATTERNS)
+    assert err.kind == "no_weights" and "*.bin" in str(err)
+    assert not (tmp_path / "model" / DOWNLOAD_MARKER).exists()
+
+
+def test_the_local_hub_serves_a_bin_only_repo_for_lesson_01():
+    from huggingface_hub import HfApi
+
+    from helpers.download import hub_errors
+
+    url = local_hub.local_hub().url
+    try:
+        with hub_errors(local_hub.LOCAL_BIN_REPO, url):
+            names = HfApi(endpoint=url, token=False).list_repo_files(local_hub.LOCAL_BIN_REPO)
+    finally:
+        local_hub.stop()
+    assert "pytorch_model.bin" in names and not [n for n in names if n.endswith(".safetensors")]
+    assert "*.bin" in dl.allow_patterns_for(names)
+
+
 # ---------------------------------------------------------------------------- the error cases
 
 
@@ -277,6 +335,10 @@ def test_download_on_huggingface_hub_1_27(tmp_path):
         "t.test_corrupted_file_is_caught_and_repaired(hub, tmp / 'c')\n"
         "t.test_unreachable_endpoint_and_not_a_hub(tmp / 'd')\n"
         "t.test_no_stored_token_goes_to_an_endpoint_other_than_huggingface(hub, tmp / 'e', __import__('pytest').MonkeyPatch())\n"
+        "bin_hub = FaultyHub({local_hub.LOCAL_BIN_REPO: local_hub.bin_only(files)})\n"
+        "t.test_a_filter_that_skips_every_weight_file_is_refused(bin_hub, tmp / 'f')\n"
+        "t.fetch(bin_hub, tmp / 'g', repo=local_hub.LOCAL_BIN_REPO)\n"
+        "assert (tmp / 'g' / 'pytorch_model.bin').is_file() and not list((tmp / 'g').glob('*.safetensors'))\n"
         "print('hub', huggingface_hub.__version__, 'ok')\n"
     )
     env = {**os.environ, "PYTHONPATH": f"{site}{os.pathsep}{REPO_ROOT}"}

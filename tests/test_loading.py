@@ -517,3 +517,38 @@ def test_bench_large_config_needs_a_gpu(capsys):
         main(["--config", "llama2-7b", "--json", "/dev/null"])
     assert err.value.code == 2
     assert "CUDA" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- one T4 figure (issue 27 item 2)
+
+
+def test_lessons_01_and_02_judge_a_t4_with_the_one_constant():
+    """Lesson 01's catalogue and lesson 02's check_fits use helpers.loading.T4_USABLE_GIB and reach the same verdict for
+    every Llama-2 shape and mode (13B in 8-bit: no); no lesson or helper keeps a T4 figure of its own."""
+    import re
+
+    import nbformat
+
+    from helpers.config import REPO_ROOT
+    from helpers.loading import GIB, LLAMA2_SHAPES, T4_USABLE_GIB, check_fits, estimate_memory
+    from tests.lesson_code import lesson_definitions
+
+    lesson01 = lesson_definitions("01_download_weights.ipynb", "c58-07", given={"GIB": GIB})
+    lesson02 = lesson_definitions("02_loading_quantized.ipynb", "c35-13")
+    assert lesson01["T4_BUDGET"] == lesson02["T4_FREE"] == int(T4_USABLE_GIB * GIB)
+    for shape in ("llama2-7b", "llama2-13b"):
+        config = LlamaConfig(**LLAMA2_SHAPES[shape])
+        for mode in ("full", "8bit", "4bit"):
+            try:
+                check_fits(config, mode, torch.float16, budget_bytes=lesson02["T4_FREE"])
+                fits = True
+            except loading.ModelTooLargeError:
+                fits = False
+            assert lesson01["fits_on_t4"](estimate_memory(config, mode, torch.float16)) == fits, (shape, mode)
+    assert not lesson01["fits_on_t4"](estimate_memory(LlamaConfig(**LLAMA2_SHAPES["llama2-13b"]), "8bit", torch.float16))
+    # T4_GIB = 15.0, T4_FREE = int(14.5 ...: any T4 name set to a number, but the one definition in helpers/loading.py
+    literal = re.compile(r"\b(?!T4_USABLE_GIB\b)T4\w*\s*=\s*(?:int\()?\s*1[45](?:\.\d+)?\b")
+    sources = [(p.name, "\n".join(c.source for c in nbformat.read(p, as_version=4).cells if c.cell_type == "code"))
+               for p in sorted((REPO_ROOT / "notebooks").glob("0[0-4]_*.ipynb"))]
+    sources += [(p.name, p.read_text("utf-8")) for p in [*(REPO_ROOT / "helpers").glob("*.py"), REPO_ROOT / "bench" / "report.py"]]
+    assert [name for name, text in sources if literal.search(text)] == [], "a T4 memory figure other than T4_USABLE_GIB"
