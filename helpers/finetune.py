@@ -373,6 +373,27 @@ def prepare_tokenizer(tokenizer):
     return tokenizer
 
 
+def allow_indexed_cpu_locations() -> None:
+    """Let ``torch.load`` read storages into ``"cpu:N"``: transformers before 5.18 resumes a multi-process CPU run
+    with ``torch.load(optimizer.pt, map_location=args.device)``, i.e. ``cpu:0``, and torch has no restore rule for
+    an indexed CPU device ("don't know how to restore data location of torch.storage.UntypedStorage (tagged with
+    cpu:0)"); 5.18.0 maps to plain ``"cpu"``. Colab ships 5.15. This adds that rule through torch's public hook for
+    storage locations (``torch.serialization.register_package``); it changes nothing for other locations."""
+    global _CPU_N_REGISTERED
+    if _CPU_N_REGISTERED:
+        return
+    import torch
+
+    def restore(storage, location: str):
+        return storage if location.startswith("cpu:") and location[4:].isdigit() else None
+
+    torch.serialization.register_package(100, lambda obj: None, restore)
+    _CPU_N_REGISTERED = True
+
+
+_CPU_N_REGISTERED = False
+
+
 def train_adapter(choice, adapter_dir: str | Path | None = None, *, settings: TrainSettings | None = None,
                   train_file: str | Path = DATA_DIR / "train_sft.csv", dev_file: str | Path = DATA_DIR / "dev_sft.csv",
                   on_bad: str = "stop", overwrite: bool = False, max_steps: int | None = None,
@@ -411,6 +432,8 @@ def train_adapter(choice, adapter_dir: str | Path | None = None, *, settings: Tr
     collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX, pad_to_multiple_of=8)
     trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=dev_ds, callbacks=list(callbacks),
                       data_collator=collator)
+    if resumed_from and args.world_size > 1 and args.device.type == "cpu":
+        allow_indexed_cpu_locations()  # transformers < 5.18 (Colab's 5.15) would fail to load optimizer.pt
     if verbose and resumed_from:
         print(f"从检查点继续训练 / resuming from {resumed_from}")
     trainer.train(resume_from_checkpoint=resumed_from)

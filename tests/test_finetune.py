@@ -582,3 +582,20 @@ def test_lessons_training_arguments_equal_the_helpers(tmp_path, name):
     helper = training_arguments(settings, tmp_path).to_dict()
     differ = {k: (lesson[k], helper[k]) for k in lesson if lesson[k] != helper[k]}
     assert set(differ) <= {"disable_tqdm"}, differ  # the helper silences progress bars for lessons 06/08's runs
+
+
+def test_an_optimizer_state_mapped_to_cpu_0_loads_after_the_shim(tmp_path):
+    """transformers < 5.18 (Colab's 5.15) resumes a multi-process CPU run with torch.load(map_location="cpu:0"),
+    which torch refuses; train_adapter installs allow_indexed_cpu_locations for exactly that case. The refusal is
+    checked in a fresh interpreter (the rule, once added, stays for the process); the two-process resume itself
+    runs under Colab's versions in make colab-check (tests/test_distributed.py)."""
+    saved = tmp_path / "optimizer.pt"
+    torch.save({"state": {0: {"exp_avg": torch.arange(4.0)}}}, saved)
+    load = f"import torch; torch.load({str(saved)!r}, map_location=torch.device('cpu', 0), weights_only=True)"
+    before = subprocess.run([sys.executable, "-c", load], capture_output=True, text=True)
+    assert before.returncode != 0 and "tagged with cpu:0" in before.stderr, "torch itself refuses cpu:0"
+    ft.allow_indexed_cpu_locations()
+    ft.allow_indexed_cpu_locations()  # idempotent
+    state = torch.load(saved, map_location=torch.device("cpu", 0), weights_only=True)
+    assert torch.equal(state["state"][0]["exp_avg"], torch.arange(4.0))
+    assert state["state"][0]["exp_avg"].device.type == "cpu"
