@@ -18,7 +18,8 @@ from helpers.evaluation import EvalDataError
 from tests.lesson_code import lesson_definitions
 
 LESSON = "06_evaluation.ipynb"
-# Lesson 06's settings, its OVERALL row name, then section 13's definitions. The lesson's model is the tiny one.
+# Lesson 06's settings (they read the lesson's model, here the tiny one), its OVERALL row name, then section 13's
+# definitions, which take the model and template as arguments.
 L = SimpleNamespace(**lesson_definitions(LESSON, "c41-03", "c41-22", "c41-kc02", "c41-kc06", "c41-kc08", "c41-kc10",
                                          "c41-kc12", given={"choice": resolve_model("tiny", verbose=False)}))
 SUBJECTS = kn.load_knowledge()
@@ -212,9 +213,11 @@ def test_chat_template_puts_the_question_in_a_user_turn(tiny):
     _, tok = tiny
     text = L.build_prompt(SUBJECTS["geography"]["val"][0], SUBJECTS["geography"], L.KnowledgeConfig())
     plain = L.prompt_token_ids(tok, text, L.KnowledgeConfig())
-    chat = L.prompt_token_ids(tok, text, L.KnowledgeConfig(chat_template=True))
+    chat = L.prompt_token_ids(tok, text, L.KnowledgeConfig(chat_format="llama2"))
+    other = L.prompt_token_ids(tok, text, L.KnowledgeConfig(chat_format="human_assistant"))
     assert plain == tok(text)["input_ids"]
     assert "[INST]" in tok.decode(chat) and "[/INST]" in tok.decode(chat) and text in tok.decode(chat)
+    assert "Human: " in tok.decode(other) and "[INST]" not in tok.decode(other), "the template the config names"
 
 
 # --------------------------------------------------------------------------- accuracy and interval
