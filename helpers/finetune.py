@@ -187,9 +187,17 @@ def _save_new(target: str | Path, objects: list, *, overwrite: bool, what: tuple
     return target
 
 
-def save_adapter(model, path: str | Path, *, overwrite: bool = False, info: dict | None = None) -> Path:
+def save_adapter(model, path: str | Path, *, overwrite: bool = False, info: dict | None = None,
+                 state_dict: dict | None = None) -> Path:
     """Save the LoRA adapter (+ ``training_info.json``); never over an existing folder unless ``overwrite``,
-    and the folder appears complete or not at all. Introduced in notebooks/05_lora_finetune.ipynb."""
+    and the folder appears complete or not at all. ``state_dict``: the weights to save instead of the model's
+    own (gathered from FSDP / ZeRO-3 shards: :func:`adapter_state_dict`, lesson 08).
+    Introduced in notebooks/05_lora_finetune.ipynb."""
+    if state_dict is not None:
+        from types import SimpleNamespace
+
+        peft_model = model
+        model = SimpleNamespace(save_pretrained=lambda to: peft_model.save_pretrained(to, state_dict=state_dict))
     return _save_new(path, [model], overwrite=overwrite, what=("适配器", "adapter"), info=info)
 
 
@@ -342,28 +350,80 @@ def training_arguments(settings: TrainSettings, checkpoint_dir: str | Path, *, m
     return (args_class or TrainingArguments)(**(kwargs | overrides))
 
 
+def sharded_training() -> bool:
+    """Whether this process trains under FSDP or DeepSpeed ZeRO-3 (``accelerate launch`` with fsdp.yaml or a
+    ZeRO-3 config; ZeRO-3 is known once the ``TrainingArguments`` exist): each rank then holds only a shard of
+    the weights. Introduced in notebooks/08_multi_gpu_lora.ipynb."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true") or is_deepspeed_zero3_enabled()
+
+
 def load_base(choice, settings: TrainSettings, *, for_training: bool = True):
     """The base as lesson 05 loads it: QLoRA (``BitsAndBytesConfig`` + ``prepare_model_for_kbit_training``)
-    on a GPU, fp32 otherwise."""
+    on a GPU, fp32 otherwise. Under FSDP / ZeRO-3 (lesson 08) the 4-bit weights are stored in a float dtype
+    and no ``device_map`` is given: see :func:`sharded_training`."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from helpers.loading import pick_attn_implementation, pick_dtype, quantization_config
 
-    gpu = torch.cuda.is_available()
+    gpu, sharded = torch.cuda.is_available(), sharded_training()
+    rank = int(os.environ.get("LOCAL_RANK", 0))
+    # Where the weights go. FSDP / ZeRO-3: nowhere in particular, they shard them (ZeRO-3 refuses a device_map);
+    # several processes (DDP): one whole copy on each rank's own GPU (device_map="auto" would spread every rank's
+    # copy over all GPUs); one process: "auto".
+    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if not (gpu and settings.quantization):
-        return AutoModelForCausalLM.from_pretrained(choice.path, dtype=torch.float32,
-                                                    device_map="auto" if gpu else None)
+        place = {} if sharded or not gpu else {"device_map": {"": rank} if several else "auto"}
+        return AutoModelForCausalLM.from_pretrained(choice.path, dtype=torch.float32, **place)
     dtype = pick_dtype("cuda")
+    bnb = quantization_config(settings.quantization, dtype, double_quant=True)
+    storage, place = dtype, {"device_map": {"": rank}}
+    if sharded:
+        if settings.quantization != "4bit":
+            raise TutorialError(bilingual("FSDP / ZeRO-3 只能配合 4-bit QLoRA（bnb_4bit_quant_storage），不能配合 8-bit。",
+                                          "FSDP / ZeRO-3 work with 4-bit QLoRA (bnb_4bit_quant_storage), not 8-bit."))
+        # bitsandbytes' FSDP-QLoRA guide: FSDP shards only float storage, so the packed 4-bit weights are stored in
+        # a float dtype, the same as the model's other weights; with fp16 mixed precision, peft's guide says float32.
+        storage = torch.float32 if dtype == torch.float16 else dtype
+        bnb.bnb_4bit_quant_storage = storage
+        place = {}  # each rank's GPU is already the current device: TrainingArguments set it (train_adapter)
     model = AutoModelForCausalLM.from_pretrained(
-        choice.path, quantization_config=quantization_config(settings.quantization, dtype, double_quant=True),
-        dtype=dtype, device_map={"": int(os.environ.get("LOCAL_RANK", 0))},
-        attn_implementation=pick_attn_implementation("cuda"))
-    if for_training:
+        choice.path, quantization_config=bnb, dtype=storage, attn_implementation=pick_attn_implementation("cuda"),
+        **place)
+    if for_training and sharded:
+        # Not prepare_model_for_kbit_training: it casts every weight that is not 4-bit to float32, and FSDP wants
+        # one dtype per wrapped layer. What it does for gradient checkpointing is all that is needed here.
+        if settings.gradient_checkpointing:
+            model.enable_input_require_grads()
+    elif for_training:
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=settings.gradient_checkpointing)
     return model
+
+
+def adapter_state_dict(trainer):
+    """The trained LoRA weights gathered from their shards, or None when every rank holds them whole (one
+    process, DDP, ZeRO-1/2: save the model as it is). Every rank must call it (the gathering is collective);
+    ranks other than 0 get None. FSDP: a full state dict, switched to ``FULL_STATE_DICT`` first as peft's FSDP
+    guide does before ``trainer.save_model()`` (with ``SHARDED_STATE_DICT`` the Trainer saves no model at all);
+    ZeRO-3: the trained parameters gathered with ``deepspeed.zero.GatheredParameters``, without which rank 0
+    saves empty LoRA tensors (DeepSpeed #4295). Introduced in notebooks/08_multi_gpu_lora.ipynb."""
+    rank0 = trainer.is_world_process_zero()
+    if trainer.is_fsdp_enabled:
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+        state = trainer.accelerator.get_state_dict(trainer.model)  # the call Trainer.save_model makes
+        return state if rank0 else None
+    if trainer.is_deepspeed_enabled and trainer.accelerator.state.deepspeed_plugin.zero_stage == 3:
+        import deepspeed
+
+        trained = [(name, p) for name, p in trainer.model.named_parameters() if p.requires_grad]
+        with deepspeed.zero.GatheredParameters([p for _, p in trained], modifier_rank=None):
+            # copied inside: leaving the block partitions the parameters again
+            return {name: p.detach().cpu().clone() for name, p in trained} if rank0 else None
+    return None
 
 
 def prepare_tokenizer(tokenizer):
@@ -426,9 +486,12 @@ def train_adapter(choice, adapter_dir: str | Path | None = None, *, settings: Tr
     _claim(ckpt_dir)
     resumed_from = resume_point(ckpt_dir, run_fingerprint(choice, s, train_rows) | {"limit_rows": limit_rows})
     set_seed(s.seed)
-    model = get_peft_model(load_base(choice, s), lora_config(s))
     overrides = {"eval_on_start": resumed_from is None} | (args_overrides or {})  # a resumed run was evaluated
+    # The arguments before the model, as peft's multi-GPU examples do: they set up the processes (each rank's own
+    # GPU becomes the current device) and, under ZeRO-3 with zero3_init_flag, let from_pretrained build the model
+    # already sharded.
     args = training_arguments(s, ckpt_dir, max_steps=max_steps, **overrides)
+    model = get_peft_model(load_base(choice, s), lora_config(s))
     collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX, pad_to_multiple_of=8)
     trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=dev_ds, callbacks=list(callbacks),
                       data_collator=collator)
@@ -443,8 +506,9 @@ def train_adapter(choice, adapter_dir: str | Path | None = None, *, settings: Tr
             "train_rows": len(train_ds), "global_step": trainer.state.global_step, "dev_loss_first": dev[0],
             "dev_loss_last": dev[-1], "log_history": trainer.state.log_history, "resumed_from": resumed_from,
             "seconds": round(time.perf_counter() - start, 1), "created": time.strftime("%Y-%m-%d %H:%M:%S")}
+    gathered = adapter_state_dict(trainer) if save else None  # every rank: FSDP / ZeRO-3 shards are gathered
     if save and trainer.is_world_process_zero():
-        save_adapter(model, adapter_dir, overwrite=overwrite, info=info)
+        save_adapter(model, adapter_dir, overwrite=overwrite, info=info, state_dict=gathered)
         if verbose:
             print(f"LoRA 适配器已保存 / adapter saved: {adapter_dir}（{info['seconds']} 秒）")
     trainer.adapter_dir, trainer.resumed_from, trainer.info = adapter_dir, resumed_from, info

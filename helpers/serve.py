@@ -113,9 +113,14 @@ class Server:
     def __init__(self, key, process, base_url, api_key, models, log_path):
         self.key, self.process, self.base_url, self.api_key = key, process, base_url, api_key
         self.models, self.log_path = models, log_path  # models: the base's name first, then each adapter's
+        self.env: dict[str, str] = {}  # the variables of server_env() this server got
 
     def alive(self) -> bool:
         return self.process.poll() is None
+
+    def command(self) -> str:
+        """The command this server runs, as a shell line, with its API key masked (lesson 07 prints it)."""
+        return format_command(self.process.args, self.env, hide=self.api_key)
 
     def client(self, timeout: float = 60.0):
         """An ``openai.OpenAI`` client for this server (no retries: errors reach the caller at once)."""
@@ -140,14 +145,93 @@ class Server:
             shutil.rmtree(self.log_path.parent, ignore_errors=True)
 
 
+def adapter_rank(adapter_dir: str | Path) -> int:
+    """The largest LoRA rank in an adapter's ``adapter_config.json`` (``r``, and any per-module ``rank_pattern``)."""
+    config = json.loads((Path(adapter_dir) / "adapter_config.json").read_text("utf-8"))
+    return max([int(config.get("r") or 8), *map(int, (config.get("rank_pattern") or {}).values())])
+
+
+def server_command(choice, *, adapters: dict[str, str | Path] | None = None, port: int = 8000,
+                   api_key: str | None = None, quantization: str | None = None, extra_args=(),
+                   chat_template: str | Path | None = None, cuda: bool | None = None,
+                   python: str = "python") -> list[str]:
+    """The vLLM command line :func:`start_server` runs (notebooks/07_serving_vllm.ipynb prints it).
+
+    ``--max-lora-rank`` follows the adapters' own rank (their ``adapter_config.json``); ``quantization`` becomes
+    ``--quantization``; ``extra_args`` (any other vLLM options) come last and replace a default option of the
+    same name (``["--max-model-len", "2048"]``). ``cuda`` None asks torch whether a CUDA GPU is present."""
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    options = [("--model", choice.path), ("--served-model-name", choice.name), ("--host", HOST), ("--port", str(port))]
+    if api_key is not None:
+        options.append((f"--api-key={api_key}",))  # token_urlsafe starts with "-" one time in 64: one argument
+    options.append(("--max-model-len", "1024"))
+    if not cuda:
+        options += [("--dtype", "float32"), ("--enforce-eager",)]
+    if quantization:
+        options.append(("--quantization", quantization))
+    if chat_template:
+        options.append(("--chat-template", str(chat_template)))
+    if adapters:
+        rank = max(adapter_rank(path) for path in adapters.values())
+        if rank > LORA_RANKS[-1]:
+            raise TutorialError(bilingual(
+                f"适配器的秩 r={rank} 超过了 vLLM 的 --max-lora-rank 上限 {LORA_RANKS[-1]}。",
+                f"The adapter's rank r={rank} exceeds vLLM's --max-lora-rank limit of {LORA_RANKS[-1]}."))
+        # vLLM's CPU LoRA ops (lora/ops/torch_ops) give tokens without an adapter the slot index -1, which
+        # Python indexing reads as the last adapter: a base request batched with an adapter request is then
+        # answered with that adapter's weights. One spare slot, never filled, makes -1 an empty adapter
+        # (scripts/upstream/vllm-cpu-lora-index.md).
+        slots = len(adapters) + (0 if cuda else 1)
+        options += [("--enable-lora",), ("--max-loras", str(slots)),
+                    ("--max-lora-rank", str(min(r for r in LORA_RANKS if r >= rank))),
+                    ("--lora-modules", *[f"{name}={path}" for name, path in adapters.items()])]
+    extra = [str(a) for a in extra_args]
+    replaced = {a.split("=", 1)[0] for a in extra if a.startswith("--")}
+    kept = [words for words in options if words[0].split("=", 1)[0] not in replaced]
+    return [python, "-m", "vllm.entrypoints.openai.api_server", *(w for words in kept for w in words), *extra]
+
+
+def server_env(cuda: bool | None = None) -> dict[str, str]:
+    """The environment variables :func:`start_server` sets for vLLM (those already set in the environment win).
+
+    Everywhere: idle HTTP connections stay open 10 minutes instead of vLLM's 5 s (``VLLM_HTTP_TIMEOUT_KEEP_ALIVE``).
+    A client that reuses a pooled connection just as the server closes it gets "Server disconnected without
+    sending a response", and a notebook's pauses between cells are often about 5 s (tiny model, this machine:
+    1 failed request in 12 rounds of 95 concurrent ones sent after 4.8-5.4 s idle; 0 in 20 rounds with 600 s).
+    On a CPU also: a 1 GiB KV cache, and the model runs inside the engine process (no third process to start; on 2
+    cores bench.serve measured a start of 41 s instead of 63 s and more throughput)."""
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    env = {"VLLM_HTTP_TIMEOUT_KEEP_ALIVE": "600"}
+    return env if cuda else {**env, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+
+
+def format_command(args: list[str], env: dict[str, str] | None = None, *, hide: str | None = None) -> str:
+    """A command as a learner would type it in a shell: ``env`` first, one option per line, ``hide`` masked."""
+    import shlex
+
+    words = [a.replace(hide, "***") if hide and hide in a else shlex.quote(a) for a in args]  # *** stays bare
+    lines, i = [" ".join(words[:3])], 3  # python -m module
+    while i < len(words):
+        n = 1
+        while i + n < len(words) and not args[i + n].startswith("--"):
+            n += 1
+        lines.append("    " + " ".join(words[i:i + n]))
+        i += n
+    prefix = " ".join(f"{k}={shlex.quote(v)}" for k, v in (env or {}).items())
+    return (prefix + " \\\n" if prefix else "") + " \\\n".join(lines)
+
+
 def start_server(model=None, *, adapters: dict[str, str | Path] | None = None, port: int | None = None,
-                 timeout: float = 300.0) -> Server:
+                 quantization: str | None = None, extra_args=(), timeout: float = 300.0) -> Server:
     """Start (or reuse) a vLLM server for ``model`` (a ModelChoice or a ``resolve_model`` spec) on 127.0.0.1
     and wait for it (notebooks/07_serving_vllm.ipynb). ``adapters`` maps a model name to a LoRA adapter
-    folder; the base model's name is its profile name (``tiny``); ``port`` None takes a free one."""
+    folder; the base model's name is its profile name (``tiny``); ``port`` None takes a free one.
+    ``quantization`` (``--quantization``, e.g. "awq" for AWQ weights) and ``extra_args`` (other vLLM options,
+    e.g. ``["--gpu-memory-utilization", "0.85"]``) go to vLLM as :func:`server_command` shows."""
     choice = model if hasattr(model, "path") else resolve_model(model, verbose=False)
     adapters = {name: check_adapter(path, choice) for name, path in (adapters or {}).items()}
-    key = (choice.path, tuple(sorted((n, str(p.resolve())) for n, p in adapters.items())))
+    extra_args = tuple(str(a) for a in extra_args)
+    key = (choice.path, tuple(sorted((n, str(p.resolve())) for n, p in adapters.items())), quantization, extra_args)
     if key in _SERVERS and _SERVERS[key].alive():
         return _SERVERS[key]
     python = serve_python()
@@ -158,37 +242,24 @@ def start_server(model=None, *, adapters: dict[str, str | Path] | None = None, p
             f"端口 {port} 已被占用（也许是还没停掉的服务器，`lsof -i :{port}` 可查）。换一个端口，或不传 port 自动挑选。",
             f"Port {port} is already in use (perhaps a server still running; `lsof -i :{port}` tells). Pick another "
             "port, or pass none to get a free one."))
-    api_key = secrets.token_urlsafe(16)  # one in 64 starts with "-": hence --api-key=KEY, never two arguments
-    args = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", choice.path,
-            "--served-model-name", choice.name, "--host", HOST, "--port", str(port), f"--api-key={api_key}",
-            "--max-model-len", "1024"]
-    if not torch.cuda.is_available():
-        args += ["--dtype", "float32", "--enforce-eager"]
+    api_key = secrets.token_urlsafe(16)
     workdir = Path(tempfile.mkdtemp(prefix=f"vllm-{port}-"))  # the log and the chat template; stop() deletes it
+    template = None
     if AutoTokenizer.from_pretrained(choice.path).chat_template is None:  # FlagAlpha's ship none; chat needs one
         template = workdir / "chat_template.jinja"
         text = TEMPLATES[choice.chat_format].replace("{% generation %}", "").replace("{% endgeneration %}", "")
         template.write_text(text, "utf-8")  # the course's template (lesson 03), without the training-mask tags
-        args += ["--chat-template", str(template)]
-    if adapters:
-        ranks = [json.loads((p / "adapter_config.json").read_text("utf-8")).get("r", 8) for p in adapters.values()]
-        rank = min(r for r in LORA_RANKS if r >= max(ranks))
-        # vLLM's CPU LoRA ops (lora/ops/torch_ops) give tokens without an adapter the slot index -1, which
-        # Python indexing reads as the last adapter: a base request batched with an adapter request is then
-        # answered with that adapter's weights. One spare slot, never filled, makes -1 an empty adapter.
-        slots = len(adapters) + (0 if torch.cuda.is_available() else 1)
-        args += ["--enable-lora", "--max-loras", str(slots), "--max-lora-rank", str(rank),
-                 "--lora-modules", *[f"{name}={path}" for name, path in adapters.items()]]
-    # On a CPU: a 1 GiB KV cache, and the model runs inside the engine process (no third process to start; on
-    # 2 cores bench.serve measured a start of 41 s instead of 63 s and more throughput). Either can be overridden.
-    cpu = {} if torch.cuda.is_available() else {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
-    env = {**cpu, **os.environ}
+    args = server_command(choice, adapters=adapters, port=port, api_key=api_key, quantization=quantization,
+                          extra_args=extra_args, chat_template=template, python=python)
+    env_set = server_env()
+    env = {**env_set, **os.environ}
     log_path = workdir / "server.log"
     with open(log_path, "wb") as log:
         process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                                    start_new_session=True,
                                    preexec_fn=functools.partial(_die_with_parent, os.getpid()))
     server = Server(key, process, f"http://{HOST}:{port}/v1", api_key, [choice.name, *adapters], log_path)
+    server.env = {k: env[k] for k in env_set}
     _SERVERS[key] = server
     try:
         _wait_healthy(server, port, timeout)

@@ -1,5 +1,12 @@
-"""``make serve``: serve LLAMA_TUTORIAL_MODEL with vLLM on the port given (default 8000) until Ctrl-C (lesson 07)."""
+"""``make serve``: serve LLAMA_TUTORIAL_MODEL with vLLM on the port given (default 8000) until Ctrl-C (lesson 07).
 
+    python scripts/serve.py [PORT] [--quantization awq] [any other vLLM option, e.g. --max-model-len 2048]
+
+PORT, if given, comes first. Options this script does not know go to vLLM unchanged (helpers.serve.start_server's
+``extra_args``); it prints the command it runs.
+"""
+
+import argparse
 import contextlib
 import sys
 from pathlib import Path
@@ -8,8 +15,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from helpers.serve import start_server  # noqa: E402
 
+
+def parse(argv=None):
+    """(port, quantization, extra vLLM arguments); the port, if given, comes first."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    port = int(argv.pop(0)) if argv and argv[0].isdigit() else 8000
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quantization", help="vLLM's --quantization, e.g. awq or gptq for such weights")
+    args, extra = parser.parse_known_args(argv)
+    return port, args.quantization, extra
+
+
 if __name__ == "__main__":
-    server = start_server(port=int(sys.argv[1]) if len(sys.argv) > 1 else 8000)
+    port, quantization, extra = parse()
+    server = start_server(port=port, quantization=quantization, extra_args=extra)
+    print(server.command())
     print(f"vLLM 服务器已就绪 / ready: {server.base_url} models={server.models} api_key={server.api_key}")
     with contextlib.suppress(KeyboardInterrupt):
         server.process.wait()

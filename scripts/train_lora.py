@@ -13,7 +13,9 @@ interruption (``--stop-after``) and ``--metrics DIR``, where every rank writes `
 training rows it really received (seen by a forward hook), its tokens, wall time and peak memory.
 
 Without ``--output`` the adapter goes to ``outputs/lora-adapter`` (``-2``, ``-3`` ... if taken), where
-lesson 06 finds it. Under torchrun/accelerate the ``Trainer`` runs DDP and only rank 0 writes.
+lesson 06 finds it. Under torchrun/accelerate the ``Trainer`` runs DDP (or FSDP / DeepSpeed, as the accelerate
+config says) and only rank 0 writes; under FSDP and ZeRO-3 every rank first helps gather the adapter from its
+shards (helpers.finetune.adapter_state_dict).
 Introduced with notebooks/05_lora_finetune.ipynb.
 """
 
@@ -97,6 +99,7 @@ def main(argv=None) -> int:
     parser.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
     parser.add_argument("--on-bad", choices=("stop", "drop"), default="stop", help="what to do with bad rows")
     parser.add_argument("--ddp-backend", help='torch.distributed backend, e.g. "gloo" for CPU processes')
+    parser.add_argument("--ddp-timeout", type=int, help="seconds a collective waits for the other ranks (1800)")
     parser.add_argument("--batch-size", type=int, help="rows per process and step (per_device_train_batch_size)")
     parser.add_argument("--grad-accum", type=int, help="gradient_accumulation_steps")
     parser.add_argument("--limit-rows", type=int, help="train on the first N valid rows only")
@@ -108,7 +111,8 @@ def main(argv=None) -> int:
     parser.add_argument("--metrics", type=Path, help="folder for rank<N>.json: rows seen, tokens, seconds, peak memory")
     args = parser.parse_args(argv)
     overrides = {k: v for k, v in {
-        "ddp_backend": args.ddp_backend, "per_device_train_batch_size": args.batch_size,
+        "ddp_backend": args.ddp_backend, "ddp_timeout": args.ddp_timeout,
+        "per_device_train_batch_size": args.batch_size,
         "gradient_accumulation_steps": args.grad_accum, "save_steps": args.save_steps,
         "logging_steps": args.logging_steps,
         "train_sampling_strategy": "sequential" if args.sequential else None,

@@ -61,11 +61,25 @@ def test_more_sharding_never_costs_more(method):
     assert per_gpu_memory(config, method, "ddp", 8) == per_gpu_memory(config, method, "ddp", 1)
 
 
+def test_lesson_reads_the_lora_settings_of_lesson_05():
+    """Lesson 08's rank, alpha and targets are lesson 05's GPU settings (r=16, alpha=32, seven projections), not
+    a copy: the lesson once said "r = 8 ... as in lesson 05" while lesson 05 trains r=16."""
+    from helpers.finetune import SETTINGS
+
+    gpu = SETTINGS["colab_t4"]
+    assert (LESSON["LORA_R"], LESSON["LORA_ALPHA"], LESSON["LORA_TARGETS"]) == (
+        gpu.lora_r, gpu.lora_alpha, gpu.target_modules) == (16, 32, ("q_proj", "k_proj", "v_proj", "o_proj",
+                                                               "gate_proj", "up_proj", "down_proj"))
+    config = llama_config("llama2-7b")
+    assert lora_trainable(config) == lora_trainable(config, 16) == 2 * 19_988_480
+    assert per_gpu_memory(config, "lora", "ddp", 1).optimizer == 8 * lora_trainable(config, 16)
+
+
 def test_qlora_and_lora_shapes_of_the_bill():
     config = llama_config("llama2-7b")
     lora, qlora = per_gpu_memory(config, "lora", "ddp", 1), per_gpu_memory(config, "qlora", "ddp", 1)
     assert qlora.weights < lora.weights / 3  # 4-bit frozen weights vs 16-bit
-    assert lora.optimizer == qlora.optimizer == 8 * 19_988_480  # Adam state only for the adapters
+    assert lora.optimizer == qlora.optimizer == 8 * lora_trainable(config)  # Adam state only for the adapters
     assert per_gpu_memory(config, "lora", "ddp", 1, checkpointing=False).activations > lora.activations
 
 
@@ -123,6 +137,7 @@ def test_every_config_is_in_the_lesson_table():
 
 
 # --------------------------------------------------------------------------- real two-process training
+import importlib.util  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import subprocess  # noqa: E402
@@ -134,8 +149,8 @@ COMMON = ["--model", "tiny", "--limit-rows", str(ROWS), "--max-steps", str(STEPS
 TIMEOUT = 600  # seconds per launch: a hang fails the test instead of stalling CI
 
 
-def _launch(cmd, *, threads: int = 1):
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "CUDA_VISIBLE_DEVICES": "", "TQDM_DISABLE": "1"}
+def _launch(cmd, *, threads: int = 1, **extra_env):
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "CUDA_VISIBLE_DEVICES": "", "TQDM_DISABLE": "1", **extra_env}
     proc = subprocess.run([str(c) for c in cmd], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return proc
@@ -211,12 +226,149 @@ def test_only_rank_zero_writes_one_adapter_that_loads_and_answers(runs):
     assert out.shape[1] > len(ids)
 
 
+def _adapter_tensors(folder):
+    from safetensors.torch import load_file
+
+    return load_file(Path(folder) / "adapter_model.safetensors")
+
+
 def test_fsdp_shards_the_parameters_across_two_gloo_processes(tmp_path):
-    """FSDP2 (fully_shard) on two CPU processes: each rank holds half of the elements, same loss."""
-    _launch([sys.executable, "scripts/fsdp_shard_demo.py", "--model", "tiny", "--json", tmp_path / "one.json"])
+    """FSDP2 (fully_shard) on two CPU processes: each rank holds half of the elements, same loss; with lesson 05's
+    LoRA, rank 0 holds half of each LoRA matrix, and the adapter gathered from both ranks equals the one-process one."""
+    _launch([sys.executable, "scripts/fsdp_shard_demo.py", "--model", "tiny", "--json", tmp_path / "one.json",
+             "--lora", tmp_path / "one-lora"])
     _launch([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "scripts/fsdp_shard_demo.py",
-             "--model", "tiny", "--json", tmp_path / "two.json"])
+             "--model", "tiny", "--json", tmp_path / "two.json", "--lora", tmp_path / "two-lora"])
     one, two = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "two.json"))
     assert two["world_size"] == 2 and sum(two["held"]) == one["full"] == two["full"]
     assert max(two["held"]) < one["full"] * 0.6
     assert two["loss"] == pytest.approx(one["loss"], rel=1e-5)
+    assert two["lora"]["rank0_holds"] < two["lora"]["trained"] * 0.6
+    assert one["lora"]["rank0_holds"] == one["lora"]["trained"]
+    a, b = _adapter_tensors(tmp_path / "one-lora"), _adapter_tensors(tmp_path / "two-lora")
+    assert sorted(a) == sorted(b) and sum(t.numel() for t in b.values()) == two["lora"]["trained"]
+    for name in a:
+        assert torch_allclose(a[name], b[name]), name
+
+
+def torch_allclose(x, y, atol=1e-5):
+    import torch
+
+    return x.shape == y.shape and torch.allclose(x, y, atol=atol)
+
+
+ZERO3_CONFIG = {
+    # stage3_param_persistence_threshold 0: every parameter is partitioned, as a 7B's large LoRA matrices are
+    # under DeepSpeed's default threshold of 1e5 elements (the tiny model's are all smaller than that).
+    "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+    "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+    "train_batch_size": "auto", "gradient_clipping": "auto",
+}
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
+def test_zero3_saves_the_whole_adapter(runs, tmp_path):
+    """ZeRO-3 on two CPU processes (DeepSpeed without offload needs no CPU Adam build): the adapter must hold every
+    LoRA tensor whole and equal the one-process run's (same global batch). Saved from rank 0 alone it held 56
+    empty tensors in 6 KB (DeepSpeed #4295) before the ranks gathered it (helpers.finetune.adapter_state_dict)."""
+    from helpers.config import resolve_model
+    from helpers.finetune import load_with_adapter
+
+    config = tmp_path / "zero3.json"
+    config.write_text(json.dumps(ZERO3_CONFIG))
+    _launch([sys.executable, "-m", "accelerate.commands.launch", "--use_deepspeed", "--deepspeed_config_file", config,
+             "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "scripts/train_lora.py",
+             *COMMON, "--batch-size", "4", "--ddp-backend", "gloo", "--output", tmp_path / "zero3"],
+            DS_ACCELERATOR="cpu")
+    zero3, one = _adapter_tensors(tmp_path / "zero3"), _adapter_tensors(runs["root"] / "one")
+    empty = [name for name, t in zero3.items() if t.numel() == 0]
+    assert not empty, f"{len(empty)} of {len(zero3)} LoRA tensors are empty: the shards were not gathered"
+    assert sorted(zero3) == sorted(one)
+    for name in one:
+        assert torch_allclose(zero3[name], one[name], atol=1e-3), name
+    model, _ = load_with_adapter(resolve_model("tiny", verbose=False), tmp_path / "zero3")
+    assert any(float(p.abs().sum()) > 0 for n, p in model.named_parameters() if "lora_B" in n), "B was trained"
+
+
+class _FakeBase:
+    def __init__(self):
+        self.input_grads = False
+
+    def enable_input_require_grads(self):
+        self.input_grads = True
+
+
+@pytest.fixture
+def fake_gpu_loading(monkeypatch):
+    """load_base as on a CUDA GPU with bf16, from_pretrained recorded instead of run."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from helpers import loading
+
+    seen = {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(loading, "pick_dtype", lambda device=None: seen.get("compute", torch.bfloat16))
+    monkeypatch.setattr(loading, "pick_attn_implementation", lambda device=None: "sdpa")
+
+    def from_pretrained(path, **kwargs):
+        seen["kwargs"] = kwargs
+        seen["model"] = _FakeBase()
+        return seen["model"]
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", from_pretrained)
+    for name in ("ACCELERATE_USE_FSDP", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    return seen
+
+
+def test_qlora_under_fsdp_stores_4bit_weights_in_a_float_dtype_without_a_device_map(fake_gpu_loading, monkeypatch):
+    """bitsandbytes' FSDP-QLoRA guide: bnb_4bit_quant_storage a float dtype, the model's dtype the same; no
+    device_map under FSDP (DDP keeps one copy per rank on its own GPU); lesson 08 writes the same config out."""
+    import torch
+
+    from helpers.config import resolve_model
+    from helpers.finetune import SETTINGS, load_base
+    from tests.lesson_code import lesson_calls
+
+    import peft
+    monkeypatch.setattr(peft, "prepare_model_for_kbit_training", lambda model, **kw: model)
+    choice, qlora = resolve_model("tiny", verbose=False), SETTINGS["colab_t4"]
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    load_base(choice, qlora)  # DDP
+    ddp = fake_gpu_loading["kwargs"]
+    assert ddp["device_map"] == {"": 1} and ddp["quantization_config"].bnb_4bit_quant_storage == torch.uint8
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    for compute, storage in ((torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32)):
+        fake_gpu_loading["compute"] = compute
+        load_base(choice, qlora)
+        fsdp = fake_gpu_loading["kwargs"]
+        assert "device_map" not in fsdp, "no device_map under FSDP"
+        assert fsdp["quantization_config"].bnb_4bit_quant_storage == storage == fsdp["dtype"]
+        assert fsdp["quantization_config"].bnb_4bit_compute_dtype == compute
+        assert fake_gpu_loading["model"].input_grads == qlora.gradient_checkpointing
+        given = {"torch": torch, "BitsAndBytesConfig": __import__("transformers").BitsAndBytesConfig,
+                 "compute_dtype": compute, "storage_dtype": storage}
+        lesson = lesson_calls("08_multi_gpu_lora.ipynb", "c08-fsdp-qlora-config", "BitsAndBytesConfig", given)
+        assert lesson[0].to_dict() == fsdp["quantization_config"].to_dict(), "lesson 08's FSDP-QLoRA config drifted"
+
+
+def test_fsdp_save_switches_to_a_full_state_dict_first():
+    """peft's FSDP guide: FULL_STATE_DICT before the state dict is taken (with SHARDED_STATE_DICT, Trainer.save_model
+    writes no model); every rank gathers, only rank 0 keeps it."""
+    from types import SimpleNamespace
+
+    from helpers.finetune import adapter_state_dict
+
+    for rank0 in (True, False):
+        calls = []
+        plugin = SimpleNamespace(set_state_dict_type=lambda kind: calls.append(("type", kind)))
+        accelerator = SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin),
+                                      get_state_dict=lambda model: calls.append(("gather", model)) or {"w": 1})
+        trainer = SimpleNamespace(is_fsdp_enabled=True, is_deepspeed_enabled=False, model="peft-model",
+                                  accelerator=accelerator, is_world_process_zero=lambda: rank0)
+        assert adapter_state_dict(trainer) == ({"w": 1} if rank0 else None)
+        assert calls == [("type", "FULL_STATE_DICT"), ("gather", "peft-model")]
+    plain = SimpleNamespace(is_fsdp_enabled=False, is_deepspeed_enabled=False, is_world_process_zero=lambda: True)
+    assert adapter_state_dict(plain) is None, "DDP and one process: the model's own weights are whole"

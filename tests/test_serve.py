@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -17,12 +18,13 @@ import time
 from pathlib import Path
 
 import httpx
+import nbformat
 import openai
 import pytest
 import torch
 
 from helpers import serve
-from helpers.config import TutorialError, resolve_model
+from helpers.config import REPO_ROOT, TutorialError, resolve_model
 from helpers.evaluation import load_questions, question_messages
 from helpers.prompts import SYSTEM_PROMPT_ARTICLE, encode_prompt
 from helpers.serve import check_adapter, group_members, port_is_free, start_server
@@ -182,6 +184,158 @@ def test_server_dies_with_its_parent(tmp_path):
         time.sleep(0.2)
     assert port_is_free(port), "the server outlived its parent"
     assert not group_members(pid)
+
+
+def _adapter_config(folder, **config):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_server_command_follows_the_adapters_rank(choice, tmp_path):
+    """--max-lora-rank comes from the adapter's own adapter_config.json (lesson 05 trains r=16), rounded up to a
+    rank vLLM accepts; a per-module rank_pattern counts too; on a CPU one LoRA slot more than adapters."""
+    from helpers.finetune import settings_for
+
+    def rank_of(*folders):
+        args = serve.server_command(choice, adapters={f"a{i}": f for i, f in enumerate(folders)}, cuda=False)
+        assert args[args.index("--max-loras") + 1] == str(len(folders) + 1)
+        return int(args[args.index("--max-lora-rank") + 1])
+
+    lesson05 = settings_for(choice).lora_r
+    assert rank_of(_adapter_config(tmp_path / "lesson05", r=lesson05)) == lesson05 == 16
+    assert rank_of(_adapter_config(tmp_path / "r12", r=12)) == 16
+    assert rank_of(_adapter_config(tmp_path / "r8", r=8), _adapter_config(tmp_path / "r32", r=32)) == 32
+    assert rank_of(_adapter_config(tmp_path / "pattern", r=8, rank_pattern={"q_proj": 64})) == 64
+    with pytest.raises(TutorialError, match="exceeds vLLM's --max-lora-rank limit"):
+        rank_of(_adapter_config(tmp_path / "huge", r=1024))
+    gpu = serve.server_command(choice, adapters={"zh": tmp_path / "r8"}, cuda=True)
+    assert gpu[gpu.index("--max-loras") + 1] == "1" and "--dtype" not in gpu and "--enforce-eager" not in gpu
+
+
+def test_server_command_passes_quantization_and_extra_args(choice):
+    args = serve.server_command(choice, quantization="awq", extra_args=["--max-model-len", 2048, "--max-num-seqs=4"],
+                                cuda=True)
+    assert args[args.index("--quantization") + 1] == "awq"
+    assert args.count("--max-model-len") == 1 and args[args.index("--max-model-len") + 1] == "2048", \
+        "an extra option replaces the default of the same name"
+    assert args[-3:] == ["--max-model-len", "2048", "--max-num-seqs=4"]
+    assert "--quantization" not in serve.server_command(choice, cuda=True)
+
+
+def _recording_python(tmp_path):
+    """A stand-in for vLLM's python: it writes its argv and environment to argv.json and answers /health."""
+    fake = tmp_path / "python"
+    fake.write_text(textwrap.dedent(f"""\
+        #!{sys.executable}
+        import http.server, json, os, sys
+        open({str(tmp_path / "argv.json")!r}, "w").write(json.dumps({{"argv": sys.argv[1:], "env": dict(os.environ)}}))
+        port = int(sys.argv[sys.argv.index("--port") + 1])
+        class H(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                self.send_response(200); self.end_headers()
+        http.server.HTTPServer(("127.0.0.1", port), H).serve_forever()
+        """))
+    fake.chmod(0o755)
+    return fake
+
+
+def test_start_server_runs_the_printed_command_with_quantization_and_extra_args(choice, tmp_path, monkeypatch):
+    """start_server runs exactly server_command(...) (what lesson 07 prints), quantization and extra arguments
+    included, and a second call with other arguments is another server."""
+    monkeypatch.setenv(serve.SERVE_PYTHON_ENV, str(_recording_python(tmp_path)))
+    for name in serve.server_env(cuda=False):
+        monkeypatch.delenv(name, raising=False)
+    adapter = _adapter_config(tmp_path / "zh", r=16, base_model_name_or_path=choice.path)
+    extra = ["--max-num-seqs", "4", "--gpu-memory-utilization", "0.5"]
+    server = start_server(choice, adapters={"zh": adapter}, quantization="awq", extra_args=extra, timeout=60)
+    try:
+        seen = json.loads((tmp_path / "argv.json").read_text())
+        port = int(server.base_url.split(":")[-1].split("/")[0])
+        expected = serve.server_command(choice, adapters={"zh": adapter}, port=port, api_key=server.api_key,
+                                        quantization="awq", extra_args=extra, python=str(tmp_path / "python"))
+        assert [str(tmp_path / "python"), *seen["argv"]] == expected
+        assert seen["argv"][seen["argv"].index("--quantization") + 1] == "awq" and seen["argv"][-4:] == extra
+        for name, value in serve.server_env().items():
+            assert seen["env"][name] == value
+        shown = server.command()
+        assert server.api_key not in shown and "--api-key=***" in shown and "--quantization awq" in shown
+        assert start_server(choice, adapters={"zh": adapter}, quantization="awq", extra_args=extra) is server
+        other = start_server(choice, adapters={"zh": adapter}, timeout=60)
+        assert other is not server
+        other.stop()
+    finally:
+        server.stop()
+
+
+def test_make_serve_script_passes_quantization_and_other_vllm_options():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("serve_script", REPO_ROOT / "scripts" / "serve.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.parse([]) == (8000, None, [])
+    assert script.parse(["8001", "--quantization", "awq", "--max-model-len", "2048"]) == (
+        8001, "awq", ["--max-model-len", "2048"])
+    assert script.parse(["--max-model-len", "2048"]) == (8000, None, ["--max-model-len", "2048"]), \
+        "an option's value is never taken for the port"
+
+
+def _pinned_vllm_source(relative: str) -> str:
+    """A source file of the vLLM that lesson 07 runs (the serving environment), read without importing vLLM."""
+    try:
+        python = serve.serve_python()
+    except TutorialError:
+        pytest.skip("no vLLM environment (make serve-env)")
+    where = subprocess.run([python, "-c", "import importlib.util; print(importlib.util.find_spec('vllm').origin)"],
+                           capture_output=True, text=True, timeout=60)
+    if where.returncode != 0:
+        pytest.skip("vllm is not installed in the serving environment")
+    return (Path(where.stdout.strip()).parent / relative).read_text("utf-8")
+
+
+def _assigned(source: str, name: str):
+    import ast
+
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            if any(getattr(t, "id", None) == name for t in targets):
+                return node.value
+    raise AssertionError(f"{name} not found")
+
+
+def test_idle_connections_outlive_a_pause_between_cells():
+    """vLLM closes idle HTTP connections after 5 s; a pooled connection reused at that moment fails ("Server
+    disconnected without sending a response": 1 of 12 rounds of 95 concurrent requests sent 4.8-5.4 s after the
+    last ones, tiny model). start_server keeps them 10 minutes, with the variable the pinned vLLM reads."""
+    for cuda in (False, True):
+        assert int(serve.server_env(cuda=cuda)["VLLM_HTTP_TIMEOUT_KEEP_ALIVE"]) >= 300
+    assert "VLLM_HTTP_TIMEOUT_KEEP_ALIVE" in _pinned_vllm_source("envs.py")
+
+
+def test_lesson_07_facts_match_the_pinned_vllm():
+    """What lesson 07 states about vLLM is read from the vLLM it runs: the --quantization choices (no
+    bitsandbytes in 0.32), the --gpu-memory-utilization default, the ranks --max-lora-rank accepts."""
+    import ast
+
+    methods = [e.value for e in _assigned(_pinned_vllm_source("model_executor/layers/quantization/__init__.py"),
+                                          "QuantizationMethods").slice.elts]
+    assert "bitsandbytes" not in methods and {"awq", "gptq"} <= set(methods)
+    lesson = "".join(c.source for c in nbformat.read(REPO_ROOT / "notebooks" / "07_serving_vllm.ipynb",
+                                                     as_version=4).cells)
+    for method in set(re.findall(r"--quantization[ =]([\w-]+)", lesson)) | {"awq", "gptq"}:
+        assert method in methods, f"lesson 07 names --quantization {method}, which the pinned vLLM does not take"
+    assert "bitsandbytes" not in re.findall(r"--quantization[ =]([\w-]+)", lesson)
+
+    cache = ast.parse(_pinned_vllm_source("config/cache.py"))
+    field = next(n for n in ast.walk(cache) if isinstance(n, ast.AnnAssign)
+                 and getattr(n.target, "id", None) == "gpu_memory_utilization")
+    default = next(k.value.value for k in field.value.keywords if k.arg == "default")
+    assert lesson_definitions("07_serving_vllm.ipynb", "57e00500")["GPU_UTILIZATION"] == default == 0.92
+
+    ranks = [e.value for e in _assigned(_pinned_vllm_source("config/lora.py"), "MaxLoRARanks").slice.elts]
+    assert tuple(ranks) == serve.LORA_RANKS
 
 
 # --------------------------------------------------------------------------- the real server
