@@ -98,6 +98,21 @@ def test_lesson_01_download_filter_equals_the_helpers():
     assert [p.strip('"') for p in included] == download.ALLOW_PATTERNS
 
 
+@pytest.mark.parametrize("files", [
+    ["config.json", "model.safetensors", "pytorch_model.bin", "tokenizer.model"],  # Meta's repos: both formats
+    ["config.json", "model-00001-of-00002.safetensors", "model.safetensors.index.json"],
+    ["adapter_config.json", "adapter_model.bin"],  # FlagAlpha's LoRA repos
+    ["config.json", "pytorch_model-00001-of-00003.bin", "pytorch_model.bin.index.json"],
+    ["README.md", ".gitattributes", "config.json"],  # no weights at all
+    [],
+])
+def test_lesson_01_filter_rule_equals_the_helpers(files):
+    """Lesson 01 writes allow_patterns_for out (section 3); download_model uses helpers.download.allow_patterns_for."""
+    lesson = lesson_definitions("01_download_weights.ipynb", "c58-24")["allow_patterns_for"]
+    assert lesson(files) == download.allow_patterns_for(files)
+    assert lesson(list(files)) is not download.ALLOW_PATTERNS, "a fresh list: a caller may change it"
+
+
 @pytest.mark.parametrize("endpoint", ["https://huggingface.co", "https://huggingface.co/", "https://hf-mirror.com",
                                       "http://127.0.0.1:8080", "https://huggingface.co.evil.example"])
 def test_lesson_01_token_rule_equals_the_helpers(endpoint):
