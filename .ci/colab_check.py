@@ -46,7 +46,7 @@ LOCAL_ONLY = ["tests/test_browser.py", "tests/test_makefile.py"]
 # Lesson 08 trains across several GPUs; Colab gives one, so its two-process tests are not a Colab path.
 # Resuming a two-process CPU run failed on Colab's transformers 5.15 ("don't know how to restore data
 # location of torch.storage.UntypedStorage (tagged with cpu:0)": before 5.18.0 the Trainer loads optimizer.pt
-# with map_location=args.device, i.e. cpu:0); helpers.finetune.allow_indexed_cpu_locations bridges it (checked
+# with map_location=args.device, i.e. cpu:0); helpers._compat.allow_indexed_cpu_locations bridges it (checked
 # by hand under 5.15; tests/test_finetune.py checks the rule). Not run here: one of its two-process launches
 # hung once under 5.15 on a loaded machine (not reproduced in 3 further runs), and a hang would stall CI.
 NOT_ON_COLAB = ["tests/test_distributed.py",

@@ -17,6 +17,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from helpers._compat import allow_indexed_cpu_locations
 from helpers.config import DATA_DIR, TutorialError, bilingual, output_dir
 from helpers.prompts import IGNORE_INDEX
 from helpers.training_data import SFTRows, validate_sft_file
@@ -431,27 +432,6 @@ def prepare_tokenizer(tokenizer):
     tokenizer.pad_token = tokenizer.unk_token
     tokenizer.padding_side = "right"
     return tokenizer
-
-
-def allow_indexed_cpu_locations() -> None:
-    """Let ``torch.load`` read storages into ``"cpu:N"``: transformers before 5.18 resumes a multi-process CPU run
-    with ``torch.load(optimizer.pt, map_location=args.device)``, i.e. ``cpu:0``, and torch has no restore rule for
-    an indexed CPU device ("don't know how to restore data location of torch.storage.UntypedStorage (tagged with
-    cpu:0)"); 5.18.0 maps to plain ``"cpu"``. Colab ships 5.15. This adds that rule through torch's public hook for
-    storage locations (``torch.serialization.register_package``); it changes nothing for other locations."""
-    global _CPU_N_REGISTERED
-    if _CPU_N_REGISTERED:
-        return
-    import torch
-
-    def restore(storage, location: str):
-        return storage if location.startswith("cpu:") and location[4:].isdigit() else None
-
-    torch.serialization.register_package(100, lambda obj: None, restore)
-    _CPU_N_REGISTERED = True
-
-
-_CPU_N_REGISTERED = False
 
 
 def train_adapter(choice, adapter_dir: str | Path | None = None, *, settings: TrainSettings | None = None,

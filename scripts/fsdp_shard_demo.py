@@ -27,6 +27,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from helpers._compat import end_distributed_process  # noqa: E402
 from helpers.config import resolve_model  # noqa: E402
 
 
@@ -98,8 +99,8 @@ def main() -> None:
                               "adapter_bytes": (args.lora / "adapter_model.safetensors").stat().st_size}
     if rank == 0 and args.json:
         args.json.write_text(json.dumps(result), encoding="utf-8")
-    if sharded:
-        dist.destroy_process_group()
+    if sharded:  # while the sharded model still holds the process group: helpers._compat says why
+        end_distributed_process(0)
 
 
 if __name__ == "__main__":

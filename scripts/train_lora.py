@@ -27,12 +27,14 @@ import os
 import resource
 import sys
 import time
+import traceback
 from pathlib import Path
 
 from transformers import TrainerCallback
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from helpers._compat import end_distributed_process  # noqa: E402
 from helpers.config import DATA_DIR, TutorialError, resolve_model  # noqa: E402
 from helpers.finetune import train_adapter  # noqa: E402
 
@@ -121,22 +123,26 @@ def main(argv=None) -> int:
     callbacks = [StopAfterSteps(args.stop_after)] if args.stop_after else []
     if args.metrics:
         callbacks.append(RankMetrics(args.metrics))
+    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    code = 0
     try:
         trainer = train_adapter(resolve_model(args.model, verbose=False), args.output, train_file=args.train_file,
                                 dev_file=args.dev_file, on_bad=args.on_bad, overwrite=args.overwrite,
                                 max_steps=args.max_steps, limit_rows=args.limit_rows, callbacks=tuple(callbacks),
                                 save=not args.stop_after, args_overrides=overrides)
+        if trainer.is_world_process_zero():
+            print(trainer.adapter_dir)
     except TutorialError as err:
         print(err, file=sys.stderr)
-        return 2
-    finally:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()  # gloo threads still running at exit can abort the process (SIGABRT)
-    if trainer.is_world_process_zero():
-        print(trainer.adapter_dir)
-    return 0
+        code = 2
+    except BaseException:
+        if not several:
+            raise
+        traceback.print_exc()
+        code = 1
+    if several:  # while the trainer (and its DDP model) is still alive: helpers._compat says why
+        end_distributed_process(code)
+    return code
 
 
 if __name__ == "__main__":

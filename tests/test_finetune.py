@@ -19,6 +19,7 @@ import torch
 from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForLanguageModeling, DataCollatorForSeq2Seq,
                           TrainerCallback)
 
+from helpers._compat import allow_indexed_cpu_locations
 from helpers import finetune as ft
 from helpers import training_data as td
 from helpers.config import DATA_DIR, REPO_ROOT as REPO, TutorialError, resolve_model
@@ -594,8 +595,80 @@ def test_an_optimizer_state_mapped_to_cpu_0_loads_after_the_shim(tmp_path):
     load = f"import torch; torch.load({str(saved)!r}, map_location=torch.device('cpu', 0), weights_only=True)"
     before = subprocess.run([sys.executable, "-c", load], capture_output=True, text=True)
     assert before.returncode != 0 and "tagged with cpu:0" in before.stderr, "torch itself refuses cpu:0"
-    ft.allow_indexed_cpu_locations()
-    ft.allow_indexed_cpu_locations()  # idempotent
+    allow_indexed_cpu_locations()
+    allow_indexed_cpu_locations()  # idempotent
     state = torch.load(saved, map_location=torch.device("cpu", 0), weights_only=True)
     assert torch.equal(state["state"][0]["exp_avg"], torch.arange(4.0))
     assert state["state"][0]["exp_avg"].device.type == "cpu"
+
+
+# --------------------------------------------------------------------------- ending a worker process
+
+
+def _train_lora_script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_lora_script", REPO / "scripts" / "train_lora.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
+
+
+class _Trainer:
+    """Stands in for the Trainer train_adapter returns; records when it is freed."""
+
+    freed: list = []
+
+    adapter_dir = "ADAPTER"
+
+    def is_world_process_zero(self):
+        return True
+
+    def __del__(self):
+        _Trainer.freed.append(True)
+
+
+@pytest.mark.parametrize("outcome, code", [("ok", 0), ("tutorial_error", 2), ("crash", 1)])
+def test_a_worker_of_a_multi_process_run_ends_while_its_trainer_is_alive(monkeypatch, capsys, outcome, code):
+    """scripts/train_lora.py under torchrun/accelerate ends through helpers._compat.end_distributed_process, with
+    the trainer (and its DDP model, which holds the gloo process group) still referenced: freeing that group at
+    exit can deadlock (pytorch#56297; seen as a hang of lesson 08's two-process run). Every outcome takes that
+    path, with its exit code; one process returns normally."""
+    script = _train_lora_script()
+    ended = []
+
+    def fake_train_adapter(*args, **kwargs):
+        if outcome == "tutorial_error":
+            raise TutorialError("bad rows")
+        if outcome == "crash":
+            raise RuntimeError("boom")
+        return _Trainer()
+
+    def fake_end(code):
+        ended.append((code, len(_Trainer.freed)))
+        raise SystemExit(code)
+
+    _Trainer.freed = []
+    monkeypatch.setattr(script, "train_adapter", fake_train_adapter)
+    monkeypatch.setattr(script, "resolve_model", lambda *a, **k: None)
+    monkeypatch.setattr(script, "end_distributed_process", fake_end)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit) as exited:
+        script.main(["--model", "tiny"])
+    assert exited.value.code == code and ended == [(code, 0)], "ended once, before the trainer was freed"
+    if outcome == "ok":
+        assert capsys.readouterr().out.strip() == "ADAPTER"
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    if outcome == "crash":
+        with pytest.raises(RuntimeError):
+            script.main(["--model", "tiny"])
+    else:
+        assert script.main(["--model", "tiny"]) == code
+    assert len(ended) == 1, "one process: no early exit"
+
+
+def test_end_distributed_process_flushes_and_exits_with_the_code():
+    code = ("import sys; from helpers._compat import end_distributed_process; sys.stdout.write('printed'); "
+            "sys.stderr.write('warned'); end_distributed_process(3); print('never')")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (3, "printed", "warned")
