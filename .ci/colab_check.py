@@ -43,16 +43,12 @@ NOT_RUN = {
 # Tests of the local JupyterLab set-up, not of what Colab runs: Colab's frontend is not JupyterLab
 # (JupyterLab 4 cannot render ipywidgets 7 anyway) and `make lab` needs the [lab] extra.
 LOCAL_ONLY = ["tests/test_browser.py", "tests/test_makefile.py"]
-# Lesson 08 trains across several GPUs; Colab gives one, so its two-process tests are not a Colab path.
-# Resuming a two-process CPU run failed on Colab's transformers 5.15 ("don't know how to restore data
-# location of torch.storage.UntypedStorage (tagged with cpu:0)": before 5.18.0 the Trainer loads optimizer.pt
-# with map_location=args.device, i.e. cpu:0); helpers._compat.allow_indexed_cpu_locations bridges it (checked
-# by hand under 5.15; tests/test_finetune.py checks the rule). Not run here: one of its two-process launches
-# hung once under 5.15 on a loaded machine (not reproduced in 3 further runs), and a hang would stall CI.
-NOT_ON_COLAB = ["tests/test_distributed.py",
-                # The real-model tier (lessons 05 and 06 trained and scored on SmolLM2, about 12 minutes) runs in
-                # make test; here lessons 05 and 06 run under Colab's versions on the tiny model (nbval).
-                "tests/test_real_model.py"]
+# tests/test_distributed.py runs here too: a Colab learner without two GPUs runs lesson 08's two CPU processes.
+# Two faults it met under Colab's versions are bridged in helpers/_compat.py: resuming a two-process CPU run
+# (transformers < 5.18 loads optimizer.pt onto "cpu:0"), and a hang at exit (pytorch#56297, ~ProcessGroupGloo).
+# The real-model tier (lessons 05 and 06 trained and scored on SmolLM2, about 12 minutes) runs in make test;
+# here lessons 05 and 06 run under Colab's versions on the tiny model (nbval).
+NOT_ON_COLAB = ["tests/test_real_model.py"]
 
 
 def _say(message: str) -> None:

@@ -7,17 +7,16 @@ read and checked by :mod:`helpers.training_data`.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from helpers._compat import allow_indexed_cpu_locations
+from helpers._locks import acquire
 from helpers.config import DATA_DIR, TutorialError, bilingual, output_dir
 from helpers.prompts import IGNORE_INDEX
 from helpers.training_data import SFTRows, validate_sft_file
@@ -121,16 +120,8 @@ _CLAIMS: dict[str, object] = {}  # checkpoint folders this process trains into (
 
 
 def _lock(target: Path, *, kind: str = "write"):
-    """An ``fcntl.flock`` named after ``target`` (the OS frees it when the process dies). A "write" lock
-    waits; a "run" lock is taken at once or not at all (None)."""
-    key = hashlib.sha1(f"{kind}:{Path(target).resolve()}".encode()).hexdigest()[:16]
-    fh = open(Path(tempfile.gettempdir()) / f"llama-tutorial-{key}.lock", "w")
-    try:
-        fcntl.flock(fh, fcntl.LOCK_EX | (fcntl.LOCK_NB if kind == "run" else 0))
-    except BlockingIOError:
-        fh.close()
-        return None
-    return fh
+    """A "write" lock on ``target`` waits; a "run" lock is taken at once or not at all (None). helpers/_locks.py."""
+    return acquire(target, kind=kind, wait=kind != "run")
 
 
 def _claim(ckpt_dir: Path) -> bool:

@@ -1,6 +1,6 @@
 """FSDP on the CPU, with PyTorch's own `fully_shard` (lesson 08, notebooks/08_multi_gpu_lora.ipynb).
 
-    torchrun --nproc_per_node 2 scripts/fsdp_shard_demo.py [--model tiny] [--json result.json] [--lora DIR]
+    torchrun --standalone --nproc_per_node 2 scripts/fsdp_shard_demo.py [--model tiny] [--json result.json] [--lora DIR]
 
 Each rank wraps every LlamaDecoderLayer and then the whole model with `fully_shard` (FSDP2) on the
 gloo backend, so each rank keeps only its shard of every parameter. It prints how many parameter

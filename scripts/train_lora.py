@@ -3,7 +3,7 @@
     python scripts/train_lora.py [--model tiny] [--train-file data/train_sft.csv] [--dev-file data/dev_sft.csv]
                                  [--output outputs/lora-adapter] [--overwrite] [--max-steps N] [--on-bad stop|drop]
                                  [--ddp-backend gloo]
-    torchrun --nproc_per_node 2 scripts/train_lora.py --ddp-backend gloo ...   # two CPU processes
+    torchrun --standalone --nproc_per_node 2 scripts/train_lora.py --ddp-backend gloo ...   # two CPU processes
     accelerate launch --config_file scripts/accelerate/ddp.yaml scripts/train_lora.py ...   # lesson 08
 
 Lesson 08 (notebooks/08_multi_gpu_lora.ipynb) adds the knobs a multi-process run needs: the per-process

@@ -237,7 +237,7 @@ def test_fsdp_shards_the_parameters_across_two_gloo_processes(tmp_path):
     LoRA, rank 0 holds half of each LoRA matrix, and the adapter gathered from both ranks equals the one-process one."""
     _launch([sys.executable, "scripts/fsdp_shard_demo.py", "--model", "tiny", "--json", tmp_path / "one.json",
              "--lora", tmp_path / "one-lora"])
-    _launch([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "scripts/fsdp_shard_demo.py",
+    _launch([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "scripts/fsdp_shard_demo.py",
              "--model", "tiny", "--json", tmp_path / "two.json", "--lora", tmp_path / "two-lora"])
     one, two = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "two.json"))
     assert two["world_size"] == 2 and sum(two["held"]) == one["full"] == two["full"]

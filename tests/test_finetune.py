@@ -615,17 +615,12 @@ def _train_lora_script():
 
 
 class _Trainer:
-    """Stands in for the Trainer train_adapter returns; records when it is freed."""
-
-    freed: list = []
+    """Stands in for the Trainer train_adapter returns."""
 
     adapter_dir = "ADAPTER"
 
     def is_world_process_zero(self):
         return True
-
-    def __del__(self):
-        _Trainer.freed.append(True)
 
 
 @pytest.mark.parametrize("outcome, code", [("ok", 0), ("tutorial_error", 2), ("crash", 1)])
@@ -634,28 +629,32 @@ def test_a_worker_of_a_multi_process_run_ends_while_its_trainer_is_alive(monkeyp
     the trainer (and its DDP model, which holds the gloo process group) still referenced: freeing that group at
     exit can deadlock (pytorch#56297; seen as a hang of lesson 08's two-process run). Every outcome takes that
     path, with its exit code; one process returns normally."""
+    import weakref
+
     script = _train_lora_script()
-    ended = []
+    ended, made = [], []
 
     def fake_train_adapter(*args, **kwargs):
         if outcome == "tutorial_error":
             raise TutorialError("bad rows")
         if outcome == "crash":
             raise RuntimeError("boom")
-        return _Trainer()
+        trainer = _Trainer()
+        made.append(weakref.ref(trainer))
+        return trainer
 
     def fake_end(code):
-        ended.append((code, len(_Trainer.freed)))
+        ended.append((code, all(ref() is not None for ref in made)))
         raise SystemExit(code)
 
-    _Trainer.freed = []
     monkeypatch.setattr(script, "train_adapter", fake_train_adapter)
     monkeypatch.setattr(script, "resolve_model", lambda *a, **k: None)
     monkeypatch.setattr(script, "end_distributed_process", fake_end)
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(SystemExit) as exited:
         script.main(["--model", "tiny"])
-    assert exited.value.code == code and ended == [(code, 0)], "ended once, before the trainer was freed"
+    assert exited.value.code == code and ended == [(code, True)], "ended once, before the trainer was freed"
+    assert len(made) == (outcome == "ok")
     if outcome == "ok":
         assert capsys.readouterr().out.strip() == "ADAPTER"
     monkeypatch.setenv("WORLD_SIZE", "1")
@@ -672,3 +671,66 @@ def test_end_distributed_process_flushes_and_exits_with_the_code():
             "sys.stderr.write('warned'); end_distributed_process(3); print('never')")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert (proc.returncode, proc.stdout, proc.stderr) == (3, "printed", "warned")
+
+
+# --------------------------------------------------------------------------- locks
+
+
+def test_a_lock_lives_under_the_course_home_and_leaves_no_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLAMA_TUTORIAL_HOME", str(tmp_path / "home"))
+    target = tmp_path / "lora-adapter"
+    with ft._lock(target) as held:
+        assert held.path.parent == tmp_path / "home" / "locks"
+        assert held.path.parent.stat().st_mode & 0o777 == 0o700 and held.path.stat().st_mode & 0o777 == 0o600
+    assert list((tmp_path / "home" / "locks").iterdir()) == [], "released: the lock file is gone"
+    run = ft._lock(target, kind="run")
+    code = (f"from helpers import finetune as ft; from pathlib import Path; "
+            f"print(ft._lock(Path({str(target)!r}), kind='run') is None)")
+    env = {**os.environ, "LLAMA_TUTORIAL_HOME": str(tmp_path / "home")}
+    other = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert other.stdout.strip() == "True", "another process cannot take a held run lock"
+    run.close()
+    other = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert other.stdout.strip() == "False", "released: the other process takes it"
+    assert len(list((tmp_path / "home" / "locks").iterdir())) == 1, "it exited holding the run lock"
+    with ft._lock(tmp_path / "another-adapter"):
+        pass
+    assert list((tmp_path / "home" / "locks").iterdir()) == [], "a dead process's lock file goes at the next lock"
+
+
+def test_a_symlink_planted_at_a_lock_name_is_refused_and_its_target_kept(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLAMA_TUTORIAL_HOME", str(tmp_path / "home"))
+    with ft._lock(tmp_path / "x") as held:
+        name = held.path
+    victim = tmp_path / "victim.txt"
+    victim.write_text("the learner's notes", encoding="utf-8")
+    name.symlink_to(victim)
+    with pytest.raises(TutorialError, match="symbolic link"):
+        ft._lock(tmp_path / "x")
+    assert victim.read_text(encoding="utf-8") == "the learner's notes"
+
+
+def test_write_locks_exclude_each_other_while_their_files_come_and_go(tmp_path, monkeypatch):
+    """Each holder removes the lock file as it releases; a waiter that got the removed file retries."""
+    import threading
+
+    monkeypatch.setenv("LLAMA_TUTORIAL_HOME", str(tmp_path / "home"))
+    inside, overlaps, done = [], [], []
+
+    def writer():
+        for _ in range(20):
+            with ft._lock(tmp_path / "adapter"):
+                inside.append(1)
+                if len(inside) > 1:
+                    overlaps.append(len(inside))
+                time.sleep(0.001)
+                inside.pop()
+        done.append(1)
+
+    threads = [threading.Thread(target=writer) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert len(done) == 4 and overlaps == [], "never two holders at once"
+    assert list((tmp_path / "home" / "locks").iterdir()) == []

@@ -1,0 +1,96 @@
+"""Inter-process locks for the course's writers (plumbing for helpers/finetune.py).
+
+A lock is an ``fcntl.flock`` on a file in ``<course home>/locks`` (a folder only this user can enter), named
+by a hash of what it protects; the OS frees it when the process dies. The file is opened with ``O_NOFOLLOW``
+and never truncated, so a symlink planted at its name is refused rather than followed, and it is removed
+when the lock is released (a killed process's file, at the next lock taken): no lock files pile up.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import os
+from pathlib import Path
+
+from helpers.config import TutorialError, bilingual, home_dir
+
+
+def lock_dir() -> Path:
+    folder = home_dir() / "locks"
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return folder
+
+
+def remove_stale(folder: Path) -> None:
+    """Remove the lock files no live process holds (left by a killed process)."""
+    for path in folder.glob("*.lock"):
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            path.unlink()  # held by us now: safe to remove (see acquire)
+        except (BlockingIOError, FileNotFoundError):
+            pass
+        finally:
+            os.close(fd)
+
+
+class FileLock:
+    """A held lock; ``release()`` (or leaving a ``with`` block) removes its file, then frees it."""
+
+    def __init__(self, path: Path, fd: int):
+        self.path, self.fd = path, fd
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        try:
+            self.path.unlink()  # while still held: a process waiting on this file sees it is gone and retries
+        except FileNotFoundError:
+            pass
+        os.close(self.fd)
+        self.fd = None
+
+    close = release
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def acquire(target: str | Path, *, kind: str = "write", wait: bool = True) -> FileLock | None:
+    """The lock named after ``kind`` and ``target``; waits for it, or with ``wait=False`` returns None at once
+    when another live process holds it."""
+    key = hashlib.sha1(f"{kind}:{Path(target).resolve()}".encode()).hexdigest()[:16]
+    folder = lock_dir()
+    remove_stale(folder)
+    path = folder / f"{key}.lock"
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except OSError as err:
+            if err.errno != errno.ELOOP:
+                raise
+            raise TutorialError(bilingual(
+                f"锁文件 {path} 是一个符号链接，不是本课程创建的文件。为了安全没有打开它；请检查后删除它再重试。",
+                f"The lock file {path} is a symbolic link the course did not make. It was not opened, for safety; "
+                "check it, delete it and try again.")) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        try:
+            current = os.stat(path, follow_symlinks=False)
+        except FileNotFoundError:
+            current = None
+        held = os.fstat(fd)
+        if current is not None and (current.st_ino, current.st_dev) == (held.st_ino, held.st_dev):
+            return FileLock(path, fd)
+        os.close(fd)  # the holder removed this file as it released it: take the lock on the new one
