@@ -213,3 +213,25 @@ def _local_folder(spec: str) -> Path | None:
         f"{'has no config.json' if found else 'is not a local folder'}; looked at: {where}). Point it at a model "
         "folder (lesson 01 prints its path); a path is never taken as a Hub repo id.",
     ))
+
+
+HUGGINGFACE_CO = "https://huggingface.co"
+
+
+def keep_token_from_mirrors() -> bool:
+    """Stop huggingface_hub from sending the stored token (``hf auth login``, ``HF_TOKEN``, Colab's secret) when
+    ``HF_ENDPOINT`` names another server (a mirror such as hf-mirror.com, a company proxy): a token meant for
+    huggingface.co is not handed to a third party. Sets ``HF_HUB_DISABLE_IMPLICIT_TOKEN=1`` for this process
+    and every process it starts (the vLLM server, training launches), and for huggingface_hub if it is already
+    imported. A token passed explicitly (``token=...``) is still sent. Runs when ``helpers`` is imported;
+    returns True when it turned the stored token off."""
+    import sys
+
+    endpoint = os.environ.get("HF_ENDPOINT", "").strip().rstrip("/")
+    if not endpoint or endpoint == HUGGINGFACE_CO:
+        return False
+    os.environ["HF_HUB_DISABLE_IMPLICIT_TOKEN"] = "1"
+    constants = sys.modules.get("huggingface_hub.constants")
+    if constants is not None:
+        constants.HF_HUB_DISABLE_IMPLICIT_TOKEN = True
+    return True

@@ -14,10 +14,11 @@ from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 from urllib.parse import urlsplit
 
-from helpers.config import DOWNLOAD_MARKER, PROFILES, TutorialError, bilingual, models_dir, output_dir
+from helpers.config import (DOWNLOAD_MARKER, HUGGINGFACE_CO, PROFILES, TutorialError, bilingual, models_dir,
+                            output_dir)
 from helpers.local_hub import LOCAL_BIN_REPO, LOCAL_REPO
 
-HUB_ENDPOINT = "https://huggingface.co"
+HUB_ENDPOINT = HUGGINGFACE_CO
 MIRROR_EXAMPLE = "https://hf-mirror.com"
 # One weight format: safetensors plus config, tokenizer, chat template, generation settings (lesson 01).
 ALLOW_PATTERNS = ["*.json", "*.jinja", "*.safetensors", "tokenizer.model"]

@@ -208,6 +208,46 @@ def test_no_stored_token_goes_to_an_endpoint_other_than_huggingface(hub, tmp_pat
     assert any(r["auth"] == f"Bearer {TOKEN}" for r in hub.server.requests)
 
 
+@pytest.mark.parametrize("import_hub_first", [False, True])
+def test_every_loading_path_keeps_the_stored_token_from_a_mirror(hub, tmp_path, import_hub_first):
+    """With HF_ENDPOINT on another server, the token stored for huggingface.co goes nowhere: not with
+    transformers' from_pretrained, not with huggingface_hub's own calls, not in a process started from here
+    (it inherits HF_HUB_DISABLE_IMPLICIT_TOKEN); a token passed explicitly still goes. A fresh interpreter,
+    as a learner's kernel: huggingface_hub reads its settings when first imported."""
+    script = (
+        ("import huggingface_hub\n" if import_hub_first else "")
+        + "import os, subprocess, sys\n"
+        "import helpers.loading\n"
+        "from huggingface_hub import HfApi, hf_hub_download\n"
+        "from transformers import AutoConfig, AutoTokenizer\n"
+        "repo = sys.argv[1]\n"
+        "AutoConfig.from_pretrained(repo)\n"
+        "AutoTokenizer.from_pretrained(repo)\n"
+        "HfApi().model_info(repo)\n"
+        "subprocess.run([sys.executable, '-c', 'from huggingface_hub import hf_hub_download as h; import sys; "
+        "h(sys.argv[1], \"config.json\", force_download=True)', repo], check=True)\n"
+        "hf_hub_download(repo, 'config.json', token='hf_explicit', force_download=True)\n"
+    )
+    env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_TOKEN": "hf_stored_secret", "HF_HUB_OFFLINE": "0",
+           "TRANSFORMERS_OFFLINE": "0", "HF_HOME": str(tmp_path / "hf-home")}
+    env.pop("HF_HUB_DISABLE_IMPLICIT_TOKEN", None)
+    proc = subprocess.run([sys.executable, "-c", script, LOCAL_REPO], cwd=REPO_ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sent = [r["auth"] for r in hub.server.requests]
+    assert len(sent) >= 5 and "Bearer hf_stored_secret" not in sent, sent
+    assert sent.count("Bearer hf_explicit") >= 1, "a token given explicitly is still sent"
+
+
+def test_the_stored_token_stays_on_for_huggingface_co(monkeypatch):
+    from helpers.config import keep_token_from_mirrors
+
+    for endpoint in ("", "https://huggingface.co", "https://huggingface.co/"):
+        monkeypatch.setenv("HF_ENDPOINT", endpoint)
+        monkeypatch.delenv("HF_HUB_DISABLE_IMPLICIT_TOKEN", raising=False)
+        assert keep_token_from_mirrors() is False and "HF_HUB_DISABLE_IMPLICIT_TOKEN" not in os.environ
+
+
 def test_unreachable_endpoint_and_not_a_hub(tmp_path):
     import http.server
     import socket
