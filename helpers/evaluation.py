@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import warnings
 from pathlib import Path
@@ -182,6 +183,9 @@ def generate_answers(model, tokenizer, questions: list[dict], answers_path: str 
     done = {r["qid"]: r for r in read_answers(path, drop_cut_line=True) if r.get("run") == rid}
     todo = [q for q in questions if q["qid"] not in done or done[q["qid"]].get("question") != q["question"]]
     path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists() and path.stat().st_size and not path.read_bytes().endswith(b"\n"):
+        with open(path, "ab") as fh:  # a complete last record cut just before its newline: end it first
+            fh.write(b"\n")
     with tqdm(total=len(questions), initial=len(questions) - len(todo), unit="题", disable=not progress) as bar:
         for start in range(0, len(todo), max(1, batch_size)):
             chunk = todo[start:start + max(1, batch_size)]
@@ -196,7 +200,9 @@ def generate_answers(model, tokenizer, questions: list[dict], answers_path: str 
                 done[q["qid"]] = {"qid": q["qid"], "question": q["question"], "run": rid, "settings": settings,
                                   "answer": tokenizer.decode(row[:end], skip_special_tokens=True).strip(),
                                   "new_tokens": end, "finished": end < len(row)}
-            with open(path, "a", encoding="utf-8") as fh:
-                fh.writelines(json.dumps(done[q["qid"]], ensure_ascii=False) + "\n" for q in chunk)
+            with open(path, "a", encoding="utf-8") as fh:  # one write per batch, on disk before the next batch
+                fh.write("".join(json.dumps(done[q["qid"]], ensure_ascii=False) + "\n" for q in chunk))
+                fh.flush()
+                os.fsync(fh.fileno())
             bar.update(len(chunk))
     return [done[q["qid"]] for q in questions]

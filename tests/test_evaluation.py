@@ -448,6 +448,18 @@ def test_answers_file_cut_mid_character_is_resumed(tiny, monkeypatch, tmp_path):
     assert counter.calls == 1 and [r["answer"] for r in again] == [r["answer"] for r in records]
 
 
+def test_a_last_record_cut_before_its_newline_is_kept_and_the_next_run_appends_cleanly(tiny, tmp_path):
+    """A kill can land between a record and its newline: the record is complete and kept, and the next batch
+    must not be glued onto it (that line would then break every later read)."""
+    choice, model, tokenizer = tiny
+    qs, path = ev.load_questions()[:4], tmp_path / "answers.jsonl"
+    first = ev.generate_answers(model, tokenizer, qs[:2], path, _settings(choice), progress=False)
+    path.write_bytes(path.read_bytes().rstrip(b"\n"))
+    records = ev.generate_answers(model, tokenizer, qs, path, _settings(choice), progress=False)
+    assert [r["answer"] for r in records[:2]] == [r["answer"] for r in first], "the two complete answers are kept"
+    assert len(ev.read_answers(path)) == 4 and path.read_bytes().count(b"\n") == 4
+
+
 def test_broken_line_in_the_middle_is_an_error(tmp_path):
     path = tmp_path / "answers.jsonl"
     path.write_text('{"qid": 1, "answer": "a"}\nnot json\n{"qid": 2, "answer": "b"}\n', encoding="utf-8")
