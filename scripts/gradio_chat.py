@@ -59,7 +59,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="profile name, Hub repo id or local folder (default: $LLAMA_TUTORIAL_MODEL or auto)")
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
-    parser.add_argument("--auth", default=None, help="user:password, required when --host is not a loopback address")
+    parser.add_argument("--auth", default=None, help="user:password, required when --host is not a loopback address; "
+                        "use a long random password (gradio's /login does not limit attempts), or better, keep the "
+                        "default host and reach the page through `ssh -L 7860:127.0.0.1:7860 user@server`")
     parser.add_argument("--quantization", choices=("8bit", "4bit"), default=None)
     args = parser.parse_args(argv)
     try:
