@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -31,6 +32,8 @@ from helpers.prompts import TEMPLATES
 SERVE_PYTHON_ENV = "LLAMA_TUTORIAL_SERVE_PYTHON"
 SERVE_VENV = REPO_ROOT / ".venv-serve"
 HOST = "127.0.0.1"
+GUARD = "helpers._vllm_guard.RequireKey"  # the API key on every path but /health
+OWNER_FILE = "owner.pid"  # in a server's temporary folder: the pid of the process that started it
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the values vLLM's --max-lora-rank accepts
 _SERVERS: dict[tuple, "Server"] = {}  # one server per (model, adapters) in this process
 
@@ -100,6 +103,9 @@ def group_members(pgid: int) -> list[int]:
     return members
 
 
+_SPAWNER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vllm-spawner")  # its thread lives as long as we do
+
+
 def _die_with_parent(parent: int) -> None:
     """preexec_fn: the kernel's death (even SIGKILL) sends SIGTERM to the server (Linux, as vLLM)."""
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
@@ -141,7 +147,9 @@ class Server:
             while (self.alive() or group_members(self.process.pid)) and time.monotonic() < deadline:
                 time.sleep(0.1)
         self.process.wait()
-        if not keep_log:
+        if keep_log:  # the error names the log: no later start may sweep it away
+            (self.log_path.parent / OWNER_FILE).unlink(missing_ok=True)
+        else:
             shutil.rmtree(self.log_path.parent, ignore_errors=True)
 
 
@@ -152,19 +160,19 @@ def adapter_rank(adapter_dir: str | Path) -> int:
 
 
 def server_command(choice, *, adapters: dict[str, str | Path] | None = None, port: int = 8000,
-                   api_key: str | None = None, quantization: str | None = None, extra_args=(),
+                   quantization: str | None = None, extra_args=(),
                    chat_template: str | Path | None = None, cuda: bool | None = None,
                    python: str = "python") -> list[str]:
     """The vLLM command line :func:`start_server` runs (notebooks/07_serving_vllm.ipynb prints it).
 
-    ``--max-lora-rank`` follows the adapters' own rank (their ``adapter_config.json``); ``quantization`` becomes
+    The API key is not on it (``ps`` shows command lines to every user of the machine): :func:`server_env` puts it
+    in ``VLLM_API_KEY``, and ``--middleware`` (helpers/_vllm_guard.py) makes vLLM ask for it on every path but
+    /health. ``--max-lora-rank`` follows the adapters' own rank (their ``adapter_config.json``); ``quantization`` becomes
     ``--quantization``; ``extra_args`` (any other vLLM options) come last and replace a default option of the
     same name (``["--max-model-len", "2048"]``). ``cuda`` None asks torch whether a CUDA GPU is present."""
     cuda = torch.cuda.is_available() if cuda is None else cuda
-    options = [("--model", choice.path), ("--served-model-name", choice.name), ("--host", HOST), ("--port", str(port))]
-    if api_key is not None:
-        options.append((f"--api-key={api_key}",))  # token_urlsafe starts with "-" one time in 64: one argument
-    options.append(("--max-model-len", "1024"))
+    options = [("--model", choice.path), ("--served-model-name", choice.name), ("--host", HOST), ("--port", str(port)),
+               ("--middleware", GUARD), ("--max-model-len", "1024")]
     if not cuda:
         options += [("--dtype", "float32"), ("--enforce-eager",)]
     if quantization:
@@ -193,6 +201,8 @@ def server_command(choice, *, adapters: dict[str, str | Path] | None = None, por
 
 def server_env(cuda: bool | None = None) -> dict[str, str]:
     """The environment variables :func:`start_server` sets for vLLM (those already set in the environment win).
+    It also always sets ``VLLM_API_KEY`` (the key clients must send; vLLM reads it when ``--api-key`` is not
+    given) and puts the course's folder first on ``PYTHONPATH`` (so that vLLM imports ``--middleware``'s guard).
 
     Everywhere: idle HTTP connections stay open 10 minutes instead of vLLM's 5 s (``VLLM_HTTP_TIMEOUT_KEEP_ALIVE``).
     A client that reuses a pooled connection just as the server closes it gets "Server disconnected without
@@ -203,6 +213,24 @@ def server_env(cuda: bool | None = None) -> dict[str, str]:
     cuda = torch.cuda.is_available() if cuda is None else cuda
     env = {"VLLM_HTTP_TIMEOUT_KEEP_ALIVE": "600"}
     return env if cuda else {**env, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+
+
+def _forced_env(api_key: str | None, tmpdir: Path) -> dict[str, str]:
+    path = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    # TMPDIR: vLLM leaves socket and vllm_dist_* files in its temporary folder; this one goes with the server.
+    return {"PYTHONPATH": path, "TMPDIR": str(tmpdir), **({"VLLM_API_KEY": api_key} if api_key else {})}
+
+
+def _remove_stale_workdirs() -> None:
+    """Delete the temporary folders of servers whose notebook kernel is gone (a SIGKILLed kernel cannot clean up)."""
+    for folder in Path(tempfile.gettempdir()).glob("vllm-*-*"):
+        try:
+            owner = int((folder / OWNER_FILE).read_text())
+            os.kill(owner, 0)
+        except ProcessLookupError:
+            shutil.rmtree(folder, ignore_errors=True)
+        except (OSError, ValueError):  # not ours, no owner recorded (a failed start's kept log), or alive
+            continue
 
 
 def format_command(args: list[str], env: dict[str, str] | None = None, *, hide: str | None = None) -> str:
@@ -217,7 +245,7 @@ def format_command(args: list[str], env: dict[str, str] | None = None, *, hide: 
             n += 1
         lines.append("    " + " ".join(words[i:i + n]))
         i += n
-    prefix = " ".join(f"{k}={shlex.quote(v)}" for k, v in (env or {}).items())
+    prefix = " ".join(f"{k}=***" if hide and hide in v else f"{k}={shlex.quote(v)}" for k, v in (env or {}).items())
     return (prefix + " \\\n" if prefix else "") + " \\\n".join(lines)
 
 
@@ -243,23 +271,29 @@ def start_server(model=None, *, adapters: dict[str, str | Path] | None = None, p
             f"Port {port} is already in use (perhaps a server still running; `lsof -i :{port}` tells). Pick another "
             "port, or pass none to get a free one."))
     api_key = secrets.token_urlsafe(16)
-    workdir = Path(tempfile.mkdtemp(prefix=f"vllm-{port}-"))  # the log and the chat template; stop() deletes it
+    _remove_stale_workdirs()
+    workdir = Path(tempfile.mkdtemp(prefix=f"vllm-{port}-"))  # log, chat template, vLLM's TMPDIR; stop() deletes it
+    (workdir / OWNER_FILE).write_text(str(os.getpid()))
+    (workdir / "tmp").mkdir()
     template = None
     if AutoTokenizer.from_pretrained(choice.path).chat_template is None:  # FlagAlpha's ship none; chat needs one
         template = workdir / "chat_template.jinja"
         text = TEMPLATES[choice.chat_format].replace("{% generation %}", "").replace("{% endgeneration %}", "")
         template.write_text(text, "utf-8")  # the course's template (lesson 03), without the training-mask tags
-    args = server_command(choice, adapters=adapters, port=port, api_key=api_key, quantization=quantization,
+    args = server_command(choice, adapters=adapters, port=port, quantization=quantization,
                           extra_args=extra_args, chat_template=template, python=python)
     env_set = server_env()
-    env = {**env_set, **os.environ}
+    forced = _forced_env(api_key, workdir / "tmp")
+    env = {**env_set, **os.environ, **forced}
     log_path = workdir / "server.log"
     with open(log_path, "wb") as log:
-        process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                   start_new_session=True,
-                                   preexec_fn=functools.partial(_die_with_parent, os.getpid()))
+        # Forked from the module's one long-lived thread: PR_SET_PDEATHSIG fires when the *thread* that forked
+        # the server ends, so a server started from a short-lived thread (a widget callback) would die with it.
+        process = _SPAWNER.submit(subprocess.Popen, args, stdout=log, stderr=subprocess.STDOUT,
+                                  stdin=subprocess.DEVNULL, env=env, start_new_session=True,
+                                  preexec_fn=functools.partial(_die_with_parent, os.getpid())).result()
     server = Server(key, process, f"http://{HOST}:{port}/v1", api_key, [choice.name, *adapters], log_path)
-    server.env = {k: env[k] for k in env_set}
+    server.env = {k: env[k] for k in (*env_set, *forced)}
     _SERVERS[key] = server
     try:
         _wait_healthy(server, port, timeout)

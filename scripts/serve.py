@@ -8,11 +8,13 @@ PORT, if given, comes first. Options this script does not know go to vLLM unchan
 
 import argparse
 import contextlib
+import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from helpers.config import home_dir  # noqa: E402
 from helpers.serve import start_server  # noqa: E402
 
 
@@ -26,11 +28,26 @@ def parse(argv=None):
     return port, args.quantization, extra
 
 
+def show_key(api_key: str, *, terminal: bool | None = None) -> str:
+    """The line that gives the API key: the key itself on a terminal; redirected into a file or a CI log, the
+    path of a file only this user can read (``<course home>/serve-api-key``, mode 0600)."""
+    if sys.stdout.isatty() if terminal is None else terminal:
+        return f"API key: {api_key}"
+    path = home_dir() / "serve-api-key"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    os.fchmod(fd, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(api_key + "\n")
+    return f"API key 写在 / written to {path}（只有你能读 / readable by you only）"
+
+
 if __name__ == "__main__":
     port, quantization, extra = parse()
     server = start_server(port=port, quantization=quantization, extra_args=extra)
     print(server.command())
-    print(f"vLLM 服务器已就绪 / ready: {server.base_url} models={server.models} api_key={server.api_key}")
+    print(f"vLLM 服务器已就绪 / ready: {server.base_url} models={server.models}")
+    print(show_key(server.api_key))
     with contextlib.suppress(KeyboardInterrupt):
         server.process.wait()
     server.stop()

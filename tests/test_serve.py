@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -223,6 +224,39 @@ def test_server_command_passes_quantization_and_extra_args(choice):
     assert "--quantization" not in serve.server_command(choice, cuda=True)
 
 
+def test_the_key_guards_every_route_but_health_and_stays_off_the_command_line(server):
+    """vLLM's own key check covers /v1, /v2, /inference and /cohere only; helpers/_vllm_guard.py covers the rest
+    (/metrics shows model names and traffic, /invocations generates). The key is in the server's environment,
+    not in its command line, which every local user can read in /proc."""
+    root = server.base_url.removesuffix("/v1")
+    key = {"Authorization": f"Bearer {server.api_key}"}
+    assert httpx.get(f"{root}/health", timeout=30).status_code == 200, "the readiness check needs no key"
+    routes = [("GET", "/metrics"), ("GET", "/v1/models"), ("POST", "/invocations"), ("POST", "/tokenize"),
+              ("GET", "/version"), ("GET", "/server_info"), ("POST", "/v1/completions")]
+    for method, path in routes:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": server.api_key}):
+            reply = httpx.request(method, root + path, headers=headers, json={}, timeout=30)
+            assert reply.status_code == 401, (method, path, headers, reply.status_code)
+    assert httpx.get(f"{root}/metrics", headers=key, timeout=30).status_code == 200
+    tokens = httpx.post(f"{root}/tokenize", headers=key, json={"model": "tiny", "prompt": "你好"}, timeout=30)
+    assert tokens.status_code == 200 and tokens.json()["tokens"]
+    assert server.api_key.encode() not in Path(f"/proc/{server.process.pid}/cmdline").read_bytes()
+
+
+def test_make_serve_prints_the_key_only_to_a_terminal(tmp_path, monkeypatch):
+    import importlib.util
+
+    monkeypatch.setenv("LLAMA_TUTORIAL_HOME", str(tmp_path / "home"))
+    spec = importlib.util.spec_from_file_location("serve_script", REPO_ROOT / "scripts" / "serve.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.show_key("k-123", terminal=True) == "API key: k-123"
+    line = script.show_key("k-123", terminal=False)
+    saved = tmp_path / "home" / "serve-api-key"
+    assert "k-123" not in line and str(saved) in line
+    assert saved.read_text() == "k-123\n" and saved.stat().st_mode & 0o777 == 0o600
+
+
 def _recording_python(tmp_path):
     """A stand-in for vLLM's python: it writes its argv and environment to argv.json and answers /health."""
     fake = tmp_path / "python"
@@ -252,20 +286,64 @@ def test_start_server_runs_the_printed_command_with_quantization_and_extra_args(
     try:
         seen = json.loads((tmp_path / "argv.json").read_text())
         port = int(server.base_url.split(":")[-1].split("/")[0])
-        expected = serve.server_command(choice, adapters={"zh": adapter}, port=port, api_key=server.api_key,
+        expected = serve.server_command(choice, adapters={"zh": adapter}, port=port,
                                         quantization="awq", extra_args=extra, python=str(tmp_path / "python"))
         assert [str(tmp_path / "python"), *seen["argv"]] == expected
         assert seen["argv"][seen["argv"].index("--quantization") + 1] == "awq" and seen["argv"][-4:] == extra
         for name, value in serve.server_env().items():
             assert seen["env"][name] == value
+        assert seen["env"]["VLLM_API_KEY"] == server.api_key and server.api_key not in " ".join(seen["argv"])
+        assert seen["env"]["PYTHONPATH"].split(os.pathsep)[0] == str(REPO_ROOT), "vLLM imports the guard from here"
         shown = server.command()
-        assert server.api_key not in shown and "--api-key=***" in shown and "--quantization awq" in shown
+        assert server.api_key not in shown and "VLLM_API_KEY=***" in shown and "--quantization awq" in shown
+        assert f"--middleware {serve.GUARD}" in shown
         assert start_server(choice, adapters={"zh": adapter}, quantization="awq", extra_args=extra) is server
         other = start_server(choice, adapters={"zh": adapter}, timeout=60)
         assert other is not server
         other.stop()
     finally:
         server.stop()
+
+
+def test_a_server_keeps_its_temporary_files_in_its_own_folder_and_dead_kernels_folders_go(choice, tmp_path,
+                                                                                           monkeypatch):
+    import tempfile
+
+    monkeypatch.setenv(serve.SERVE_PYTHON_ENV, str(_recording_python(tmp_path)))
+    root = Path(tempfile.gettempdir())
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale, alive = root / "vllm-1-stale-test", root / "vllm-2-alive-test"
+    for folder, pid in ((stale, dead.pid), (alive, os.getpid())):
+        (folder / "tmp").mkdir(parents=True, exist_ok=True)
+        (folder / serve.OWNER_FILE).write_text(str(pid))
+    try:
+        server = start_server(choice, timeout=60)
+        seen = json.loads((tmp_path / "argv.json").read_text())
+        workdir = server.log_path.parent
+        assert seen["env"]["TMPDIR"] == str(workdir / "tmp")
+        assert not stale.exists() and alive.exists(), "only the folder of a process that is gone is removed"
+        server.stop()
+        assert not workdir.exists(), "stop() removes the log, the template and vLLM's temporary files"
+    finally:
+        shutil.rmtree(stale, ignore_errors=True)
+        shutil.rmtree(alive, ignore_errors=True)
+
+
+def test_a_server_started_from_a_thread_outlives_the_thread(choice, tmp_path, monkeypatch):
+    """The server dies with the notebook kernel (PR_SET_PDEATHSIG), not with the thread that asked for it:
+    the signal fires when the forking thread ends, so start_server forks from one long-lived thread."""
+    monkeypatch.setenv(serve.SERVE_PYTHON_ENV, str(_recording_python(tmp_path)))
+    started = []
+    worker = threading.Thread(target=lambda: started.append(start_server(choice, timeout=60)))
+    worker.start()
+    worker.join(timeout=90)
+    assert started, "the server started"
+    time.sleep(1.0)
+    try:
+        assert started[0].alive(), "the thread that started it has ended; the server still runs"
+    finally:
+        started[0].stop()
 
 
 def test_make_serve_script_passes_quantization_and_other_vllm_options():
