@@ -76,7 +76,7 @@ lab: setup
 TEST_WORKERS ?= 2
 test: setup
 	$(PY) -m pytest tests notebooks --nbval-lax --nbval-current-env -rs --durations=20 \
-	  $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile) $(PYTEST_ARGS)
+	  $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder) $(PYTEST_ARGS)
 
 unit: setup
 	$(PY) -m pytest tests $(PYTEST_ARGS)

@@ -156,7 +156,7 @@ def main() -> int:
         _say(f"lesson {lesson} is not run here: {why}")
     ignore = [f"--ignore={path}" for path in LOCAL_ONLY + NOT_ON_COLAB]
     command = [str(python), "-m", "pytest", "tests", *ignore, *lessons, "--nbval-lax", "--nbval-current-env", "-rs",
-               "-n", "2", "--dist", "loadfile", *args.pytest_args]  # two workers, as `make test` (tests/nbenv.py)
+               "-n", "2", "--dist", "loadfile", "--no-loadscope-reorder", *args.pytest_args]  # two workers, as `make test` (tests/nbenv.py)
     _say("running: " + shlex.join(command))
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     env["PYDEVD_DISABLE_FILE_VALIDATION"] = "1"  # ipykernel 6.17's debugger warns about frozen modules
