@@ -41,7 +41,7 @@ def end_distributed_process(code: int) -> NoReturn:
     group (held by ``torch.distributed``'s registry, a DDP ``Reducer`` or an FSDP state), ``~ProcessGroupGloo``
     joins its worker threads while holding the GIL. A worker still freeing a finished collective's tensors needs
     the GIL to drop them, so the two wait for each other forever. Seen here under transformers 5.15 on a loaded
-    2-core machine, about one two-process run in thirty: rank 0 printed the adapter folder, then hung in
+    2-core machine, about one two-process run in 18 (three loops at once): rank 0 printed the adapter folder, then hung in
     ``~ProcessGroupGloo`` (py-spy), and the launcher waited for it. ``destroy_process_group`` can run that
     destructor too, so it is skipped along with the interpreter's teardown. Call this only after every file
     the process writes is written and closed, and after the last collective.

@@ -51,3 +51,13 @@ def lesson_expression(lesson: str, cell_id: str, name: str) -> ast.expr:
              and any(getattr(t, "id", None) == name for t in node.targets)]
     assert len(found) == 1, f"{lesson}, cell {cell_id}: {len(found)} assignments to {name}"
     return found[0]
+
+
+def script_module(name: str):
+    """scripts/<name>.py imported as a module (the scripts are not a package), for the tests."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"{name}_script", REPO_ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -26,7 +26,7 @@ from helpers.config import DATA_DIR, REPO_ROOT as REPO, TutorialError, resolve_m
 from helpers.evaluation import chinese_share
 from helpers.prompts import IGNORE_INDEX, encode_prompt
 from scripts.train_lora import StopAfterSteps
-from tests.lesson_code import lesson_definitions
+from tests.lesson_code import lesson_definitions, script_module
 
 # Lesson 05 writes its reload check out (section 11): the tests use that code.
 LESSON = lesson_definitions("05_lora_finetune.ipynb", "c43-36")
@@ -605,15 +605,6 @@ def test_an_optimizer_state_mapped_to_cpu_0_loads_after_the_shim(tmp_path):
 # --------------------------------------------------------------------------- ending a worker process
 
 
-def _train_lora_script():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("train_lora_script", REPO / "scripts" / "train_lora.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    return script
-
-
 class _Trainer:
     """Stands in for the Trainer train_adapter returns."""
 
@@ -631,7 +622,7 @@ def test_a_worker_of_a_multi_process_run_ends_while_its_trainer_is_alive(monkeyp
     path, with its exit code; one process returns normally."""
     import weakref
 
-    script = _train_lora_script()
+    script = script_module("train_lora")
     ended, made = [], []
 
     def fake_train_adapter(*args, **kwargs):

@@ -17,7 +17,7 @@ from transformers import BitsAndBytesConfig, TrainerControl, TrainerState
 
 from helpers import download, finetune
 from helpers.loading import quantization_config
-from tests.lesson_code import lesson_calls, lesson_definitions, lesson_expression
+from tests.lesson_code import lesson_calls, lesson_definitions, lesson_expression, script_module
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -72,14 +72,8 @@ def _stops(callback_class, steps: int) -> list[tuple[int, bool, bool]]:
 @pytest.mark.parametrize("steps", [1, 3, 24])
 def test_stop_after_steps_is_the_same_callback_in_lesson_05_and_the_script(steps):
     """scripts/train_lora.py --stop-after-steps uses the callback lesson 05 writes out (a simulated interruption)."""
-    import importlib.util
-
-    from helpers.config import REPO_ROOT
-
     lesson = lesson_definitions("05_lora_finetune.ipynb", "c43-29")["StopAfterSteps"]
-    spec = importlib.util.spec_from_file_location("train_lora_script", REPO_ROOT / "scripts" / "train_lora.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = script_module("train_lora")
     assert _stops(lesson, steps) == _stops(script.StopAfterSteps, steps)
     assert [d for d in _stops(lesson, steps) if d[1]] == [(steps, True, True)], "saves and stops once, at `steps`"
 

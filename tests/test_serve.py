@@ -29,7 +29,7 @@ from helpers.config import REPO_ROOT, TutorialError, resolve_model
 from helpers.evaluation import load_questions, question_messages
 from helpers.prompts import SYSTEM_PROMPT_ARTICLE, encode_prompt
 from helpers.serve import check_adapter, group_members, port_is_free, start_server
-from tests.lesson_code import lesson_definitions
+from tests.lesson_code import lesson_definitions, script_module
 
 NEW_TOKENS = 24
 N_QUESTIONS = 12
@@ -161,17 +161,7 @@ def test_server_dies_with_its_parent(tmp_path):
     The "server" here is a small HTTP server answering /health, so the test checks the process
     plumbing (new session, PDEATHSIG) in seconds; the vLLM server is started the same way.
     """
-    fake = tmp_path / "python"
-    fake.write_text(textwrap.dedent(f"""\
-        #!{sys.executable}
-        import http.server, sys
-        port = int(sys.argv[sys.argv.index("--port") + 1])
-        class H(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):
-                self.send_response(200); self.end_headers()
-        http.server.HTTPServer(("127.0.0.1", port), H).serve_forever()
-        """))
-    fake.chmod(0o755)
+    fake = _recording_python(tmp_path)
     script = ("from helpers.serve import start_server; s = start_server('tiny', timeout=60); "
               "print(s.process.pid, s.base_url.split(':')[-1].split('/')[0], flush=True); import time; time.sleep(600)")
     env = {**os.environ, serve.SERVE_PYTHON_ENV: str(fake)}
@@ -244,12 +234,8 @@ def test_the_key_guards_every_route_but_health_and_stays_off_the_command_line(se
 
 
 def test_make_serve_prints_the_key_only_to_a_terminal(tmp_path, monkeypatch):
-    import importlib.util
-
     monkeypatch.setenv("LLAMA_TUTORIAL_HOME", str(tmp_path / "home"))
-    spec = importlib.util.spec_from_file_location("serve_script", REPO_ROOT / "scripts" / "serve.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = script_module("serve")
     assert script.show_key("k-123", terminal=True) == "API key: k-123"
     line = script.show_key("k-123", terminal=False)
     saved = tmp_path / "home" / "serve-api-key"
@@ -347,11 +333,7 @@ def test_a_server_started_from_a_thread_outlives_the_thread(choice, tmp_path, mo
 
 
 def test_make_serve_script_passes_quantization_and_other_vllm_options():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("serve_script", REPO_ROOT / "scripts" / "serve.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = script_module("serve")
     assert script.parse([]) == (8000, None, [])
     assert script.parse(["8001", "--quantization", "awq", "--max-model-len", "2048"]) == (
         8001, "awq", ["--max-model-len", "2048"])
