@@ -32,11 +32,24 @@ def remove_stale(folder: Path) -> None:
             continue
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            path.unlink()  # held by us now: safe to remove (see acquire)
+            # Held by us now, but the name may already belong to a newer file that a live holder made after
+            # the file we opened was released and removed: remove the name only while it is still ours.
+            if _same_file(path, fd):
+                path.unlink()
         except (BlockingIOError, FileNotFoundError):
             pass
         finally:
             os.close(fd)
+
+
+def _same_file(path: Path, fd: int) -> bool:
+    """Whether ``path`` still names the file open as ``fd`` (only the flock holder of that file removes it)."""
+    try:
+        current = os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (current.st_ino, current.st_dev) == (held.st_ino, held.st_dev)
 
 
 class FileLock:
@@ -86,11 +99,6 @@ def acquire(target: str | Path, *, kind: str = "write", wait: bool = True) -> Fi
         except BlockingIOError:
             os.close(fd)
             return None
-        try:
-            current = os.stat(path, follow_symlinks=False)
-        except FileNotFoundError:
-            current = None
-        held = os.fstat(fd)
-        if current is not None and (current.st_ino, current.st_dev) == (held.st_ino, held.st_dev):
+        if _same_file(path, fd):
             return FileLock(path, fd)
         os.close(fd)  # the holder removed this file as it released it: take the lock on the new one

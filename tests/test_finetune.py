@@ -701,6 +701,34 @@ def test_a_symlink_planted_at_a_lock_name_is_refused_and_its_target_kept(tmp_pat
     assert victim.read_text(encoding="utf-8") == "the learner's notes"
 
 
+def test_the_stale_sweep_never_removes_a_newer_holders_lock_file(tmp_path, monkeypatch):
+    """The race CI hit once: a sweep opens lock file F, its holder releases (removing F), another process
+    makes F' under the same name and holds it, then the sweep's flock on F succeeds. Removing the name then
+    would remove F', and a third writer would take a second lock beside the live one."""
+    import fcntl
+
+    from helpers import _locks
+
+    monkeypatch.setenv("LLAMA_TUTORIAL_HOME", str(tmp_path / "home"))
+    first = _locks.acquire(tmp_path / "adapter")
+    held = {}
+    real_flock = fcntl.flock
+
+    def flock(fd, op):
+        if op & fcntl.LOCK_NB and not held:  # the sweep's try, after it opened F: F changes hands now
+            held["armed"] = True
+            first.release()
+            held["second"] = _locks.acquire(tmp_path / "adapter")
+        return real_flock(fd, op)
+
+    monkeypatch.setattr(fcntl, "flock", flock)
+    _locks.remove_stale(_locks.lock_dir())
+    monkeypatch.setattr(fcntl, "flock", real_flock)
+    assert held["second"].path.exists(), "the sweep removed the live holder's lock file"
+    assert _locks.acquire(tmp_path / "adapter", wait=False) is None, "a second writer got in beside the first"
+    held["second"].release()
+
+
 def test_write_locks_exclude_each_other_while_their_files_come_and_go(tmp_path, monkeypatch):
     """Each holder removes the lock file as it releases; a waiter that got the removed file retries."""
     import threading
