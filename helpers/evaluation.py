@@ -10,6 +10,7 @@ import re
 import warnings
 from pathlib import Path
 
+from helpers._files import reporting_full_disk
 from helpers.config import DATA_DIR, TutorialError, bilingual
 from helpers.prompts import SYSTEM_PROMPT_ARTICLE, article_prompt, encode_prompt
 
@@ -200,9 +201,9 @@ def generate_answers(model, tokenizer, questions: list[dict], answers_path: str 
                 done[q["qid"]] = {"qid": q["qid"], "question": q["question"], "run": rid, "settings": settings,
                                   "answer": tokenizer.decode(row[:end], skip_special_tokens=True).strip(),
                                   "new_tokens": end, "finished": end < len(row)}
-            with open(path, "a", encoding="utf-8") as fh:  # one write per batch, on disk before the next batch
+            with reporting_full_disk(path.parent, ("回答", "answers")), open(path, "a", encoding="utf-8") as fh:
                 fh.write("".join(json.dumps(done[q["qid"]], ensure_ascii=False) + "\n" for q in chunk))
-                fh.flush()
+                fh.flush()  # one write per batch, on disk before the next batch
                 os.fsync(fh.fileno())
             bar.update(len(chunk))
     return [done[q["qid"]] for q in questions]

@@ -10,12 +10,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from helpers._compat import allow_indexed_cpu_locations
+from helpers._files import OutputExistsError, recover, reporting_full_disk, save_folder  # noqa: F401 (lessons import OutputExistsError from here)
 from helpers._locks import acquire
 from helpers.config import DATA_DIR, TutorialError, bilingual, output_dir
 from helpers.prompts import IGNORE_INDEX
@@ -112,10 +112,6 @@ def settings_for(choice=None, *, device: str | None = None) -> TrainSettings:
 # --------------------------------------------------------------------------- where outputs go, and never overwriting
 
 
-class OutputExistsError(TutorialError, FileExistsError):
-    """The folder to write already exists and overwriting was not asked for."""
-
-
 _CLAIMS: dict[str, object] = {}  # checkpoint folders this process trains into (lock held while it lives)
 
 
@@ -152,33 +148,6 @@ def new_adapter_dir(overwrite: bool = False, *, name: str = ADAPTER_DIR_NAME) ->
     raise TutorialError(bilingual(f"{name} 的编号已用完。", f"No free name next to {name}."))
 
 
-def _save_new(target: str | Path, objects: list, *, overwrite: bool, what: tuple[str, str], info=None) -> Path:
-    """``save_pretrained`` each object into a temporary folder, then rename it into place, under the
-    one lock every writer of ``target`` takes; refuses an existing folder unless ``overwrite``."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with _lock(target):
-        if target.exists() and not overwrite and (target.is_file() or any(target.iterdir())):
-            raise OutputExistsError(bilingual(
-                f"{what[0]}目录 {target} 已经存在，为了不覆盖你已有的结果，这里停下了。确实要覆盖请传 overwrite=True"
-                "（笔记本里把 OVERWRITE 设为 True），或者换一个目录名。",
-                f"The {what[1]} folder {target} already exists; stopping so it is not overwritten. Pass "
-                "overwrite=True (OVERWRITE = True in the notebook) or choose another folder."))
-        for stale in target.parent.glob(f".{target.name}.partial-*"):  # left by a killed writer (7B merge: ~13 GB)
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp = target.with_name(f".{target.name}.partial-{os.getpid()}")
-        try:
-            for obj in objects:
-                obj.save_pretrained(tmp)
-            if info is not None:
-                (tmp / INFO_FILE).write_text(json.dumps(info, indent=1, ensure_ascii=False, default=str), "utf-8")
-            shutil.rmtree(target, ignore_errors=True)
-            os.replace(tmp, target)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
-
-
 def save_adapter(model, path: str | Path, *, overwrite: bool = False, info: dict | None = None,
                  state_dict: dict | None = None) -> Path:
     """Save the LoRA adapter (+ ``training_info.json``); never over an existing folder unless ``overwrite``,
@@ -190,13 +159,13 @@ def save_adapter(model, path: str | Path, *, overwrite: bool = False, info: dict
 
         peft_model = model
         model = SimpleNamespace(save_pretrained=lambda to: peft_model.save_pretrained(to, state_dict=state_dict))
-    return _save_new(path, [model], overwrite=overwrite, what=("适配器", "adapter"), info=info)
+    return save_folder(path, [model], overwrite=overwrite, what=("适配器", "adapter"), info=info, info_name=INFO_FILE)
 
 
 def save_merged(model, tokenizer, path: str | Path, *, overwrite: bool = False) -> Path:
     """Save a merged model and its tokenizer, with :func:`save_adapter`'s rules.
     Introduced in notebooks/05_lora_finetune.ipynb."""
-    return _save_new(path, [model, tokenizer], overwrite=overwrite, what=("合并模型", "merged model"))
+    return save_folder(path, [model, tokenizer], overwrite=overwrite, what=("合并模型", "merged model"))
 
 
 def read_training_info(adapter_dir: str | Path) -> dict:
@@ -212,6 +181,10 @@ def latest_adapter(choice) -> Path | None:
     def made_for_choice(info: dict) -> bool:
         return info.get("base_model") == choice.path or (not choice.is_tiny and info.get("model_name") == choice.name)
 
+    for aside in output_dir().glob(f".{ADAPTER_DIR_NAME}*.old-*"):  # an overwrite a kill cut off: put it back
+        target = aside.with_name(aside.name[1:].rsplit(".old-", 1)[0])
+        with _lock(target):
+            recover(target)
     found = [p for p in output_dir().glob(f"{ADAPTER_DIR_NAME}*") if (p / INFO_FILE).is_file()
              and (p / "adapter_config.json").is_file() and made_for_choice(read_training_info(p))]
     return max(found, key=lambda p: (p / INFO_FILE).stat().st_mtime_ns, default=None)
@@ -470,7 +443,8 @@ def train_adapter(choice, adapter_dir: str | Path | None = None, *, settings: Tr
         allow_indexed_cpu_locations()  # transformers < 5.18 (Colab's 5.15) would fail to load optimizer.pt
     if verbose and resumed_from:
         print(f"从检查点继续训练 / resuming from {resumed_from}")
-    trainer.train(resume_from_checkpoint=resumed_from)
+    with reporting_full_disk(ckpt_dir, ("检查点", "checkpoints")):
+        trainer.train(resume_from_checkpoint=resumed_from)
     dev = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h] or [None]
     info = {"lesson": "notebooks/05_lora_finetune.ipynb", "base_model": choice.path, "model_name": choice.name,
             "chat_format": choice.chat_format, "settings": asdict(s), "train_file": str(train_file),
