@@ -11,6 +11,7 @@ import warnings
 from pathlib import Path
 
 from helpers._files import reporting_full_disk
+from helpers._text import DecodeProblem, bad_character_in, decode, json_loads, quote
 from helpers.config import DATA_DIR, TutorialError, bilingual
 from helpers.prompts import SYSTEM_PROMPT_ARTICLE, article_prompt, encode_prompt
 
@@ -81,24 +82,26 @@ def read_text(path: Path, what: tuple[str, str]) -> str:
     """A UTF-8 file's text, or an :class:`EvalDataError` for a missing or non-UTF-8 file (notebooks/06_evaluation.ipynb)."""
     if not path.is_file():
         _fail(f"找不到{what[0]}文件 {path}。请检查路径。", f"The {what[1]} file {path} does not exist. Check the path.")
-    try:
-        return path.read_bytes().decode("utf-8-sig")  # no newline translation: a \r inside an answer stays
-    except UnicodeDecodeError as err:
-        _fail(f"{path} 不是 UTF-8 编码（第 {err.start} 个字节）。请另存为 UTF-8，或运行 iconv -f gb18030 -t utf-8。",
-              f"{path} is not UTF-8 (byte {err.start}). Save it as UTF-8, or run iconv -f gb18030 -t utf-8.")
+    try:  # no newline translation: a \r inside an answer stays
+        return decode(path.read_bytes(), str(path), allow_gb18030=False)[0]
+    except DecodeProblem as err:
+        _fail(err.zh, err.en)
 
 
 def load_questions(path: str | Path | None = None) -> list[dict]:
     """The checked questions of ``path`` (default data/eval_questions.json; AtomBulb's load unchanged), lesson 06."""
     path = Path(path) if path is not None else DATA_DIR / "eval_questions.json"
+    text = read_text(path, ("问题", "question"))
     try:
-        data = json.loads(read_text(path, ("问题", "question")))
+        data = json_loads(text)
     except json.JSONDecodeError as err:
         _fail(f"{path} 不是合法的 JSON：第 {err.lineno} 行第 {err.colno} 列 {err.msg}。常见原因：多余的逗号、单引号、缺少括号。",
               f"{path} is not valid JSON: line {err.lineno}, column {err.colno}: {err.msg}. "
               "Common causes: a trailing comma, single quotes, a missing bracket.")
+    except ValueError:
+        _fail(f"{path} 的 JSON 嵌套层数太多，不是问题列表。", f"{path} nests JSON too deeply to be a list of questions.")
     if not isinstance(data, list) or not data:
-        keys = ", ".join(map(str, data)) if isinstance(data, dict) else ""
+        keys = quote(", ".join(map(str, data))) if isinstance(data, dict) else ""
         _fail(f"{path} 应是非空的问题列表 [{{\"qid\": 1, \"question\": ...}}, ...]，而不是对象或空列表（{keys}）。",
               f"{path} must be a non-empty list [{{\"qid\": 1, \"question\": ...}}, ...], not an object or [] ({keys}).")
     questions, seen = [], {}
@@ -113,9 +116,13 @@ def load_questions(path: str | Path | None = None) -> list[dict]:
                   f"reference 为字符串或 null；task 为 null 或 \"{TASK_TRANSLATE_TO_EN}\"。",
                   f"{path}, item {n}: {', '.join(bad)} missing or invalid. Each item is an object with non-empty "
                   f"{', '.join(REQUIRED_FIELDS)}; reference a string or null; task null or \"{TASK_TRANSLATE_TO_EN}\".")
+        bad = bad_character_in(item)
+        if bad:
+            _fail(f"{path} 第 {n} 题：{bad[0]}。删掉它再运行。", f"{path}, item {n}: {bad[1]}. Remove it and run again.")
         if item["qid"] in seen:
-            _fail(f"{path} 第 {n} 题的 qid {item['qid']!r} 与第 {seen[item['qid']]} 题重复。续跑靠 qid 认题，必须唯一。",
-                  f"{path}, item {n}: qid {item['qid']!r} repeats item {seen[item['qid']]}. qids must be unique (resuming relies on them).")
+            qid = quote(repr(item["qid"]))
+            _fail(f"{path} 第 {n} 题的 qid {qid} 与第 {seen[item['qid']]} 题重复。续跑靠 qid 认题，必须唯一。",
+                  f"{path}, item {n}: qid {qid} repeats item {seen[item['qid']]}. qids must be unique (resuming relies on them).")
         seen[item["qid"]] = n
         task = item["task"] if "task" in item else (TASK_TRANSLATE_TO_EN if TRANSLATE_TO_EN_RE.search(item["question"]) else None)
         questions.append({**{k: item[k].strip() if isinstance(item[k], str) else item[k] for k in REQUIRED_FIELDS},

@@ -10,9 +10,9 @@ Answer`` after an unnamed index column). Every bad row is reported at once, in C
 from __future__ import annotations
 
 import io
-import json
 from pathlib import Path
 
+from helpers._text import bad_character, json_loads, quote
 from helpers.config import DATA_DIR, bilingual
 from helpers.evaluation import EvalDataError, read_text
 
@@ -50,7 +50,7 @@ def mc_rows(rows, source: str = "数据 / data") -> list[dict]:
     keys = {str(k).strip().lower(): k for k in rows[0]} if isinstance(rows[0], dict) else {}
     missing = [c for c in COLUMNS if c.lower() not in keys]
     if missing:
-        found = ", ".join(map(str, rows[0])) if isinstance(rows[0], dict) else type(rows[0]).__name__
+        found = quote(", ".join(map(str, rows[0]))) if isinstance(rows[0], dict) else type(rows[0]).__name__
         _fail(f"{source} 缺少列 {', '.join(missing)}。C-Eval 的格式是 id, question, A, B, C, D, answer, explanation"
               f"（CMMLU 是 Question, A, B, C, D, Answer）。找到的列：{found}。",
               f"{source} lacks the column(s) {', '.join(missing)}. C-Eval's layout is id, question, A, B, C, D, answer, "
@@ -67,8 +67,9 @@ def mc_rows(rows, source: str = "数据 / data") -> list[dict]:
             problems_zh.append(f"缺少选项 {'、'.join(empty)}")
             problems_en.append(f"option {', '.join(empty)} missing")
         if cell["answer"] not in CHOICES:
-            problems_zh.append(f"答案 {cell['answer']!r} 不是 A、B、C、D 之一（只写一个大写字母）")
-            problems_en.append(f"answer {cell['answer']!r} is not one of A, B, C, D (one capital letter)")
+            answer = quote(repr(cell["answer"]), 40)
+            problems_zh.append(f"答案 {answer} 不是 A、B、C、D 之一（只写一个大写字母）")
+            problems_en.append(f"answer {answer} is not one of A, B, C, D (one capital letter)")
         same = [f"{a}={b}" for i, a in enumerate(CHOICES) for b in CHOICES[i + 1:] if cell[a] and cell[a] == cell[b]]
         if same:
             problems_zh.append(f"选项相同（{', '.join(same)}），正确答案不唯一")
@@ -98,6 +99,9 @@ def read_mc_csv(path: str | Path) -> list[dict]:
         raise KnowledgeDataError(str(err)) from None
     if not text.strip():
         _fail(f"{path} 是空文件。", f"{path} is empty.")
+    bad = bad_character(text)
+    if bad:
+        _fail(f"{path} {bad[0]}。删掉它再运行。", f"{path}: {bad[1]}. Remove it and run again.")
     try:
         table = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False)
     except pd.errors.ParserError as err:
@@ -112,13 +116,24 @@ def load_knowledge(folder: str | Path | None = None, splits: tuple[str, ...] = (
     notebooks/06_evaluation.ipynb. Subjects are those of the last split, in file-name order."""
     folder = Path(folder) if folder is not None else KNOWLEDGE_DIR
     mapping_file = folder / "subject_mapping.json"
-    mapping = json.loads(read_text(mapping_file, ("学科表", "subject mapping"))) if mapping_file.is_file() else {}
+    try:
+        mapping = json_loads(read_text(mapping_file, ("学科表", "subject mapping"))) if mapping_file.is_file() else {}
+    except EvalDataError as err:
+        raise KnowledgeDataError(str(err)) from None
+    except ValueError as err:  # not JSON, or nested too deeply
+        _fail(f"{mapping_file} 不是合法的 JSON（{quote(err, 80)}）。C-Eval 的 subject_mapping.json 是"
+              " {\"学科\": [\"英文名\", \"中文名\", \"类别\"]}。",
+              f"{mapping_file} is not valid JSON ({quote(err, 80)}). C-Eval's subject_mapping.json is"
+              " {\"subject\": [\"English name\", \"Chinese name\", \"category\"]}.")
     subjects = sorted(p.name[: -len(f"_{splits[-1]}.csv")] for p in (folder / splits[-1]).glob(f"*_{splits[-1]}.csv"))
     if not subjects:
         _fail(f"{folder / splits[-1]} 里没有 *_{splits[-1]}.csv 文件。目录结构要与 C-Eval 相同："
               "dev/computer_network_dev.csv、val/computer_network_val.csv……",
               f"No *_{splits[-1]}.csv files in {folder / splits[-1]}. Use C-Eval's layout: "
               "dev/computer_network_dev.csv, val/computer_network_val.csv, ...")
-    names = {s: (mapping.get(s) or [s, s])[1] for s in subjects}  # C-Eval: [English name, Chinese name, category]
+    if not isinstance(mapping, dict) or not all(isinstance(v, list) and len(v) >= 2 for v in mapping.values()):
+        _fail(f"{mapping_file} 的格式不对：应是 {{\"学科\": [\"英文名\", \"中文名\", \"类别\"]}}。",
+              f"{mapping_file} has the wrong shape: expected {{\"subject\": [\"English name\", \"Chinese name\", \"category\"]}}.")
+    names = {s: str((mapping.get(s) or [s, s])[1]) for s in subjects}  # C-Eval: [English name, Chinese name, category]
     return {s: {"name": names[s], **{split: read_mc_csv(folder / split / f"{s}_{split}.csv") for split in splits}}
             for s in subjects}

@@ -5,11 +5,11 @@ question/answer CSV or chat JSONL, every bad row reported at once, tokens and an
 from __future__ import annotations
 
 import io
-import json
 from collections import namedtuple
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from helpers._text import DecodeProblem, bad_character, bad_character_in, decode, json_loads, quote
 from helpers.config import TutorialError, bilingual
 from helpers.prompts import IGNORE_INDEX, PromptFormatError, csv_text_to_messages, encode
 
@@ -78,21 +78,22 @@ def read_table(path: str | Path) -> tuple[list, list]:
     if path.suffix.lower() not in (".csv", ".jsonl", ".json"):
         raise TutorialError(bilingual(f"{path.name}：只支持 .csv 和 .jsonl。",
                                       f"{path.name}: only .csv and .jsonl are supported."))
-    raw = path.read_bytes()
     try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError:
-        try:
-            text = raw.decode("gb18030")
-        except UnicodeDecodeError:
-            raise TutorialError(bilingual(
-                f"{path.name} 既不是 UTF-8 也不是 GBK/GB18030 编码。请用 UTF-8 重新保存。",
-                f"{path.name} is neither UTF-8 nor GBK/GB18030. Save it again as UTF-8.")) from None
+        text, encoding = decode(path.read_bytes(), path.name)
+    except DecodeProblem as err:
+        raise TutorialError(bilingual(err.zh, err.en)) from None
+    if encoding == "gb18030":
         print(bilingual(
             f"注意：{path.name} 是 GBK/GB18030 编码（Excel/WPS 在中文 Windows 上的默认编码），已按 GB18030 读取。"
             f"建议另存为 UTF-8，或运行 iconv -f gb18030 -t utf-8 {path.name} > utf8.csv",
             f"Note: {path.name} is GBK/GB18030 (Excel/WPS on Chinese Windows); read as GB18030. Save it as UTF-8 "
             "(or iconv -f gb18030 -t utf-8)."))
+    bad = bad_character(text)
+    if bad:
+        raise TutorialError(bilingual(
+            f"{path.name} {bad[0]}：训练文本里不应有这种字符（常见于从网页或二进制文件复制的内容）。删掉它再运行。",
+            f"{path.name}: {bad[1]}; training text should not hold it (it often comes from text copied out of a web "
+            "page or a binary file). Remove it and run again."))
     if not text.strip():
         raise TutorialError(bilingual(f"{path.name} 是空文件。", f"{path.name} is empty."))
     if path.suffix.lower() == ".csv":
@@ -105,11 +106,17 @@ def read_table(path: str | Path) -> tuple[list, list]:
     for n, line in enumerate(text.splitlines(), 1):
         if line.strip():
             try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
+                record = json_loads(line)
+            except ValueError:  # JSONDecodeError, or nested too deeply
                 broken.append(str(n))
+                continue
+            bad = bad_character_in(record)
+            if bad:
+                raise TutorialError(bilingual(f"{path.name} 第 {n} 行：{bad[0]}。删掉它再运行。",
+                                              f"{path.name} line {n}: {bad[1]}. Remove it and run again."))
+            records.append(record)
     if broken:
-        lines = ", ".join(broken)
+        lines = quote(", ".join(broken))
         raise TutorialError(bilingual(f"{path.name} 第 {lines} 行不是合法的 JSON（JSONL 每行一个 JSON 对象）。",
                                       f"{path.name} lines {lines} are not valid JSON (one object per line)."))
     return records, sorted({k for r in records if isinstance(r, dict) for k in r})
@@ -171,9 +178,9 @@ def validate_sft_file(path: str | Path, tokenizer, *, fmt: str = "llama2", max_l
                                            ("messages", {"messages"})) if need <= set(columns)), None)
     if layout is None:
         raise TutorialError(bilingual(
-            f"{path.name} 里找不到训练数据列：需要 text，或 question 和 answer，或（JSONL）messages。现有的列：{columns}。",
+            f"{path.name} 里找不到训练数据列：需要 text，或 question 和 answer，或（JSONL）messages。现有的列：{quote(', '.join(columns))}。",
             f"{path.name} has no training column: expected 'text', or 'question' and 'answer', or 'messages'. "
-            f"Found: {columns}."))
+            f"Found: {quote(', '.join(columns))}."))
     out = SFTRows(path, layout, len(records))
     for row, record in enumerate(records, 1):
         try:
