@@ -201,7 +201,11 @@ def _local_folder(spec: str) -> Path | None:
         if (candidate / "config.json").is_file():
             return candidate.resolve()
     nested = len(path.parts) > 1
-    looks_like_path = spec.startswith((".", "~", os.sep)) or "\\" in spec or spec.count("/") > 1
+    # "outputs/lora-merged" before lesson 05 has made outputs/: still a path (no Hub owner is named like the
+    # course's own folders), so it is refused here instead of being sent to the Hub as a repo id.
+    course_folders = {"outputs", output_dir().name, "models", "data", "notebooks"}
+    looks_like_path = (spec.startswith((".", "~", os.sep)) or "\\" in spec or spec.count("/") > 1
+                       or (nested and path.parts[0] in course_folders))
     if not (looks_like_path or any(c.exists() or (nested and c.parent.is_dir()) for c in candidates)):
         return None
     where = ", ".join(str(c) for c in candidates)

@@ -5,6 +5,7 @@ unsafe file names refused, disk checked first, a learner's folder never overwrit
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import json
 import os
@@ -14,6 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 from urllib.parse import urlsplit
 
+from helpers._text import quote
 from helpers.config import (DOWNLOAD_MARKER, HUGGINGFACE_CO, PROFILES, TutorialError, bilingual, models_dir,
                             output_dir)
 from helpers.local_hub import LOCAL_BIN_REPO, LOCAL_REPO
@@ -22,6 +24,7 @@ HUB_ENDPOINT = HUGGINGFACE_CO
 MIRROR_EXAMPLE = "https://hf-mirror.com"
 # One weight format: safetensors plus config, tokenizer, chat template, generation settings (lesson 01).
 ALLOW_PATTERNS = ["*.json", "*.jinja", "*.safetensors", "tokenizer.model"]
+NAME_MAX = 255  # bytes in one path component: ext4, XFS, APFS, NTFS (in UTF-16 units) alike
 DISK_RESERVE_BYTES = 512 * 1024**2  # keep this much free after a download
 WEIGHT_SUFFIXES = (".safetensors", ".bin")  # weight files a Transformers or PEFT repo holds
 
@@ -62,13 +65,17 @@ MESSAGES = {  # kind: (what happened, next step), each in Chinese and English; {
                     "不要使用这个镜像：换回 " + HUB_ENDPOINT + " 或可信的镜像。",
                     "{endpoint} lists a file name, {detail}, that would be written outside {target} (absolute, .. or backslash). Nothing was downloaded.",
                     "do not use this mirror: go back to " + HUB_ENDPOINT + " or a mirror you trust."),
+    "long_name": ("{endpoint} 列出的文件名 {detail} 太长：有一段超过 255 字节，本机的文件系统存不下。正常的模型仓库没有这样的文件。什么也没有下载。",
+                  "不要使用这个镜像：换回 " + HUB_ENDPOINT + " 或可信的镜像。",
+                  "{endpoint} lists a file name, {detail}, that is too long: one part is over 255 bytes, more than the file system takes. No model repo has such a file. Nothing was downloaded.",
+                  "do not use this mirror: go back to " + HUB_ENDPOINT + " or a mirror you trust."),
     "disk": ("磁盘空间不够：还需下载 {detail}，{target} 所在磁盘不够（还要留 512 MiB 余量）。没有开始下载。",
              "清理出空间后重新运行；或传 target='/大磁盘/文件夹'，或在启动 Jupyter 前设置 LLAMA_TUTORIAL_HOME。",
              "Not enough disk space: {detail} still to download, not enough free on the disk of {target} (plus 512 MiB to keep free). Nothing was downloaded.",
              "free some space and run again, or pass target='/big/disk/folder', or set LLAMA_TUTORIAL_HOME before starting Jupyter."),
-    "corrupt": ("下载完成，但这些文件和仓库记录的哈希或大小不一致：{detail}。",
+    "corrupt": ("下载到的文件和仓库记录的哈希或大小不一致（服务器少发了字节，或文件在传输中损坏）：{detail}。",
                 "运行 download_model(..., repair=True)：只删除并重新下载这些文件；反复失败就换镜像或检查磁盘。",
-                "The download finished, but these files differ from the repo's hash or size: {detail}.",
+                "The files downloaded differ from the repo's hash or size (the server sent fewer bytes, or they were damaged on the way): {detail}.",
                 "run download_model(..., repair=True): it deletes and fetches again only these files; if it keeps failing, switch mirror or check the disk."),
     "existing": ("{target} 里已经有别的东西（{detail}）。为了不覆盖它，什么也没有下载。",
                  "给 target 换一个新文件夹；确定要覆盖的话传 overwrite=True（只下载有变化的文件）。",
@@ -128,6 +135,10 @@ def translate_error(err: BaseException, **fields) -> DownloadError:
         kind, detail = "server_error", f"HTTP {status}"
     elif isinstance(err, (hf.HfHubHTTPError, json.JSONDecodeError, hf.FileMetadataError)):
         kind = "not_a_hub"
+    elif isinstance(err, OSError) and "Consistency check failed" in str(err):  # a file shorter than listed
+        kind = "corrupt"
+    elif isinstance(err, OSError) and err.errno == errno.ENAMETOOLONG:
+        kind = "long_name"
     elif isinstance(err, (httpx.TransportError, ConnectionError)):
         kind = "unreachable"
     elif isinstance(err, hf.LocalEntryNotFoundError) and (err.__cause__ or err.__context__) is not None:
@@ -192,7 +203,9 @@ def check_names(names, target) -> None:
         parts = PurePosixPath(name).parts
         outside = not (root / name).resolve().is_relative_to(root)
         if not name or name.startswith("/") or "\\" in name or ".." in parts or outside:
-            raise DownloadError("unsafe_name", target=target, detail=repr(name))
+            raise DownloadError("unsafe_name", target=target, detail=quote(repr(name)))
+        if any(len(part.encode()) > NAME_MAX for part in parts):
+            raise DownloadError("long_name", target=target, detail=quote(repr(name)))
 
 
 def write_marker(folder, repo_id: str, commit: str, siblings) -> dict:
@@ -287,7 +300,10 @@ def download_model(repo_id: str, target=None, *, endpoint: str | None = None, to
         if info.gated:
             api.auth_check(repo_id)
         names = [s.rfilename for s in info.siblings]
-        check_names(names, target)
+        # snapshot_download fetches what the tree listing names, which a hostile server can make differ
+        # from model_info's: check both.
+        tree = [entry.path for entry in api.list_repo_tree(repo_id, revision=info.sha, recursive=True)]
+        check_names(dict.fromkeys([*names, *tree]), target)
         allow = allow_patterns or allow_patterns_for(names)
         check_weights_allowed(repo_id, names, allow)
         marker = check_target(target, repo_id, info.sha, overwrite)

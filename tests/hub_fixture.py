@@ -36,6 +36,10 @@ class FaultyHandler(Handler):
                 return self.error(status, "GatedRepo", f"Access to model {repo_id} is restricted.")
             if parts[-1:] == ["auth-check"]:
                 return self.json({"ok": True})
+            if parts[:2] == ["api", "models"] and parts[4:5] == ["tree"] and server.tree_only:
+                files = server.repos.get(repo_id) or {}
+                extra = [{"type": "file", "path": name, "size": 2, "oid": "0" * 40} for name in server.tree_only]
+                return self.json([files[p].entry for p in sorted(files)] + extra)
             super().route(parts)
         finally:
             server.requests.append({"method": self.command, "path": self.path, "file": self.file, "sent": self.sent,
@@ -58,6 +62,8 @@ class FaultyHandler(Handler):
         super().send_file(f, repo_commit)
 
     def send(self, status, body=b"", headers=None, file=None):
+        if file is not None and file.path in self.server.short and self.command == "GET":
+            body = body[:-self.server.short[file.path]]
         if file is not None and file.path in self.server.corrupt:
             middle = len(body) // 2
             body = body[:middle] + bytes([body[middle] ^ 0xFF]) + body[middle + 1:]
@@ -95,6 +101,7 @@ class FaultyHub:
         self.server = local_hub.start(repos, FaultyHandler)
         s = self.server
         s.gated, s.requests, s.lock, s.drops, s.fails, s.corrupt = set(gated), [], threading.Lock(), {}, {}, set()
+        s.short, s.tree_only = {}, []
         self.url, self.repos = s.url, repos
 
     def drop_connection(self, path, after_bytes):
@@ -106,7 +113,17 @@ class FaultyHub:
     def corrupt(self, path):
         self.server.corrupt.add(path)
 
+    def shorten(self, path, missing_bytes):
+        """Serve ``path`` ``missing_bytes`` short, with a Content-Length to match, while the listing keeps
+        its full size: a server that sends fewer bytes than it lists."""
+        self.server.short[path] = missing_bytes
+
+    def list_in_tree_only(self, *names):
+        """Add ``names`` to the tree listing (what snapshot_download fetches) but not to model_info's."""
+        self.server.tree_only.extend(names)
+
     def heal(self):
+        self.server.short.clear(), self.server.tree_only.clear()
         self.server.drops.clear(), self.server.fails.clear(), self.server.corrupt.clear()
         self.server.requests.clear()
 

@@ -118,6 +118,18 @@ def test_a_path_that_is_no_model_folder_is_refused_not_sent_to_the_hub(monkeypat
     assert str(REPO_ROOT) in msg or spec.startswith("~"), "the message names where it looked"
 
 
+@pytest.mark.parametrize("spec", ["outputs/no-such-model", "models/llama2-7b-chat", "my-runs/merged-model"])
+def test_a_path_under_a_course_folder_not_made_yet_is_still_a_path(monkeypatch, tmp_path, spec):
+    """Before lesson 05 has made outputs/ (or LLAMA_TUTORIAL_OUTPUT's folder), "outputs/x" is still a path."""
+    from helpers import config
+
+    monkeypatch.setattr(config, "REPO_ROOT", tmp_path / "fresh-clone")
+    monkeypatch.setenv("LLAMA_TUTORIAL_OUTPUT", str(tmp_path / "elsewhere" / "my-runs"))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(TutorialError, match="looks like a path"):
+        resolve_model(spec, verbose=False)
+
+
 def test_hub_repo_id_is_accepted():
     choice = resolve_model("someone/some-llama", verbose=False)
     assert choice.path == "someone/some-llama" and choice.profile is None

@@ -304,6 +304,38 @@ def test_a_listing_that_escapes_the_target_is_refused(hub, tmp_path, files):
     assert not (tmp_path / "evil.json").exists() and not (tmp_path / "t" / "model").exists()
 
 
+def test_a_name_only_in_the_tree_listing_is_checked_too(hub, tmp_path):
+    """snapshot_download fetches what list_repo_tree names; model_info's siblings may differ."""
+    for name in ["../../evil.json", "sub/../../evil.json"]:
+        hub.heal()
+        hub.list_in_tree_only(name)
+        err = kind_of(hub, tmp_path / "t")
+        assert err.kind == "unsafe_name" and repr(name) in str(err)
+    assert not (tmp_path / "evil.json").exists()
+
+
+def test_an_over_long_file_name_is_refused_by_name(hub, tmp_path, files):
+    name = "a" * 300 + ".json"
+    hub.repos[LOCAL_REPO] = {**files, name: HubFile(name, b"{}")}
+    err = kind_of(hub, tmp_path)
+    assert err.kind == "long_name" and "255" in str(err) and len(str(err)) < 1500, "named, and quoted capped"
+    hub.repos[LOCAL_REPO] = dict(files)
+    hub.heal()
+    hub.list_in_tree_only("b" * 300)
+    assert kind_of(hub, tmp_path).kind == "long_name"
+
+
+def test_a_server_that_sends_fewer_bytes_than_it_lists_is_corrupt_not_unexpected(hub, tmp_path):
+    target = tmp_path / "model"
+    hub.shorten(WEIGHTS, 100)
+    with pytest.raises(DownloadError) as err:
+        fetch(hub, target)
+    assert err.value.kind == "corrupt" and "repair=True" in str(err.value)
+    assert not (target / DOWNLOAD_MARKER).exists()
+    hub.heal()
+    assert fetch(hub, target, repair=True)["fetched"] > 0
+
+
 def test_existing_folders_are_never_overwritten(hub, tmp_path):
     mine = tmp_path / "mine"
     mine.mkdir()
