@@ -24,6 +24,10 @@ OFFLINE_ENV = {
     "PYTHONHASHSEED": "0",
     # The test process and a notebook kernel share 2 cores: idle OpenMP threads must sleep, not spin.
     "OMP_WAIT_POLICY": "PASSIVE",
+    # and one torch thread per process: two workers (and their kernels, and torchrun's ranks) already keep
+    # both cores busy. Two SmolLM2 generation loops side by side took 67 s with one thread each against
+    # 82 s with two each (PASSIVE; 295 s with spinning threads).
+    "OMP_NUM_THREADS": "1",
 }
 
 for key, value in OFFLINE_ENV.items():

@@ -215,3 +215,62 @@ def test_lesson_06_finds_an_adapter_whose_overwrite_was_killed(tmp_path, monkeyp
     with pytest.warns(UserWarning, match="interrupted"):
         assert ft.latest_adapter(choice) == tmp_path / "lora-adapter"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lora-adapter"]
+
+
+_TRAIN_KILLED = """
+import dataclasses, os, signal, sys
+import torch
+import safetensors.torch
+from helpers import finetune as ft
+from helpers.config import resolve_model
+
+kill_at, adapter_dir = int(sys.argv[1]), sys.argv[2]
+writes = [0]
+
+
+def counted(real):
+    def call(*args, **kwargs):
+        result = real(*args, **kwargs)
+        writes[0] += 1
+        if writes[0] == kill_at:  # after the save's n-th file, before the rest: a kill mid-checkpoint
+            os.kill(os.getpid(), signal.SIGKILL)
+        return result
+    return call
+
+
+torch.save, safetensors.torch.save_file = counted(torch.save), counted(safetensors.torch.save_file)
+choice = resolve_model("tiny", verbose=False)
+settings = dataclasses.replace(ft.settings_for(choice), **SMALL)
+ft.train_adapter(choice, adapter_dir, settings=settings, max_steps=4, limit_rows=8, verbose=False)
+print("finished", writes[0])
+"""
+SMALL = dict(per_device_train_batch_size=4, gradient_accumulation_steps=1, per_device_eval_batch_size=8,
+             logging_steps=1, eval_steps=2, save_steps=2, warmup_steps=1)
+
+
+@pytest.mark.parametrize("kill_at", [6, 10])  # checkpoint-4's first file (its adapter) and last (RNG state)
+def test_training_killed_while_saving_a_checkpoint_resumes_from_the_last_complete_one(tmp_path, kill_at):
+    """A real SIGKILL in the middle of the Trainer's second checkpoint save. Each checkpoint writes five files
+    through torch.save / safetensors (adapter, training_args.bin, optimizer, scheduler, RNG state), then
+    trainer_state.json: files 1-5 are checkpoint-2's. The next run sets the cut-off checkpoint-4 aside with a
+    notice, resumes from checkpoint-2 and finishes. (get_last_checkpoint alone picks checkpoint-4.)"""
+    import dataclasses
+
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from helpers import finetune as ft
+    from helpers.config import resolve_model
+
+    adapter_dir = tmp_path / "lora-adapter"
+    code = _TRAIN_KILLED.replace("**SMALL", "**" + repr(SMALL))
+    killed = _child(code, kill_at, adapter_dir, timeout=300)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    ckpt = ft.checkpoint_dir_for(adapter_dir)
+    assert get_last_checkpoint(str(ckpt)).endswith("checkpoint-4"), "the cut-off save is the newest"
+    assert not adapter_dir.exists()
+    choice = resolve_model("tiny", verbose=False)
+    settings = dataclasses.replace(ft.settings_for(choice), **SMALL)
+    with pytest.warns(UserWarning, match="incomplete-checkpoint-4"):
+        trainer = ft.train_adapter(choice, adapter_dir, settings=settings, max_steps=4, limit_rows=8, verbose=False)
+    assert trainer.resumed_from.endswith("checkpoint-2") and trainer.state.global_step == 4
+    assert (adapter_dir / "adapter_model.safetensors").is_file() and (ckpt / "incomplete-checkpoint-4").is_dir()
