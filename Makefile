@@ -18,7 +18,7 @@ PIP_TO_UV = args="--index-strategy unsafe-best-match"; \
 	for i in $$($(PIP) config get global.index-url 2>/dev/null) $$PIP_INDEX_URL; do args="$$args --index-url $$i"; done; \
 	for i in $$($(PIP) config get global.extra-index-url 2>/dev/null) $$PIP_EXTRA_INDEX_URL; do args="$$args --extra-index-url $$i"; done
 
-.PHONY: setup lab test unit notebooks tiny smollm2 vocab run-all bench clean clean-outputs colab-check serve-env serve
+.PHONY: setup lab lint test unit notebooks tiny smollm2 vocab run-all bench clean clean-outputs colab-check serve-env serve
 
 # Everything the lessons need: the course env, the tiny model, the real Llama-2 vocabulary (lesson 03)
 # and lesson 07's serving env.
@@ -77,6 +77,10 @@ TEST_WORKERS ?= 2
 test: setup
 	$(PY) -m pytest tests notebooks --nbval-lax --nbval-current-env -rs --durations=20 \
 	  $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder) $(PYTEST_ARGS)
+
+# The lint gate (ruff, settings in pyproject.toml); .ci/run runs it before the tests.
+lint: setup
+	$(VENV)/bin/ruff check .
 
 unit: setup
 	$(PY) -m pytest tests $(PYTEST_ARGS)

@@ -192,7 +192,7 @@ def lora_step(path: Path, tok, device: str, dtype: torch.dtype, seq_len: int) ->
            "step_s": round(seconds, 3), "tokens_per_s": round(batch * seq_len / seconds, 1)}
     if device == "cuda":
         row["peak_gib"] = round(torch.cuda.max_memory_allocated() / GIB, 2)
-    del model, optim
+    model = optim = None  # drop both (the closure step shares them) before freeing memory
     free_memory()
     return row
 

@@ -288,7 +288,7 @@ def run_benchmark(config: str = "tiny", *, new_tokens: int | None = None, batche
             loads = 2 if config == "tiny" else 1
             for attempt in range(loads):
                 if attempt:
-                    del model
+                    model = None  # the last load's weights go before the next load
                     free_memory()
                 model, seconds = measure_load(path, mode, dtype, device)
                 row["load_s"] = round(min(seconds, row.get("load_s", seconds)), 3)

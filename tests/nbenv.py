@@ -6,7 +6,9 @@ environment of the pytest process, and HF_HUB_OFFLINE / TQDM_DISABLE are read at
 
 from __future__ import annotations
 
+import hashlib
 import os
+import sys
 import tempfile
 
 OFFLINE_ENV = {
@@ -32,6 +34,11 @@ OFFLINE_ENV = {
 
 for key, value in OFFLINE_ENV.items():
     os.environ[key] = value
+# DeepSpeed compiles its CPU communication op (deepspeed_shm_comm) into torch's extension folder the first time
+# lesson 08 runs it, keyed by name only: the course's env and the Colab check's env rebuilt each other's copy
+# (about a minute each, seen here). One folder per Python environment keeps both.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(
+    os.path.expanduser("~"), ".cache", "torch_extensions", hashlib.sha1(sys.prefix.encode()).hexdigest()[:12]))
 # What the lessons make (adapters, answers, reports) goes to a fresh folder per test session,
 # so tests never touch a learner's outputs/ and lesson 06 can reuse lesson 05's adapter.
 os.environ.setdefault("LLAMA_TUTORIAL_OUTPUT", tempfile.mkdtemp(prefix="llama-tutorial-test-"))

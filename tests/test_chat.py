@@ -16,7 +16,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from helpers import chat as chat_mod
 from helpers.chat import ChatWidget, GenerationParams, history_to_messages, local_backend, stream_reply
 from helpers.config import REPO_ROOT, TutorialError, resolve_model
 from helpers.loading import load_model_and_tokenizer

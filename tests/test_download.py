@@ -11,8 +11,6 @@ import json
 import os
 import subprocess
 import sys
-import types
-from pathlib import Path
 
 import pytest
 from huggingface_hub import constants

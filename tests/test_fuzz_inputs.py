@@ -8,7 +8,6 @@ and quotes at most a capped piece of the file; no other exception, and no garbag
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings

@@ -87,7 +87,7 @@ def test_lesson_01_download_filter_equals_the_helpers():
 
     assert lesson_definitions("01_download_weights.ipynb", "c58-24")["ALLOW"] == download.ALLOW_PATTERNS
     cells = nbformat.read(REPO_ROOT / "notebooks" / "01_download_weights.ipynb", as_version=4).cells
-    line = next(l for c in cells for l in c.source.splitlines() if l.startswith("hf download") and "--include" in l)
+    line = next(text for c in cells for text in c.source.splitlines() if text.startswith("hf download") and "--include" in text)
     included = line.split("--include", 1)[1].split("--local-dir")[0].split()
     assert [p.strip('"') for p in included] == download.ALLOW_PATTERNS
 
