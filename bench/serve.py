@@ -13,7 +13,7 @@ modes do the same work.
 Modes: the server at each ``--concurrency`` (threads of the official openai client), lesson 06's
 batched ``generate`` (batch 8) and the one-at-a-time loop, both in this process. Each mode runs
 ``--repeats`` times, alternating; the median wall time counts. The server and this process share
-the machine's cores. Target (issue 15): at concurrency 32, at least 1.5x the batched generate.
+the machine's cores. Target: at concurrency 32, at least 1.5x the batched generate.
 """
 
 from __future__ import annotations

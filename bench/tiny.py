@@ -2,7 +2,7 @@
 
     python -m bench.tiny [--json build/bench_tiny.json]
 
-Targets (issue: foundation): build under 90 s including pretraining, load under 3 s.
+Targets: build under 90 s including pretraining, load under 3 s.
 The build runs in a fresh temporary LLAMA_TUTORIAL_HOME so nothing cached is reused.
 """
 

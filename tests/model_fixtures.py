@@ -1,7 +1,7 @@
 """Small random-weight Llama model folders, for running lessons on "some other model".
 
-A lesson must reach its end with any Llama-2-style model, not only the tiny one it was tuned on
-(issue 13 item 6). :func:`random_llama_folder` writes a folder that ``resolve_model`` and
+A lesson must reach its end with any Llama-2-style model, not only the tiny one it was tuned on.
+:func:`random_llama_folder` writes a folder that ``resolve_model`` and
 ``from_pretrained`` accept like a downloaded model: a ``LlamaForCausalLM`` of tiny size with random
 weights (so its answers are noise: no outcome of the tiny model holds), the tiny model's tokenizer,
 and, with ``chat_template=False``, no chat template at all (as FlagAlpha's Llama2-Chinese models

@@ -126,7 +126,7 @@ def test_corrupted_file_is_caught_and_repaired(hub, tmp_path):
 
 
 
-# ---------------------------------------------------------------------------- repos with .bin weights only (issue 27 item 12)
+# ---------------------------------------------------------------------------- repos with .bin weights only
 
 
 @pytest.mark.parametrize("names, weights", [

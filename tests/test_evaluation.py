@@ -519,7 +519,7 @@ def test_base_and_lora_runs_share_one_dtype(tiny, monkeypatch, tmp_path):
 
 
 def test_lesson_06_reaches_the_end_with_a_random_weight_model(tmp_path, monkeypatch):
-    """Issue 13.6: no model-dependent assert stops the lesson; it prints the article's prompt as the one sent.
+    """No model-dependent assert stops the lesson; it prints the article's prompt as the one sent.
     The random model's tokenizer has no chat template, like FlagAlpha's models."""
     import nbformat
     from nbclient import NotebookClient

@@ -276,7 +276,7 @@ def test_interrupted_training_resumes_from_its_last_checkpoint(small_run):
 
 
 def test_resume_refuses_checkpoints_of_another_run(small_run, choice, tok, tmp_path):
-    """Checkpoints of another base model, other settings or other data are never resumed (issue 17.3)."""
+    """Checkpoints of another base model, other settings or other data are never resumed."""
     _, run, _, settings = small_run
     ckpt = ft.checkpoint_dir_for(run.adapter_dir)
     rows = td.validate_sft_file(DATA_DIR / "train_sft.csv", tok, fmt=choice.chat_format, max_length=settings.max_length)
@@ -298,7 +298,7 @@ def test_resume_refuses_checkpoints_of_another_run(small_run, choice, tok, tmp_p
 
 @pytest.mark.parametrize("cut", ["no_state", "truncated_state", "truncated_weights", "empty"])
 def test_resume_skips_a_checkpoint_a_kill_or_a_full_disk_cut_off(small_run, choice, tok, tmp_path, cut, recwarn):
-    """Issue 26.2: a checkpoint whose save was cut off (the Trainer writes trainer_state.json last) is set aside
+    """A checkpoint whose save was cut off (the Trainer writes trainer_state.json last) is set aside
     with a notice, not deleted, and the newest complete one is resumed. get_last_checkpoint alone picks the
     cut-off one, and resuming from it raised SafetensorError / FileNotFoundError."""
     import shutil
@@ -349,7 +349,7 @@ def test_training_resumes_after_a_cut_off_save(small_run, choice, tmp_path):
 
 
 def test_reload_check_compares_like_with_like(small_run, choice, tok):
-    """Issue 14.4: a reloaded adapter in another dtype fails a fixed atol although it is right; the
+    """A reloaded adapter in another dtype fails a fixed atol although it is right; the
     dtype-aware check accepts it and still rejects a different adapter."""
     _, run, _, _ = small_run
     probe = td.validate_sft_file(DATA_DIR / "dev_sft.csv", tok).input_ids[:4]
@@ -393,7 +393,7 @@ def test_merge_and_no_overwrite(small_run, choice, tok, tmp_path):
 
 
 def test_two_writers_never_overwrite_each_other(tmp_path):
-    """Issue 17.5: two savers of one folder at once: exactly one wins, the other is refused."""
+    """Two savers of one folder at once: exactly one wins, the other is refused."""
     import threading
 
     class Slow:
@@ -441,7 +441,7 @@ def test_a_second_training_process_gets_its_own_folder(tmp_path, monkeypatch):
 
 
 def test_ensure_adapter_finds_the_newest_adapter_of_this_model(small_run, choice, tmp_path, monkeypatch):
-    """Issue 12.6: lesson 05 reruns write lora-adapter-2; lesson 06's ensure_adapter returns it."""
+    """Lesson 05 reruns write lora-adapter-2; lesson 06's ensure_adapter returns it."""
     _, run, _, _ = small_run
     monkeypatch.setenv("LLAMA_TUTORIAL_OUTPUT", str(tmp_path))
     model, _ = ft.load_with_adapter(choice, run.adapter_dir)

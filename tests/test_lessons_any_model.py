@@ -1,4 +1,4 @@
-"""Lessons reach their end with any Llama model, not only the tiny one (issue 13 item 6, issue 14 item 6).
+"""Lessons reach their end with any Llama model, not only the tiny one.
 
 Each lesson runs top to bottom in a fresh kernel with LLAMA_TUTORIAL_MODEL pointing at a random-weight
 Llama folder from tests/model_fixtures.py: its answers are noise and its shape differs from the tiny

@@ -519,7 +519,7 @@ def test_bench_large_config_needs_a_gpu(capsys):
     assert "CUDA" in capsys.readouterr().err
 
 
-# --------------------------------------------------------------------------- one T4 figure (issue 27 item 2)
+# --------------------------------------------------------------------------- one T4 figure
 
 
 def test_lessons_01_and_02_judge_a_t4_with_the_one_constant():

@@ -51,7 +51,7 @@ def test_first_cell_title_goal_time_and_badge(nb):
     src = first.source
     assert src.startswith("# "), "the first cell starts with the lesson title"
     assert "T4" in src and "CPU" in src, "the first cell gives the time on a Colab T4 and on a CPU"
-    # Lesson 00's course directory reads this one line from every lesson (issue 27 item 13): one source for the times.
+    # Lesson 00's course directory reads this one line from every lesson: one source for the times.
     assert len(re.findall(r"^\*\*预计用时\*\*：.+$", src, re.M)) == 1, "exactly one line starting **预计用时**："
     assert "目标" in src or "你将学到" in src
     links = re.findall(r"\((https://colab\.research\.google\.com/github/[^)]+)\)", src)

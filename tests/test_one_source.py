@@ -1,4 +1,4 @@
-"""One source per recipe (issue 22 item 2): where a lesson writes a recipe out and a helper or script reuses
+"""One source per recipe: where a lesson writes a recipe out and a helper or script reuses
 it, the two are built side by side and must be equal. These run under the course's versions (make test) and
 under Colab's (make colab-check runs the unit tests in its environment); each fails when one copy changes alone.
 

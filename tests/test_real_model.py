@@ -1,5 +1,5 @@
 """The real-model tier: lessons 05 and 06 run top to bottom on SmolLM2-135M-Instruct, the CPU learner's model,
-and the outcome measured with bench/experiment.py holds (issue 21).
+and the outcome measured with bench/experiment.py holds.
 
 Lesson 05 trains the adapter (settings cpu_smollm2) and lesson 06 finds it, as a learner's two lessons do;
 both write into one fresh output folder. Measured on 2 cores with lesson 06's settings (own template,
