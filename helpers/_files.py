@@ -101,6 +101,17 @@ def recover(target: str | Path) -> Path | None:
     return target if restored else None
 
 
+def refuse_existing(target: str | Path, what: tuple[str, str]) -> None:
+    """Raise :class:`OutputExistsError` when ``target`` holds something (an empty folder counts as free)."""
+    target = Path(target)
+    if target.exists() and (target.is_file() or any(target.iterdir())):
+        raise OutputExistsError(bilingual(
+            f"{what[0]}目录 {target} 已经存在，为了不覆盖你已有的结果，这里停下了。确实要覆盖请传 overwrite=True"
+            "（笔记本里把 OVERWRITE 设为 True），或者换一个目录名。",
+            f"The {what[1]} folder {target} already exists; stopping so it is not overwritten. Pass "
+            "overwrite=True (OVERWRITE = True in the notebook) or choose another folder."))
+
+
 def save_folder(target: str | Path, objects: list, *, overwrite: bool, what: tuple[str, str],
                 info: dict | None = None, info_name: str = "training_info.json") -> Path:
     """``save_pretrained`` each object into a temporary folder and rename it into place, under the one lock
@@ -110,12 +121,8 @@ def save_folder(target: str | Path, objects: list, *, overwrite: bool, what: tup
     target.parent.mkdir(parents=True, exist_ok=True)
     with acquire(target):
         recover(target)
-        if target.exists() and not overwrite and (target.is_file() or any(target.iterdir())):
-            raise OutputExistsError(bilingual(
-                f"{what[0]}目录 {target} 已经存在，为了不覆盖你已有的结果，这里停下了。确实要覆盖请传 overwrite=True"
-                "（笔记本里把 OVERWRITE 设为 True），或者换一个目录名。",
-                f"The {what[1]} folder {target} already exists; stopping so it is not overwritten. Pass "
-                "overwrite=True (OVERWRITE = True in the notebook) or choose another folder."))
+        if not overwrite:
+            refuse_existing(target, what)
         tmp = target.with_name(f".{target.name}.partial-{os.getpid()}")
         try:
             with reporting_full_disk(target.parent, what):

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from helpers._compat import allow_indexed_cpu_locations
-from helpers._files import OutputExistsError, recover, reporting_full_disk, save_folder  # noqa: F401 (lessons import OutputExistsError from here)
+from helpers._files import OutputExistsError, recover, refuse_existing, reporting_full_disk, save_folder  # noqa: F401 (lessons import OutputExistsError from here)
 from helpers._locks import acquire
 from helpers.config import DATA_DIR, TutorialError, bilingual, output_dir
 from helpers.prompts import IGNORE_INDEX
@@ -415,8 +415,8 @@ def train_adapter(choice, adapter_dir: str | Path | None = None, *, settings: Tr
 
     s = settings or settings_for(choice)
     adapter_dir = Path(adapter_dir) if adapter_dir else new_adapter_dir(overwrite)
-    if save and adapter_dir.exists() and not overwrite and any(adapter_dir.iterdir()):
-        save_adapter(None, adapter_dir)  # raises OutputExistsError before any work
+    if save and not overwrite:
+        refuse_existing(adapter_dir, ("适配器", "adapter"))  # before any work
     if s.torch_threads:
         torch.set_num_threads(s.torch_threads)
     start = time.perf_counter()

@@ -753,3 +753,17 @@ def test_write_locks_exclude_each_other_while_their_files_come_and_go(tmp_path, 
         t.join(timeout=60)
     assert len(done) == 4 and overlaps == [], "never two holders at once"
     assert list((tmp_path / "home" / "locks").iterdir()) == []
+
+
+def test_train_adapter_refuses_a_folder_that_holds_an_adapter_before_any_work(choice, tmp_path, monkeypatch):
+    target = tmp_path / "lora-adapter"
+    target.mkdir()
+    (target / "adapter_model.safetensors").write_text("the learner's adapter")
+    monkeypatch.setattr(ft, "load_base", lambda *a, **k: pytest.fail("no model may be loaded first"))
+    with pytest.raises(ft.OutputExistsError, match="overwrite=True"):
+        ft.train_adapter(choice, target, verbose=False)
+    assert (target / "adapter_model.safetensors").read_text() == "the learner's adapter"
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(pytest.fail.Exception) as err:  # an empty folder is free: it gets as far as loading the model
+        ft.train_adapter(choice, tmp_path / "empty", verbose=False)
+    assert "no model may be loaded first" in str(err.value)
