@@ -101,6 +101,14 @@ def recover(target: str | Path) -> Path | None:
     return target if restored else None
 
 
+def recover_all(folder: str | Path, prefix: str) -> None:
+    """:func:`recover` every ``folder/<prefix>*`` that a killed overwrite left set aside, each under its lock."""
+    for aside in Path(folder).glob(f".{prefix}*.old-*"):
+        target = aside.with_name(aside.name[1:].rsplit(".old-", 1)[0])
+        with acquire(target):
+            recover(target)
+
+
 def refuse_existing(target: str | Path, what: tuple[str, str]) -> None:
     """Raise :class:`OutputExistsError` when ``target`` holds something (an empty folder counts as free)."""
     target = Path(target)
@@ -113,7 +121,7 @@ def refuse_existing(target: str | Path, what: tuple[str, str]) -> None:
 
 
 def save_folder(target: str | Path, objects: list, *, overwrite: bool, what: tuple[str, str],
-                info: dict | None = None, info_name: str = "training_info.json") -> Path:
+                info: tuple[str, dict] | None = None) -> Path:
     """``save_pretrained`` each object into a temporary folder and rename it into place, under the one lock
     every writer of ``target`` takes; refuses an existing folder unless ``overwrite`` (then the old folder is
     set aside until the new one is in place). ``target`` appears complete or not at all."""
@@ -128,8 +136,8 @@ def save_folder(target: str | Path, objects: list, *, overwrite: bool, what: tup
             with reporting_full_disk(target.parent, what):
                 for obj in objects:
                     obj.save_pretrained(tmp)
-                if info is not None:
-                    (tmp / info_name).write_text(json.dumps(info, indent=1, ensure_ascii=False, default=str), "utf-8")
+                if info is not None:  # (file name, record): e.g. the adapter's training_info.json
+                    (tmp / info[0]).write_text(json.dumps(info[1], indent=1, ensure_ascii=False, default=str), "utf-8")
             if target.exists() or target.is_symlink():
                 old = target.with_name(f".{target.name}.old-{os.getpid()}")
                 os.replace(target, old)  # the old folder stays whole until the new one is in place
@@ -140,3 +148,41 @@ def save_folder(target: str | Path, objects: list, *, overwrite: bool, what: tup
         finally:
             _remove(tmp)
     return target
+
+
+# --------------------------------------------------------------------------- checkpoints a kill or a full disk cut off
+
+
+def complete_checkpoint(folder: Path) -> bool:
+    """A ``checkpoint-N`` the Trainer finished writing: it writes ``trainer_state.json`` last (after the
+    adapter, optimizer, scheduler and RNG state), so a readable one with step N marks a complete save."""
+    try:
+        state = json.loads((folder / "trainer_state.json").read_text("utf-8"))
+        return int(state.get("global_step", -1)) == int(folder.name.rsplit("-", 1)[1])
+    except (OSError, ValueError, AttributeError, IndexError):
+        return False
+
+
+def set_incomplete_checkpoints_aside(ckpt_dir: str | Path) -> list[Path]:
+    """Rename checkpoints a kill or a full disk cut off (``checkpoint-N`` without a complete trainer state)
+    to ``incomplete-checkpoint-N[-k]`` with a notice, so the Trainer resumes from the newest complete one;
+    nothing is deleted. Returns the new names."""
+    import re
+    import warnings
+
+    moved = []
+    for folder in sorted(Path(ckpt_dir).glob("checkpoint-*")):
+        if not (folder.is_dir() and re.fullmatch(r"checkpoint-\d+", folder.name)) or complete_checkpoint(folder):
+            continue
+        target, k = folder.with_name(f"incomplete-{folder.name}"), 1
+        while target.exists():
+            target, k = folder.with_name(f"incomplete-{folder.name}-{k}"), k + 1
+        folder.rename(target)
+        moved.append(target)
+        warnings.warn(bilingual(
+            f"{folder.name} 没有写完（训练在保存时被中断，或磁盘满了），已改名为 {target.name} 放在一边；"
+            "从最新的完整检查点继续。确认不需要它以后可以删除。",
+            f"{folder.name} was not written completely (the save was interrupted or the disk was full); it is set "
+            f"aside as {target.name} and training resumes from the newest complete checkpoint. Delete it once "
+            "you are sure you do not need it."), stacklevel=3)
+    return moved

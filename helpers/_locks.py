@@ -102,3 +102,22 @@ def acquire(target: str | Path, *, kind: str = "write", wait: bool = True) -> Fi
         if _same_file(path, fd):
             return FileLock(path, fd)
         os.close(fd)  # the holder removed this file as it released it: take the lock on the new one
+
+
+_CLAIMS: dict[str, object] = {}  # checkpoint folders this process trains into (lock held while it lives)
+
+
+def lock(target: Path, *, kind: str = "write"):
+    """A "write" lock on ``target`` waits; a "run" lock is taken at once or not at all (None)."""
+    return acquire(target, kind=kind, wait=kind != "run")
+
+
+def claim(ckpt_dir: Path) -> bool:
+    """Reserve ``ckpt_dir`` for this process's training; False if another live process holds it."""
+    key = str(ckpt_dir.resolve())
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 or key in _CLAIMS:  # torchrun: the ranks share one run
+        return True
+    fh = lock(ckpt_dir, kind="run")
+    if fh is not None:
+        _CLAIMS[key] = fh
+    return fh is not None

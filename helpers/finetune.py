@@ -15,9 +15,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from helpers._compat import allow_indexed_cpu_locations
-from helpers._files import OutputExistsError, recover, refuse_existing, reporting_full_disk, save_folder  # noqa: F401 (lessons import OutputExistsError from here)
-from helpers._locks import acquire
+from helpers._files import OutputExistsError  # noqa: F401 (lesson 05 imports it from here, with save_adapter)
+from helpers._files import recover_all, refuse_existing, reporting_full_disk, save_folder, set_incomplete_checkpoints_aside
+from helpers._locks import claim
 from helpers.config import DATA_DIR, TutorialError, bilingual, output_dir
+from helpers.multigpu import adapter_state_dict, sharded_training
 from helpers.prompts import IGNORE_INDEX
 from helpers.training_data import SFTRows, validate_sft_file
 
@@ -112,25 +114,6 @@ def settings_for(choice=None, *, device: str | None = None) -> TrainSettings:
 # --------------------------------------------------------------------------- where outputs go, and never overwriting
 
 
-_CLAIMS: dict[str, object] = {}  # checkpoint folders this process trains into (lock held while it lives)
-
-
-def _lock(target: Path, *, kind: str = "write"):
-    """A "write" lock on ``target`` waits; a "run" lock is taken at once or not at all (None). helpers/_locks.py."""
-    return acquire(target, kind=kind, wait=kind != "run")
-
-
-def _claim(ckpt_dir: Path) -> bool:
-    """Reserve ``ckpt_dir`` for this process's training; False if another live process holds it."""
-    key = str(ckpt_dir.resolve())
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 or key in _CLAIMS:  # torchrun: the ranks share one run
-        return True
-    fh = _lock(ckpt_dir, kind="run")
-    if fh is not None:
-        _CLAIMS[key] = fh
-    return fh is not None
-
-
 def checkpoint_dir_for(adapter_dir: str | Path) -> Path:
     """The Trainer's checkpoint folder next to ``adapter_dir`` (``...-checkpoints``)."""
     adapter_dir = Path(adapter_dir)
@@ -143,7 +126,7 @@ def new_adapter_dir(overwrite: bool = False, *, name: str = ADAPTER_DIR_NAME) ->
     Introduced in notebooks/05_lora_finetune.ipynb."""
     for n in range(1, 10_000):
         path = output_dir() / (name if n == 1 else f"{name}-{n}")
-        if (overwrite and n == 1 or not path.exists()) and _claim(checkpoint_dir_for(path)):
+        if (overwrite and n == 1 or not path.exists()) and claim(checkpoint_dir_for(path)):
             return path
     raise TutorialError(bilingual(f"{name} 的编号已用完。", f"No free name next to {name}."))
 
@@ -159,7 +142,7 @@ def save_adapter(model, path: str | Path, *, overwrite: bool = False, info: dict
 
         peft_model = model
         model = SimpleNamespace(save_pretrained=lambda to: peft_model.save_pretrained(to, state_dict=state_dict))
-    return save_folder(path, [model], overwrite=overwrite, what=("适配器", "adapter"), info=info, info_name=INFO_FILE)
+    return save_folder(path, [model], overwrite=overwrite, what=("适配器", "adapter"), info=None if info is None else (INFO_FILE, info))
 
 
 def save_merged(model, tokenizer, path: str | Path, *, overwrite: bool = False) -> Path:
@@ -181,10 +164,7 @@ def latest_adapter(choice) -> Path | None:
     def made_for_choice(info: dict) -> bool:
         return info.get("base_model") == choice.path or (not choice.is_tiny and info.get("model_name") == choice.name)
 
-    for aside in output_dir().glob(f".{ADAPTER_DIR_NAME}*.old-*"):  # an overwrite a kill cut off: put it back
-        target = aside.with_name(aside.name[1:].rsplit(".old-", 1)[0])
-        with _lock(target):
-            recover(target)
+    recover_all(output_dir(), ADAPTER_DIR_NAME)  # an overwrite a kill cut off: the old adapter goes back first
     found = [p for p in output_dir().glob(f"{ADAPTER_DIR_NAME}*") if (p / INFO_FILE).is_file()
              and (p / "adapter_config.json").is_file() and made_for_choice(read_training_info(p))]
     return max(found, key=lambda p: (p / INFO_FILE).stat().st_mtime_ns, default=None)
@@ -197,41 +177,6 @@ def run_fingerprint(choice, settings: TrainSettings, rows: SFTRows) -> dict:
     """What makes a run the same run: base model, settings and a hash of the tokenized data."""
     data = hashlib.sha256(json.dumps([rows.input_ids, rows.labels]).encode()).hexdigest()[:16]
     return {"base_model": choice.path, "settings": asdict(settings), "data_sha256": data}
-
-
-def complete_checkpoint(folder: Path) -> bool:
-    """A ``checkpoint-N`` the Trainer finished writing: it writes ``trainer_state.json`` last (after the
-    adapter, optimizer, scheduler and RNG state), so a readable one with step N marks a complete save."""
-    try:
-        state = json.loads((folder / "trainer_state.json").read_text("utf-8"))
-        return int(state.get("global_step", -1)) == int(folder.name.rsplit("-", 1)[1])
-    except (OSError, ValueError, AttributeError, IndexError):
-        return False
-
-
-def set_incomplete_checkpoints_aside(ckpt_dir: str | Path) -> list[Path]:
-    """Rename checkpoints a kill or a full disk cut off (``checkpoint-N`` without a complete trainer state)
-    to ``incomplete-checkpoint-N[-k]`` with a notice, so the Trainer resumes from the newest complete one;
-    nothing is deleted. Returns the new names."""
-    import re
-    import warnings
-
-    moved = []
-    for folder in sorted(Path(ckpt_dir).glob("checkpoint-*")):
-        if not (folder.is_dir() and re.fullmatch(r"checkpoint-\d+", folder.name)) or complete_checkpoint(folder):
-            continue
-        target, k = folder.with_name(f"incomplete-{folder.name}"), 1
-        while target.exists():
-            target, k = folder.with_name(f"incomplete-{folder.name}-{k}"), k + 1
-        folder.rename(target)
-        moved.append(target)
-        warnings.warn(bilingual(
-            f"{folder.name} 没有写完（训练在保存时被中断，或磁盘满了），已改名为 {target.name} 放在一边；"
-            "从最新的完整检查点继续。确认不需要它以后可以删除。",
-            f"{folder.name} was not written completely (the save was interrupted or the disk was full); it is set "
-            f"aside as {target.name} and training resumes from the newest complete checkpoint. Delete it once "
-            "you are sure you do not need it."), stacklevel=3)
-    return moved
 
 
 def resume_point(ckpt_dir: str | Path, fingerprint: dict) -> str | None:
@@ -315,15 +260,6 @@ def training_arguments(settings: TrainSettings, checkpoint_dir: str | Path, *, m
     return (args_class or TrainingArguments)(**(kwargs | overrides))
 
 
-def sharded_training() -> bool:
-    """Whether this process trains under FSDP or DeepSpeed ZeRO-3 (``accelerate launch`` with fsdp.yaml or a
-    ZeRO-3 config; ZeRO-3 is known once the ``TrainingArguments`` exist): each rank then holds only a shard of
-    the weights. Introduced in notebooks/08_multi_gpu_lora.ipynb."""
-    from transformers.integrations import is_deepspeed_zero3_enabled
-
-    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true") or is_deepspeed_zero3_enabled()
-
-
 def load_base(choice, settings: TrainSettings, *, for_training: bool = True):
     """The base as lesson 05 loads it: QLoRA (``BitsAndBytesConfig`` + ``prepare_model_for_kbit_training``)
     on a GPU, fp32 otherwise. Under FSDP / ZeRO-3 (lesson 08) the 4-bit weights are stored in a float dtype
@@ -369,28 +305,6 @@ def load_base(choice, settings: TrainSettings, *, for_training: bool = True):
     return model
 
 
-def adapter_state_dict(trainer):
-    """The trained LoRA weights gathered from their shards, or None when every rank holds them whole (one
-    process, DDP, ZeRO-1/2: save the model as it is). Every rank must call it (the gathering is collective);
-    ranks other than 0 get None. FSDP: a full state dict, switched to ``FULL_STATE_DICT`` first as peft's FSDP
-    guide does before ``trainer.save_model()`` (with ``SHARDED_STATE_DICT`` the Trainer saves no model at all);
-    ZeRO-3: the trained parameters gathered with ``deepspeed.zero.GatheredParameters``, without which rank 0
-    saves empty LoRA tensors (DeepSpeed #4295). Introduced in notebooks/08_multi_gpu_lora.ipynb."""
-    rank0 = trainer.is_world_process_zero()
-    if trainer.is_fsdp_enabled:
-        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
-        state = trainer.accelerator.get_state_dict(trainer.model)  # the call Trainer.save_model makes
-        return state if rank0 else None
-    if trainer.is_deepspeed_enabled and trainer.accelerator.state.deepspeed_plugin.zero_stage == 3:
-        import deepspeed
-
-        trained = [(name, p) for name, p in trainer.model.named_parameters() if p.requires_grad]
-        with deepspeed.zero.GatheredParameters([p for _, p in trained], modifier_rank=None):
-            # copied inside: leaving the block partitions the parameters again
-            return {name: p.detach().cpu().clone() for name, p in trained} if rank0 else None
-    return None
-
-
 def prepare_tokenizer(tokenizer):
     """Pad with ``<unk>``, never with EOS (transformers #23530), on the right for training."""
     tokenizer.pad_token = tokenizer.unk_token
@@ -427,7 +341,7 @@ def train_adapter(choice, adapter_dir: str | Path | None = None, *, settings: Tr
     if limit_rows:
         train_ds, dev_ds = (d.select(range(min(limit_rows, len(d)))) for d in (train_ds, dev_ds))
     ckpt_dir = checkpoint_dir_for(adapter_dir)
-    _claim(ckpt_dir)
+    claim(ckpt_dir)
     resumed_from = resume_point(ckpt_dir, run_fingerprint(choice, s, train_rows) | {"limit_rows": limit_rows})
     set_seed(s.seed)
     overrides = {"eval_on_start": resumed_from is None} | (args_overrides or {})  # a resumed run was evaluated

@@ -12,7 +12,7 @@ MULTI_CPU state and trains with DDP): this script shows the sharding itself.
 With ``--lora DIR`` the model carries lesson 05's LoRA (its settings' rank, alpha and targets), takes one
 AdamW step, and the adapter is saved to DIR from a full state dict gathered on every rank with
 ``get_model_state_dict(..., StateDictOptions(full_state_dict=True, cpu_offload=True))``, the call accelerate's
-``get_state_dict`` makes for FSDP2 (helpers.finetune.adapter_state_dict); rank 0 alone holds only its shard.
+``get_state_dict`` makes for FSDP2 (helpers.multigpu.adapter_state_dict); rank 0 alone holds only its shard.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ training rows it really received (seen by a forward hook), its tokens, wall time
 Without ``--output`` the adapter goes to ``outputs/lora-adapter`` (``-2``, ``-3`` ... if taken), where
 lesson 06 finds it. Under torchrun/accelerate the ``Trainer`` runs DDP (or FSDP / DeepSpeed, as the accelerate
 config says) and only rank 0 writes; under FSDP and ZeRO-3 every rank first helps gather the adapter from its
-shards (helpers.finetune.adapter_state_dict).
+shards (helpers.multigpu.adapter_state_dict).
 Introduced with notebooks/05_lora_finetune.ipynb.
 """
 

@@ -270,7 +270,7 @@ ZERO3_CONFIG = {
 def test_zero3_saves_the_whole_adapter(runs, tmp_path):
     """ZeRO-3 on two CPU processes (DeepSpeed without offload needs no CPU Adam build): the adapter must hold every
     LoRA tensor whole and equal the one-process run's (same global batch). Saved from rank 0 alone it held 56
-    empty tensors in 6 KB (DeepSpeed #4295) before the ranks gathered it (helpers.finetune.adapter_state_dict)."""
+    empty tensors in 6 KB (DeepSpeed #4295) before the ranks gathered it (helpers.multigpu.adapter_state_dict)."""
     from helpers.config import resolve_model
     from helpers.finetune import load_with_adapter
 
@@ -359,7 +359,7 @@ def test_fsdp_save_switches_to_a_full_state_dict_first():
     writes no model); every rank gathers, only rank 0 keeps it."""
     from types import SimpleNamespace
 
-    from helpers.finetune import adapter_state_dict
+    from helpers.multigpu import adapter_state_dict
 
     for rank0 in (True, False):
         calls = []

@@ -45,7 +45,8 @@ class NewAdapter:
 
 
 os.replace, os.rename, shutil.rmtree, os.unlink = (counted(f) for f in (os.replace, os.rename, shutil.rmtree, os.unlink))
-_files.save_folder(target, [NewAdapter()], overwrite=True, what=("适配器", "adapter"), info={"run": "new"})
+_files.save_folder(target, [NewAdapter()], overwrite=True, what=("适配器", "adapter"),
+                   info=("training_info.json", {"run": "new"}))
 print("finished", calls[0])
 """
 

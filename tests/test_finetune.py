@@ -20,6 +20,7 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForLa
                           TrainerCallback)
 
 from helpers._compat import allow_indexed_cpu_locations
+from helpers import _locks
 from helpers import finetune as ft
 from helpers import training_data as td
 from helpers.config import DATA_DIR, REPO_ROOT as REPO, TutorialError, resolve_model
@@ -436,7 +437,7 @@ def test_a_second_training_process_gets_its_own_folder(tmp_path, monkeypatch):
         assert ft.new_adapter_dir() == tmp_path / "lora-adapter-2"
     finally:
         other.communicate("")
-    ft._CLAIMS.pop(str((tmp_path / "lora-adapter-2-checkpoints").resolve())).close()
+    _locks._CLAIMS.pop(str((tmp_path / "lora-adapter-2-checkpoints").resolve())).close()
     assert ft.new_adapter_dir() == tmp_path / "lora-adapter", "a finished writer frees its name"
 
 
@@ -670,13 +671,13 @@ def test_end_distributed_process_flushes_and_exits_with_the_code():
 def test_a_lock_lives_under_the_course_home_and_leaves_no_file(tmp_path, monkeypatch):
     monkeypatch.setenv("LLAMA_TUTORIAL_HOME", str(tmp_path / "home"))
     target = tmp_path / "lora-adapter"
-    with ft._lock(target) as held:
+    with _locks.lock(target) as held:
         assert held.path.parent == tmp_path / "home" / "locks"
         assert held.path.parent.stat().st_mode & 0o777 == 0o700 and held.path.stat().st_mode & 0o777 == 0o600
     assert list((tmp_path / "home" / "locks").iterdir()) == [], "released: the lock file is gone"
-    run = ft._lock(target, kind="run")
-    code = (f"from helpers import finetune as ft; from pathlib import Path; "
-            f"print(ft._lock(Path({str(target)!r}), kind='run') is None)")
+    run = _locks.lock(target, kind="run")
+    code = (f"from helpers import _locks; from pathlib import Path; "
+            f"print(_locks.lock(Path({str(target)!r}), kind='run') is None)")
     env = {**os.environ, "LLAMA_TUTORIAL_HOME": str(tmp_path / "home")}
     other = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert other.stdout.strip() == "True", "another process cannot take a held run lock"
@@ -684,20 +685,20 @@ def test_a_lock_lives_under_the_course_home_and_leaves_no_file(tmp_path, monkeyp
     other = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert other.stdout.strip() == "False", "released: the other process takes it"
     assert len(list((tmp_path / "home" / "locks").iterdir())) == 1, "it exited holding the run lock"
-    with ft._lock(tmp_path / "another-adapter"):
+    with _locks.lock(tmp_path / "another-adapter"):
         pass
     assert list((tmp_path / "home" / "locks").iterdir()) == [], "a dead process's lock file goes at the next lock"
 
 
 def test_a_symlink_planted_at_a_lock_name_is_refused_and_its_target_kept(tmp_path, monkeypatch):
     monkeypatch.setenv("LLAMA_TUTORIAL_HOME", str(tmp_path / "home"))
-    with ft._lock(tmp_path / "x") as held:
+    with _locks.lock(tmp_path / "x") as held:
         name = held.path
     victim = tmp_path / "victim.txt"
     victim.write_text("the learner's notes", encoding="utf-8")
     name.symlink_to(victim)
     with pytest.raises(TutorialError, match="symbolic link"):
-        ft._lock(tmp_path / "x")
+        _locks.lock(tmp_path / "x")
     assert victim.read_text(encoding="utf-8") == "the learner's notes"
 
 
@@ -738,7 +739,7 @@ def test_write_locks_exclude_each_other_while_their_files_come_and_go(tmp_path, 
 
     def writer():
         for _ in range(20):
-            with ft._lock(tmp_path / "adapter"):
+            with _locks.lock(tmp_path / "adapter"):
                 inside.append(1)
                 if len(inside) > 1:
                     overlaps.append(len(inside))
