@@ -22,7 +22,7 @@ from pathlib import Path
 from helpers._locks import acquire
 from helpers.config import TutorialError, bilingual
 
-# ENOSPC: no space left; EFBIG: over a file-size limit (ulimit -f, a FAT32 stick's 4 GiB); EDQUOT: over quota.
+# ENOSPC: no space left; EFBIG: over a file-size limit (ulimit -f, a FAT32 stick); EDQUOT: over quota.
 FULL_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
 # safetensors (Rust) reports "... (os error 28)"; torch.save's zip writer reports only that its write failed
 # ("file write failed", or "unexpected pos" once a short write was ignored): those are read as a failed write.
