@@ -11,6 +11,7 @@ it early). Optional attributes of the result: ``token_count``, ``finish_reason``
 
 from __future__ import annotations
 
+import functools
 import html
 import threading
 import time
@@ -124,6 +125,43 @@ class ReplyStream:
 
 
 stream_reply = ReplyStream  # the name lesson 04 calls: stream_reply(model, tokenizer, messages, params, fmt=...)
+
+
+# Written out in notebooks/07_serving_vllm.ipynb, section 4 (tests/test_one_source.py checks the two the same);
+# lesson 09 plugs its llama.cpp server in with it.
+class OpenAIChatStream:
+    """One answer streamed from an OpenAI-compatible server, as lesson 04's ChatWidget asks of a backend."""
+
+    def __init__(self, client, model, messages, params, stop):
+        self.client, self.model, self.messages, self.params, self.stop = client, model, messages, params, stop
+        self.token_count = self.finish_reason = None
+
+    def __iter__(self):
+        p = self.params
+        sampling = {"temperature": p.temperature, "top_p": p.top_p} if p.do_sample else {"temperature": 0.0}
+        extra = {"repetition_penalty": p.repetition_penalty, **({"top_k": p.top_k} if p.do_sample and p.top_k else {})}
+        stream = self.client.chat.completions.create(
+            model=self.model, messages=self.messages, max_tokens=p.max_new_tokens, stream=True,
+            stream_options={"include_usage": True}, extra_body=extra, **sampling)
+        try:
+            for event in stream:
+                if event.usage:  # the last event: how many tokens the answer took
+                    self.token_count = event.usage.completion_tokens
+                for part in event.choices:
+                    if part.finish_reason:  # OpenAI's "stop" means the model ended the answer itself
+                        self.finish_reason = {"stop": "eos"}.get(part.finish_reason, part.finish_reason)
+                    if part.delta.content:
+                        yield part.delta.content
+                if self.stop.is_set():
+                    self.finish_reason = "stop"
+                    break
+        finally:
+            stream.close()  # also when the widget stops reading early: the server stops generating
+
+
+def openai_backend(client, model):
+    """A ChatWidget backend: ChatWidget(backend=openai_backend(client, "tiny"))."""
+    return functools.partial(OpenAIChatStream, client, model)
 
 
 def local_backend(model, tokenizer, fmt: str = "llama2", **options) -> Callable:

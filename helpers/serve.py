@@ -223,7 +223,7 @@ def _forced_env(api_key: str | None, tmpdir: Path) -> dict[str, str]:
 
 def _remove_stale_workdirs() -> None:
     """Delete the temporary folders of servers whose notebook kernel is gone (a SIGKILLed kernel cannot clean up)."""
-    for folder in Path(tempfile.gettempdir()).glob("vllm-*-*"):
+    for folder in [*Path(tempfile.gettempdir()).glob("vllm-*-*"), *Path(tempfile.gettempdir()).glob("llama-cpp-*-*")]:
         try:
             owner = int((folder / OWNER_FILE).read_text())
             os.kill(owner, 0)
@@ -271,9 +271,7 @@ def start_server(model=None, *, adapters: dict[str, str | Path] | None = None, p
             f"Port {port} is already in use (perhaps a server still running; `lsof -i :{port}` tells). Pick another "
             "port, or pass none to get a free one."))
     api_key = secrets.token_urlsafe(16)
-    _remove_stale_workdirs()
-    workdir = Path(tempfile.mkdtemp(prefix=f"vllm-{port}-"))  # log, chat template, vLLM's TMPDIR; stop() deletes it
-    (workdir / OWNER_FILE).write_text(str(os.getpid()))
+    workdir = new_workdir(f"vllm-{port}-")  # log, chat template, vLLM's TMPDIR; stop() deletes it
     (workdir / "tmp").mkdir()
     template = None
     if AutoTokenizer.from_pretrained(choice.path).chat_template is None:  # FlagAlpha's ship none; chat needs one
@@ -284,7 +282,23 @@ def start_server(model=None, *, adapters: dict[str, str | Path] | None = None, p
                           extra_args=extra_args, chat_template=template, python=python)
     env_set = server_env()
     forced = _forced_env(api_key, workdir / "tmp")
-    env = {**env_set, **os.environ, **forced}
+    return launch(key, args, {**env_set, **os.environ, **forced}, [*env_set, *forced], workdir, port, api_key,
+                  [choice.name, *adapters], engine="vLLM", ready_path="/health", timeout=timeout)
+
+
+def new_workdir(prefix: str) -> Path:
+    """A server's temporary folder (its log and whatever else it writes), owned by this process: stop() deletes
+    it, and a later start deletes those whose owner died (a SIGKILLed kernel cannot clean up)."""
+    _remove_stale_workdirs()
+    workdir = Path(tempfile.mkdtemp(prefix=prefix))
+    (workdir / OWNER_FILE).write_text(str(os.getpid()))
+    return workdir
+
+
+def launch(key, args: list[str], env: dict[str, str], shown_env: list[str], workdir: Path, port: int, api_key: str,
+           models: list[str], *, engine: str, ready_path: str, timeout: float) -> Server:
+    """Start ``args`` in its own process group with its log in ``workdir``, tied to this process (it dies with
+    the kernel), and wait until ``ready_path`` answers 200 (lessons 07 and 09); a failed start stops it."""
     log_path = workdir / "server.log"
     with open(log_path, "wb") as log:
         # Forked from the module's one long-lived thread: PR_SET_PDEATHSIG fires when the *thread* that forked
@@ -292,28 +306,29 @@ def start_server(model=None, *, adapters: dict[str, str | Path] | None = None, p
         process = _SPAWNER.submit(subprocess.Popen, args, stdout=log, stderr=subprocess.STDOUT,
                                   stdin=subprocess.DEVNULL, env=env, start_new_session=True,
                                   preexec_fn=functools.partial(_die_with_parent, os.getpid())).result()
-    server = Server(key, process, f"http://{HOST}:{port}/v1", api_key, [choice.name, *adapters], log_path)
-    server.env = {k: env[k] for k in (*env_set, *forced)}
+    server = Server(key, process, f"http://{HOST}:{port}/v1", api_key, models, log_path)
+    server.env = {k: env[k] for k in shown_env}
     _SERVERS[key] = server
     try:
-        _wait_healthy(server, port, timeout)
+        _wait_ready(server, f"http://{HOST}:{port}{ready_path}", engine, timeout)
     except BaseException:  # a failed start or Ctrl-C while waiting: never leave the process behind
         server.stop(keep_log=True)  # the error names the log
         raise
     return server
 
 
-def _wait_healthy(server: Server, port: int, timeout: float) -> None:
+def _wait_ready(server: Server, url: str, engine: str, timeout: float) -> None:
     deadline = time.monotonic() + timeout
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {server.api_key}"})
     while server.alive() and time.monotonic() < deadline:
-        with contextlib.suppress(OSError), urllib.request.urlopen(f"http://{HOST}:{port}/health", timeout=2) as reply:
+        with contextlib.suppress(OSError), urllib.request.urlopen(request, timeout=2) as reply:
             if reply.status == 200:
                 return
         time.sleep(0.5)
     code = server.process.poll()
-    zh, en = ((f"vLLM 服务器启动失败（退出码 {code}）", f"The vLLM server failed to start (exit code {code})")
-              if code is not None else (f"vLLM 服务器 {timeout:.0f} 秒内没有就绪（/health 无响应），已停止它",
-                                        f"The vLLM server was not ready within {timeout:.0f} s; it was stopped"))
+    zh, en = ((f"{engine} 服务器启动失败（退出码 {code}）", f"The {engine} server failed to start (exit code {code})")
+              if code is not None else (f"{engine} 服务器 {timeout:.0f} 秒内没有就绪（{url} 无响应），已停止它",
+                                        f"The {engine} server was not ready within {timeout:.0f} s ({url} did not answer); it was stopped"))
     tail = "\n".join(server.log_path.read_text("utf-8", errors="replace").splitlines()[-25:])
     raise TutorialError(bilingual(f"{zh}。日志 {server.log_path} 的最后几行：", f"{en}. Last lines of {server.log_path}:")
                         + "\n" + tail)

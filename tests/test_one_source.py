@@ -115,3 +115,26 @@ def test_lesson_01_token_rule_equals_the_helpers(endpoint):
     rule = lesson_expression("01_download_weights.ipynb", "c58-11", "TOKEN")
     lesson = eval(compile(ast.Expression(rule), "lesson 01", "eval"), {"ENDPOINT": endpoint})
     assert lesson == download.safe_token(endpoint)
+
+
+def _definition(source: str, name: str) -> str:
+    """The AST dump of the top-level class or function ``name`` in ``source`` (comments and docstrings dropped)."""
+    for node in ast.parse(source).body:
+        if isinstance(node, (ast.ClassDef, ast.FunctionDef)) and node.name == name:
+            if node.body and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant):
+                node.body = node.body[1:]
+            return ast.dump(node)
+    raise AssertionError(f"{name} is not defined there")
+
+
+@pytest.mark.parametrize("name", ["OpenAIChatStream", "openai_backend"])
+def test_lesson_07_openai_backend_equals_the_helper_lesson_09_uses(name):
+    import inspect
+
+    import nbformat
+
+    from helpers import chat
+    from helpers.config import REPO_ROOT
+
+    cell = {c.id: c.source for c in nbformat.read(REPO_ROOT / "notebooks" / "07_serving_vllm.ipynb", as_version=4).cells}
+    assert _definition(cell["ae780859"], name) == _definition(inspect.getsource(chat), name)
