@@ -18,13 +18,13 @@ PIP_TO_UV = args="--index-strategy unsafe-best-match"; \
 	for i in $$($(PIP) config get global.index-url 2>/dev/null) $$PIP_INDEX_URL; do args="$$args --index-url $$i"; done; \
 	for i in $$($(PIP) config get global.extra-index-url 2>/dev/null) $$PIP_EXTRA_INDEX_URL; do args="$$args --extra-index-url $$i"; done
 
-.PHONY: setup lab lint test unit notebooks tiny smollm2 vocab run-all bench clean clean-outputs colab-check serve-env serve
+.PHONY: setup lab lint test unit notebooks tiny smollm2 vocab run-all bench clean clean-outputs colab-check serve-env serve gguf-env
 
-# Everything the lessons need: the course env, the tiny model, the real Llama-2 vocabulary (lesson 03)
-# and lesson 07's serving env.
+# Everything the lessons need: the course env, the tiny model, the real Llama-2 vocabulary (lesson 03),
+# lesson 07's serving env and lesson 09's llama.cpp.
 setup: $(STAMP)
-	@# The three are independent (CPU-bound build, a download, an install): run them side by side.
-	@$(MAKE) --no-print-directory -j3 tiny smollm2 vocab serve-env
+	@# They are independent (CPU-bound builds, a download, an install): run them side by side.
+	@$(MAKE) --no-print-directory -j4 gguf-env tiny smollm2 vocab serve-env
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -63,6 +63,19 @@ smollm2: $(STAMP)
 # The real Llama-2 vocabulary for lesson 03 and the token-exact tests (fetched once, ~77 MB).
 vocab: $(STAMP)
 	$(PY) scripts/fetch_llama2_vocab.py
+
+# Lesson 09's llama.cpp in the course env: llama-cpp-python is a source package only, so its wheel is built once
+# (llama.cpp compiled with cmake; the time is printed) and kept in the course's cache with llama.cpp's converter
+# scripts from the same sdist (helpers/gguf.py). Later installs, the Colab check's too, take the kept wheel.
+GGUF_STAMP := $(VENV)/.gguf-installed
+gguf-env: $(GGUF_STAMP)
+
+$(GGUF_STAMP): scripts/llama-cpp-requirements.txt | $(STAMP)
+	$(PY) -m helpers.gguf
+	@$(PIP_TO_UV); wheels=$$($(PY) -c 'from helpers.gguf import wheel_dir; print(wheel_dir())'); set -x; \
+	$(UV) pip install -q --python $(PY) $$args --find-links "$$wheels" "llama-cpp-python[server]==$$($(PY) -c 'from helpers.gguf import LLAMA_CPP_PYTHON as v; print(v)')"
+	$(PY) -c "import llama_cpp, llama_cpp.server.app"
+	touch $@
 
 # JupyterLab refuses to start as root (Docker, rented GPU machines) unless told --allow-root.
 lab: setup

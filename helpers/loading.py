@@ -156,10 +156,11 @@ class MemoryEstimate:
 
 
 def estimate_memory(config, mode: str, dtype: torch.dtype | None = None, *, batch: int = 1,
-                    context_tokens: int | None = None) -> MemoryEstimate:
+                    context_tokens: int | None = None, weight_bytes: int | None = None) -> MemoryEstimate:
     """The memory ``mode`` ("full", "8bit", "4bit") needs for a Llama ``config`` in compute ``dtype``
     (default :func:`pick_dtype`), KV cache for ``context_tokens`` (default min(2048, the maximum)). The
-    course's one memory estimator: notebooks/02_loading_quantized.ipynb derives its formula."""
+    course's one memory estimator: notebooks/02_loading_quantized.ipynb derives its formula. ``weight_bytes``
+    replaces the weights term for a format this function does not know (lesson 09: a GGUF file's tensors)."""
     dtype = dtype or pick_dtype()
     label = mode_label(mode, dtype)
     nbytes = torch.finfo(dtype).bits // 8
@@ -167,6 +168,8 @@ def estimate_memory(config, mode: str, dtype: torch.dtype | None = None, *, batc
         context_tokens = min(DEFAULT_CONTEXT_TOKENS, config.max_position_embeddings)
     count = count_parameters(config)
     weights = int(count["quantizable"] * QUANT_BYTES_PER_WEIGHT.get(mode, nbytes) + count["kept"] * nbytes)
+    if weight_bytes is not None:
+        weights = int(weight_bytes)
     kv_bytes_per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * nbytes
     kv = kv_bytes_per_token * batch * context_tokens
     act = batch * context_tokens * (4 * config.hidden_size + 3 * config.intermediate_size) * nbytes

