@@ -109,3 +109,21 @@ def test_prose_is_chinese(nb):
     prose = "".join(c.source for c in nb.cells if c.cell_type == "markdown")
     han = len(re.findall(r"[\u4e00-\u9fff]", prose))
     assert han > 200, f"{nb.path.name}: notebook prose is written in Simplified Chinese"
+
+
+def test_lesson_00s_module_table_is_helpers_lesson_modules():
+    """Lesson 00 lists every public helpers module with its lesson, as helpers.LESSON_MODULES does."""
+    import re
+
+    import nbformat
+
+    from helpers import LESSON_MODULES
+    from helpers.config import REPO_ROOT
+
+    text = "\n".join(c.source for c in nbformat.read(REPO_ROOT / "notebooks" / "00_overview.ipynb", as_version=4).cells)
+    rows = dict(re.findall(r"^\| `helpers\.(\w+)` \| (\d\d · [^|]+?) \|$", text, flags=re.M))
+    assert rows == {m: f"{lesson} · {what}" for m, (lesson, what) in LESSON_MODULES.items()}
+    public = {p.stem for p in (REPO_ROOT / "helpers").glob("*.py") if not p.stem.startswith("_")}
+    assert public == set(LESSON_MODULES), "every public helpers module belongs to a lesson"
+    for module, (lesson, _) in LESSON_MODULES.items():
+        assert list((REPO_ROOT / "notebooks").glob(f"{lesson}_*.ipynb")), module
