@@ -62,9 +62,10 @@ def pytest_configure(config):
 # two tests, so no file waits behind its fixture while the other worker runs out of work.
 # (--dist loadgroup, to keep lessons 05-07 on one worker, did not group here: with pytest 9.2 and xdist 3.8
 # the group suffix never reached the node ids.)
-LONGEST_FIRST = ["test_real_model", "08_multi_gpu_lora", "test_distributed", "07_serving_vllm", "test_serve",
-                 "test_evaluation", "05_lora_finetune", "test_finetune", "test_browser", "test_download",
-                 "06_evaluation"]  # measured: --durations=0, 2 cores (worker-seconds: 839, 186, 182, 116, 88, ...)
+LONGEST_FIRST = ["test_real_model", "08_multi_gpu_lora", "test_distributed", "07_serving_vllm", "test_gguf",
+                 "test_serve", "09_gguf_llama_cpp", "test_evaluation", "05_lora_finetune", "test_finetune",
+                 "test_browser", "test_download", "06_evaluation"]  # measured: --durations=0, 2 cores (worker-seconds:
+# 839, 186, 182, 116, then test_gguf about 110 and lesson 09 about 80, ...)
 
 
 def pytest_collection_modifyitems(config, items):
