@@ -314,5 +314,5 @@ def start_server(gguf_path: str | Path, *, alias: str = "gguf", n_threads: int =
 
 
 if __name__ == "__main__":  # `make gguf-env`: the wheel and the converter scripts, once
-    build_wheel()
-    print(ensure_tools())
+    print(f"wheel: {build_wheel()}")
+    print(f"converter scripts: {ensure_tools()}")

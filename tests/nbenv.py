@@ -63,9 +63,10 @@ def pytest_configure(config):
 # (--dist loadgroup, to keep lessons 05-07 on one worker, did not group here: with pytest 9.2 and xdist 3.8
 # the group suffix never reached the node ids.)
 LONGEST_FIRST = ["test_real_model", "08_multi_gpu_lora", "test_distributed", "07_serving_vllm", "test_gguf",
-                 "test_serve", "09_gguf_llama_cpp", "test_evaluation", "05_lora_finetune", "test_finetune",
-                 "test_browser", "test_download", "06_evaluation"]  # measured: --durations=0, 2 cores (worker-seconds:
-# 839, 186, 182, 116, then test_gguf about 110 and lesson 09 about 80, ...)
+                 "test_serve", "test_evaluation", "05_lora_finetune", "test_finetune", "test_browser", "test_download",
+                 "06_evaluation"]  # measured: --durations=0, 2 cores (worker-seconds: 839, 186, 182, 116, then test_gguf
+# about 110, ...). Lesson 09 is left to the end of the queue: by then lesson 05 has saved the adapter it converts
+# (run first, it trains its own copy, about 30 s).
 
 
 def pytest_collection_modifyitems(config, items):
