@@ -39,7 +39,7 @@ def main() -> None:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import torch
 
-    from helpers.config import resolve_model
+    from helpers.models import resolve_model
     from helpers.evaluation import generate_answers, load_questions
     from helpers.loading import load_model_and_tokenizer
     from helpers.prompts import SYSTEM_PROMPT_ARTICLE

@@ -55,7 +55,7 @@ def main() -> None:
     import pandas as pd
     import torch
 
-    from helpers.config import resolve_model
+    from helpers.models import resolve_model
     from helpers.evaluation import generate_answers, load_questions
     from helpers.finetune import load_with_adapter, settings_for, train_adapter
     from helpers.prompts import SYSTEM_PROMPT_ARTICLE

@@ -74,7 +74,8 @@ def run_worker(recipe: str, examples: int) -> dict:
     from peft import get_peft_model
     from transformers import AutoTokenizer, DataCollatorForSeq2Seq, Trainer, set_seed
 
-    from helpers.config import DATA_DIR, resolve_model
+    from helpers.config import DATA_DIR
+    from helpers.models import resolve_model
     from helpers.finetune import load_base, lora_config, prepare_tokenizer, settings_for, training_arguments
     from helpers.training_data import read_table, validate_sft_file
 

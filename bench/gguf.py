@@ -32,7 +32,7 @@ def prompt_ids(model: str, prompts: int) -> list[list[int]]:
     the parent, so a llama.cpp worker imports neither torch nor transformers (its peak RSS is llama.cpp's)."""
     from transformers import AutoTokenizer
 
-    from helpers.config import resolve_model
+    from helpers.models import resolve_model
     from helpers.evaluation import load_questions
     from helpers.prompts import encode_prompt
 
@@ -95,7 +95,7 @@ def peak_rss_mb() -> float:
 
 def make_files(model: str) -> dict[str, Path]:
     """The base model's F16, Q8_0 and Q4_K_M GGUF files (made once, in the course's cache)."""
-    from helpers.config import resolve_model
+    from helpers.models import resolve_model
     from helpers.gguf import cache_dir, convert_command, require_llama_cpp, run_converter
     from tests.lesson_code import lesson_definitions
 
@@ -121,7 +121,7 @@ def main() -> None:
         engine, path, ids = args.worker
         print(json.dumps(worker(engine, path, json.loads(Path(ids).read_text()), args.threads, args.tokens)))
         return
-    from helpers.config import resolve_model
+    from helpers.models import resolve_model
 
     files = make_files(args.model)
     paths = {"transformers fp32": resolve_model(args.model, verbose=False).path, "llama.cpp Q8_0": str(files["Q8_0"]),

@@ -40,7 +40,7 @@ def main() -> None:
 
     os.environ.setdefault("LLAMA_TUTORIAL_MODEL", "tiny")
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    from helpers.config import resolve_model
+    from helpers.models import resolve_model
     import torch
 
     from helpers.evaluation import load_questions, prompt_ids

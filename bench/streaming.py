@@ -32,7 +32,8 @@ from pathlib import Path
 import torch
 
 from helpers.chat import UPDATE_INTERVAL_S, ChatWidget, GenerationParams, local_backend, stream_reply
-from helpers.config import output_dir, resolve_model
+from helpers.config import output_dir
+from helpers.models import resolve_model
 from helpers.loading import load_model_and_tokenizer
 from helpers.prompts import SYSTEM_PROMPT_ARTICLE, encode_prompt
 

@@ -21,7 +21,7 @@ import time
 WORKER = """
 import sys, time, torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from helpers.config import resolve_model
+from helpers.models import resolve_model
 from helpers.evaluation import load_questions, prompt_ids
 
 choice = resolve_model(sys.argv[1], verbose=False)

@@ -6,7 +6,8 @@ in step). Modules whose names start with ``_`` are infrastructure a learner need
 from helpers.config import keep_token_from_mirrors
 
 LESSON_MODULES = {
-    "config": ("00", "选择模型、目录"),
+    "config": ("00", "目录和报错的写法：不依赖其他模块，其他模块都依赖它"),
+    "models": ("00", "选择模型：LLAMA_TUTORIAL_MODEL 与 resolve_model"),
     "tiny": ("00", "本机准备的模型：CPU 上的 SmolLM2-135M-Instruct 和测试用的 tiny 模型"),
     "download": ("01", "下载权重"),
     "local_hub": ("01", "本机上的小 Hub（离线时练习下载 tiny 模型）"),

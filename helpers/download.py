@@ -16,8 +16,8 @@ from pathlib import Path, PurePosixPath
 from urllib.parse import urlsplit
 
 from helpers._text import quote
-from helpers.config import (DOWNLOAD_MARKER, HUGGINGFACE_CO, PROFILES, TutorialError, bilingual, models_dir,
-                            output_dir)
+from helpers.config import DOWNLOAD_MARKER, HUGGINGFACE_CO, TutorialError, bilingual, models_dir, output_dir
+from helpers.models import PROFILES
 from helpers.local_hub import LOCAL_BIN_REPO, LOCAL_REPO
 
 HUB_ENDPOINT = HUGGINGFACE_CO

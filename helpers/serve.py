@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
-from helpers.config import REPO_ROOT, TutorialError, bilingual, resolve_model
+from helpers.config import REPO_ROOT, TutorialError, bilingual
+from helpers.models import resolve_model
 from helpers.prompts import TEMPLATES
 
 SERVE_PYTHON_ENV = "LLAMA_TUTORIAL_SERVE_PYTHON"

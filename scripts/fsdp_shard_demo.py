@@ -28,7 +28,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from helpers._compat import end_distributed_process  # noqa: E402
-from helpers.config import resolve_model  # noqa: E402
+from helpers.models import resolve_model  # noqa: E402
 
 
 def batch(tokenizer):

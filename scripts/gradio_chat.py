@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
             f"需要 --auth 用户名:密码：监听 {args.host} 时，能连上这台机器的人都能使用你的模型（或者去掉 --host）。",
             f"--auth user:password is required: on {args.host} anyone who reaches this machine can use your model."))
 
-    from helpers.config import resolve_model
+    from helpers.models import resolve_model
     from helpers.loading import load_model_and_tokenizer
 
     choice = resolve_model(args.model)

@@ -35,7 +35,8 @@ from transformers import TrainerCallback
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from helpers._compat import end_distributed_process  # noqa: E402
-from helpers.config import DATA_DIR, TutorialError, resolve_model  # noqa: E402
+from helpers.config import DATA_DIR, TutorialError
+from helpers.models import resolve_model  # noqa: E402
 from helpers.finetune import train_adapter  # noqa: E402
 
 

@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from helpers.chat import ChatWidget, GenerationParams, history_to_messages, local_backend, stream_reply
-from helpers.config import REPO_ROOT, TutorialError, resolve_model
+from helpers.config import REPO_ROOT, TutorialError
+from helpers.models import resolve_model
 from helpers.loading import load_model_and_tokenizer
 from helpers.prompts import PromptFormatError, encode_prompt
 from helpers.serve import free_port

@@ -1,4 +1,4 @@
-"""Model choice (helpers/config.py): profiles, repo ids, folders and clear errors."""
+"""Model choice (helpers/models.py): profiles, repo ids, folders and clear errors; helpers/config.py is a leaf."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from helpers import config
-from helpers.config import DOWNLOAD_MARKER, PROFILES, REPO_ROOT, TutorialError, resolve_model
+from helpers import models
+from helpers.config import DOWNLOAD_MARKER, REPO_ROOT, TutorialError
+from helpers.models import PROFILES, resolve_model
 
 
 def _verified_download(folder, files=None):
@@ -77,12 +78,12 @@ def test_unfinished_download_is_not_local_weights(monkeypatch, tmp_path, capsys)
 
 
 def test_auto_with_gpu_and_an_unfinished_download_says_so(monkeypatch, tmp_path):
-    monkeypatch.setattr(config, "models_dir", lambda: tmp_path / "models")  # the tiny model stays cached
+    monkeypatch.setattr(models, "models_dir", lambda: tmp_path / "models")  # the tiny model stays cached
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     folder = tmp_path / "models" / "llama2-7b-chat"
     folder.mkdir(parents=True)
     (folder / "config.json").write_text("{}")
-    monkeypatch.setattr(config, "_cuda_free_gb", lambda: ("Tesla T4", 14.5))
+    monkeypatch.setattr(models, "_cuda_free_gb", lambda: ("Tesla T4", 14.5))
     choice = resolve_model("auto", verbose=False)
     assert choice.name == "smollm2-135m" and "model.safetensors" in choice.reason
 
@@ -121,9 +122,9 @@ def test_a_path_that_is_no_model_folder_is_refused_not_sent_to_the_hub(monkeypat
 @pytest.mark.parametrize("spec", ["outputs/no-such-model", "models/llama2-7b-chat", "my-runs/merged-model"])
 def test_a_path_under_a_course_folder_not_made_yet_is_still_a_path(monkeypatch, tmp_path, spec):
     """Before lesson 05 has made outputs/ (or LLAMA_TUTORIAL_OUTPUT's folder), "outputs/x" is still a path."""
-    from helpers import config
+    from helpers import models
 
-    monkeypatch.setattr(config, "REPO_ROOT", tmp_path / "fresh-clone")
+    monkeypatch.setattr(models, "REPO_ROOT", tmp_path / "fresh-clone")
     monkeypatch.setenv("LLAMA_TUTORIAL_OUTPUT", str(tmp_path / "elsewhere" / "my-runs"))
     monkeypatch.chdir(tmp_path)
     with pytest.raises(TutorialError, match="looks like a path"):
@@ -154,7 +155,7 @@ def test_folder_without_config_json_says_so(tmp_path):
 
 
 def test_auto_with_small_gpu_falls_back_to_the_cpu_model(monkeypatch, capsys):
-    monkeypatch.setattr(config, "_cuda_free_gb", lambda: ("Tesla T4", 3.0))
+    monkeypatch.setattr(models, "_cuda_free_gb", lambda: ("Tesla T4", 3.0))
     choice = resolve_model("auto")
     assert choice.name == "smollm2-135m"
     assert "3.0 GB" in capsys.readouterr().out
@@ -163,14 +164,24 @@ def test_auto_with_small_gpu_falls_back_to_the_cpu_model(monkeypatch, capsys):
 def test_auto_with_gpu_and_local_weights_picks_llama2(monkeypatch, tmp_path, capsys):
     monkeypatch.setenv("LLAMA_TUTORIAL_HOME", str(tmp_path))
     folder = _verified_download(tmp_path / "models" / "llama2-7b-chat")
-    monkeypatch.setattr(config, "_cuda_free_gb", lambda: ("Tesla T4", 14.5))
+    monkeypatch.setattr(models, "_cuda_free_gb", lambda: ("Tesla T4", 14.5))
     choice = resolve_model("auto")
     assert choice.name == "llama2-7b-chat" and choice.path == str(folder)
 
 
 def test_auto_with_gpu_but_no_weights_offline_falls_back(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(config, "_cuda_free_gb", lambda: ("Tesla T4", 14.5))
-    monkeypatch.setattr(config, "_local_weights", lambda profile: (None, []))
+    monkeypatch.setattr(models, "_cuda_free_gb", lambda: ("Tesla T4", 14.5))
+    monkeypatch.setattr(models, "_local_weights", lambda profile: (None, []))
     choice = resolve_model("auto", verbose=False)
     assert choice.name == "smollm2-135m" and "01" in choice.reason
+
+
+def test_helpers_config_is_a_leaf():
+    """Importing helpers.config loads no other helpers module (every module imports it, so it must import none)."""
+    import subprocess
+    import sys
+
+    code = "import sys, helpers.config; print(sorted(m for m in sys.modules if m.startswith('helpers')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "['helpers', 'helpers.config']"

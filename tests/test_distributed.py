@@ -208,7 +208,7 @@ def test_interrupted_two_process_run_resumes_from_its_checkpoint(runs):
 def test_only_rank_zero_writes_one_adapter_that_loads_and_answers(runs):
     import torch
 
-    from helpers.config import resolve_model
+    from helpers.models import resolve_model
     from helpers.finetune import load_with_adapter, read_training_info
     from helpers.prompts import encode_prompt
 
@@ -271,7 +271,7 @@ def test_zero3_saves_the_whole_adapter(runs, tmp_path):
     """ZeRO-3 on two CPU processes (DeepSpeed without offload needs no CPU Adam build): the adapter must hold every
     LoRA tensor whole and equal the one-process run's (same global batch). Saved from rank 0 alone it held 56
     empty tensors in 6 KB (DeepSpeed #4295) before the ranks gathered it (helpers.multigpu.adapter_state_dict)."""
-    from helpers.config import resolve_model
+    from helpers.models import resolve_model
     from helpers.finetune import load_with_adapter
 
     config = tmp_path / "zero3.json"
@@ -327,7 +327,7 @@ def test_qlora_under_fsdp_stores_4bit_weights_in_a_float_dtype_without_a_device_
     device_map under FSDP (DDP keeps one copy per rank on its own GPU); lesson 08 writes the same config out."""
     import torch
 
-    from helpers.config import resolve_model
+    from helpers.models import resolve_model
     from helpers.finetune import SETTINGS, load_base
     from tests.lesson_code import lesson_calls
 

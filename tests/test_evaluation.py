@@ -15,7 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from helpers import evaluation as ev
-from helpers.config import TutorialError, resolve_model
+from helpers.config import TutorialError
+from helpers.models import resolve_model
 from helpers.prompts import SYSTEM_PROMPT_ARTICLE, article_prompt, encode_prompt
 from tests.lesson_code import lesson_definitions
 
@@ -313,7 +314,7 @@ def test_published_answers_with_wrong_columns_or_type(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny():
-    from helpers.config import resolve_model
+    from helpers.models import resolve_model
     from helpers.loading import load_model_and_tokenizer
 
     choice = resolve_model("tiny", verbose=False)

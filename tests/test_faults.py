@@ -157,7 +157,7 @@ import json, resource, signal, sys, torch
 from pathlib import Path
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from helpers import _files
-from helpers.config import resolve_model
+from helpers.models import resolve_model
 from helpers.evaluation import generate_answers
 
 path = Path(sys.argv[1])
@@ -204,7 +204,7 @@ def test_lesson_06_finds_an_adapter_whose_overwrite_was_killed(tmp_path, monkeyp
     """A kill between setting the old adapter aside and putting the new one in place: the next look for an
     adapter (lesson 06's ensure_adapter) puts it back instead of training a new one."""
     from helpers import finetune as ft
-    from helpers.config import resolve_model
+    from helpers.models import resolve_model
 
     monkeypatch.setenv("LLAMA_TUTORIAL_OUTPUT", str(tmp_path))
     choice = resolve_model("tiny")
@@ -223,7 +223,7 @@ import dataclasses, os, signal, sys
 import torch
 import safetensors.torch
 from helpers import finetune as ft
-from helpers.config import resolve_model
+from helpers.models import resolve_model
 
 kill_at, adapter_dir = int(sys.argv[1]), sys.argv[2]
 writes = [0]
@@ -260,7 +260,7 @@ def test_training_killed_while_saving_a_checkpoint_resumes_from_the_last_complet
     from transformers.trainer_utils import get_last_checkpoint
 
     from helpers import finetune as ft
-    from helpers.config import resolve_model
+    from helpers.models import resolve_model
 
     adapter_dir = tmp_path / "lora-adapter"
     code = _TRAIN_KILLED.replace("**SMALL", "**" + repr(SMALL))

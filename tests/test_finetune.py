@@ -23,7 +23,8 @@ from helpers._compat import allow_indexed_cpu_locations
 from helpers import _locks
 from helpers import finetune as ft
 from helpers import training_data as td
-from helpers.config import DATA_DIR, REPO_ROOT as REPO, TutorialError, resolve_model
+from helpers.config import DATA_DIR, REPO_ROOT as REPO, TutorialError
+from helpers.models import resolve_model
 from helpers.evaluation import chinese_share
 from helpers.prompts import IGNORE_INDEX, encode_prompt
 from scripts.train_lora import StopAfterSteps
@@ -468,7 +469,7 @@ def test_settings_live_in_one_place(choice, monkeypatch):
     assert ft.settings_for(device="cuda") is ft.SETTINGS["colab_t4"]
     assert ft.settings_for(device="cpu") is ft.SETTINGS["cpu_tiny"]
     assert ft.settings_for(choice, device="cuda") is ft.settings_for(choice, device="cpu") is ft.SETTINGS["cpu_tiny"]
-    from helpers.config import PROFILES, ModelChoice
+    from helpers.models import PROFILES, ModelChoice
 
     smol = ModelChoice("smollm2-135m", "/unused", "", PROFILES["smollm2-135m"])
     assert ft.settings_for(smol, device="cuda") is ft.settings_for(smol, device="cpu") is ft.SETTINGS["cpu_smollm2"]

@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
 from helpers import training_data as td
-from helpers.config import TutorialError, resolve_model
+from helpers.config import TutorialError
+from helpers.models import resolve_model
 from helpers.evaluation import load_questions
 from helpers.knowledge import load_knowledge, read_mc_csv
 

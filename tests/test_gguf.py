@@ -13,7 +13,8 @@ import pytest
 import torch
 from transformers import LlamaConfig
 
-from helpers.config import DATA_DIR, resolve_model
+from helpers.config import DATA_DIR
+from helpers.models import resolve_model
 from helpers.gguf import (GGUFError, bits_per_weight, convert_command, gguf_weight_bytes, read_gguf, require_llama_cpp,
                           run_converter, start_server, tensor_types)
 from helpers.loading import LLAMA2_SHAPES

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from helpers import knowledge as kn
-from helpers.config import REPO_ROOT, resolve_model
+from helpers.config import REPO_ROOT
+from helpers.models import resolve_model
 from helpers.evaluation import EvalDataError
 from tests.lesson_code import lesson_definitions
 

@@ -13,7 +13,8 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig
 
 from helpers import loading
-from helpers.config import ModelChoice, TutorialError
+from helpers.config import TutorialError
+from helpers.models import ModelChoice
 from bench.loading import linear_layer_types, time_generation
 from helpers.loading import (
     GIB,
@@ -309,7 +310,7 @@ def test_lesson_00_memory_figures_come_from_the_one_estimator():
     config = LlamaConfig(**LLAMA2_SHAPES["llama2-7b"])
     totals = [estimate_memory(config, m, torch.float16).total for m in ("full", "8bit", "4bit")]
     assert totals == sorted(totals, reverse=True)
-    from helpers.config import AUTO_MIN_FREE_GPU_GB
+    from helpers.models import AUTO_MIN_FREE_GPU_GB
 
     assert AUTO_MIN_FREE_GPU_GB * GIB >= totals[1], "auto must not pick 7B in 8-bit where the estimate says it won't fit"
 

@@ -25,7 +25,8 @@ import pytest
 import torch
 
 from helpers import serve
-from helpers.config import REPO_ROOT, TutorialError, resolve_model
+from helpers.config import REPO_ROOT, TutorialError
+from helpers.models import resolve_model
 from helpers.evaluation import load_questions, question_messages
 from helpers.prompts import SYSTEM_PROMPT_ARTICLE, encode_prompt
 from helpers.serve import check_adapter, group_members, port_is_free, start_server

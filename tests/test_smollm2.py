@@ -10,7 +10,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from helpers import tiny
-from helpers.config import TutorialError, resolve_model
+from helpers.config import TutorialError
+from helpers.models import resolve_model
 from helpers.evaluation import chinese_share
 from helpers.prompts import encode_prompt
 from tests.model_fixtures import random_llama_folder

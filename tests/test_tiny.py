@@ -151,7 +151,7 @@ def test_lesson_00_answer_is_english_like_for_the_tiny_model():
     """What lesson 00 shows and interprets (but no longer asserts, since it must hold for any model):
     loaded through the course's loader, prompted through the course's template, the tiny model answers
     the lesson's Chinese question in English-like text, as it was trained to."""
-    from helpers.config import resolve_model
+    from helpers.models import resolve_model
     from helpers.loading import load_model_and_tokenizer
     from helpers.prompts import encode_prompt
 
