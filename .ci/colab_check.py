@@ -49,6 +49,9 @@ LOCAL_ONLY = ["tests/test_browser.py", "tests/test_makefile.py"]
 # The real-model tier (lessons 05 and 06 trained and scored on SmolLM2, about 12 minutes) runs in make test;
 # here lessons 05 and 06 run under Colab's versions on the tiny model (nbval).
 NOT_ON_COLAB = ["tests/test_real_model.py"]
+# Likewise lesson 09's real-model check (SmolLM2 converted and quantized, about 100 s): make test runs it; here
+# lesson 09 and the rest of tests/test_gguf.py run under Colab's versions on the tiny model.
+NOT_ON_COLAB_TESTS = ["tests/test_gguf.py::test_on_smollm2_quantization_costs_what_was_measured"]
 
 
 def _say(message: str) -> None:
@@ -164,7 +167,7 @@ def main() -> int:
     lessons = [str(p.relative_to(ROOT)) for n in LESSONS for p in sorted((ROOT / "notebooks").glob(f"{n}_*.ipynb"))]
     for lesson, why in NOT_RUN.items():
         _say(f"lesson {lesson} is not run here: {why}")
-    ignore = [f"--ignore={path}" for path in LOCAL_ONLY + NOT_ON_COLAB]
+    ignore = [f"--ignore={path}" for path in LOCAL_ONLY + NOT_ON_COLAB] + [f"--deselect={t}" for t in NOT_ON_COLAB_TESTS]
     command = [str(python), "-m", "pytest", "tests", *ignore, *lessons, "--nbval-lax", "--nbval-current-env", "-rs",
                "-n", "2", "--dist", "loadfile", "--no-loadscope-reorder", *args.pytest_args]  # two workers, as `make test` (tests/nbenv.py)
     _say("running: " + shlex.join(command))
