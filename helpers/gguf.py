@@ -291,7 +291,7 @@ def start_server(gguf_path: str | Path, *, alias: str = "gguf", n_threads: int =
     from helpers import serve
 
     require_llama_cpp()
-    info = read_gguf(gguf_path)  # a clear message for a missing or cut file, before a process starts
+    read_gguf(gguf_path)  # a clear message for a missing or cut file, before a process starts
     key = ("llama.cpp", str(Path(gguf_path).resolve()), alias, n_threads, n_ctx)
     if key in serve._SERVERS and serve._SERVERS[key].alive():
         return serve._SERVERS[key]
@@ -309,7 +309,6 @@ def start_server(gguf_path: str | Path, *, alias: str = "gguf", n_threads: int =
     args = server_command(gguf_path, port=port, n_threads=n_threads, n_ctx=n_ctx, alias=alias)
     server = serve.launch(key, args, env, list(forced), workdir, port, api_key, [alias], engine="llama.cpp",
                           ready_path="/v1/models", timeout=timeout)
-    server.gguf = info
     return server
 
 
