@@ -11,19 +11,21 @@ into fresh temporary files.
 
 The modes alternate ``--repeats`` times; the figure is the median wall time of each mode and
 their ratio, measured in one process. ``OMP_WAIT_POLICY=PASSIVE`` is set before torch starts, so
-idle OpenMP threads do not spin on a shared machine. The batched answers are compared with the
-one-at-a-time answers question by question (left padding can flip a near-tie between two tokens).
+idle OpenMP threads do not spin on a shared machine (bench/_batch.py: the set-up bench/serve.py
+shares). The batched answers are compared with the one-at-a-time answers question by question (left
+padding can flip a near-tie between two tokens).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import tempfile
 import time
 from pathlib import Path
+
+from bench._batch import lesson06_batch_setup
 
 
 def main() -> None:
@@ -35,19 +37,12 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=Path("build/bench_evaluation.json"))
     args = parser.parse_args()
 
-    os.environ.setdefault("LLAMA_TUTORIAL_MODEL", "tiny")
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    choice, model, tokenizer, questions = lesson06_batch_setup()
     import torch
 
-    from helpers.models import resolve_model
-    from helpers.evaluation import generate_answers, load_questions
-    from helpers.loading import load_model_and_tokenizer
+    from helpers.evaluation import generate_answers
     from helpers.prompts import SYSTEM_PROMPT_ARTICLE
 
-    choice = resolve_model(verbose=False)
-    model, tokenizer = load_model_and_tokenizer(choice)
-    tokenizer.padding_side, tokenizer.pad_token = "left", tokenizer.unk_token
-    questions = load_questions()
     settings = {"model": choice.path, "layout": args.layout, "system_prompt": SYSTEM_PROMPT_ARTICLE,
                 "generate": {"do_sample": False, "repetition_penalty": 1.3, "max_new_tokens": args.max_new_tokens}}
 

@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from bench._batch import lesson06_batch_setup
 
 TARGET = 1.5
 
@@ -38,21 +39,15 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=Path("build/bench_serve.json"))
     args = parser.parse_args()
 
-    os.environ.setdefault("LLAMA_TUTORIAL_MODEL", "tiny")
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    from helpers.models import resolve_model
+    choice, model, tokenizer, questions = lesson06_batch_setup()
     import torch
 
-    from helpers.evaluation import load_questions, prompt_ids
-    from helpers.loading import load_model_and_tokenizer
+    from helpers.evaluation import prompt_ids
     from helpers.prompts import SYSTEM_PROMPT_ARTICLE
     from helpers.serve import start_server
 
-    choice = resolve_model(verbose=False)
-    model, tokenizer = load_model_and_tokenizer(choice)
-    tokenizer.padding_side, tokenizer.pad_token = "left", tokenizer.unk_token  # as lesson 06 batches
     # Lesson 06's default prompts: the article's layout and system prompt.
-    prompts = [prompt_ids(tokenizer, q["question"], "article", SYSTEM_PROMPT_ARTICLE) for q in load_questions()]
+    prompts = [prompt_ids(tokenizer, q["question"], "article", SYSTEM_PROMPT_ARTICLE) for q in questions]
     n = args.max_new_tokens
     generation = {"max_new_tokens": n, "min_new_tokens": n, "do_sample": False, "repetition_penalty": 1.2}
 
