@@ -149,18 +149,14 @@ def lora_step(path: Path, tok, device: str, dtype: torch.dtype, seq_len: int) ->
     "gradient checkpointing" figures would be those of no checkpointing. Non-reentrant
     checkpointing, as PyTorch recommends."""
     from peft import get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM
 
     from helpers.finetune import lora_config, settings_for
-    from helpers.loading import quantization_config
+    from helpers.loading import load_model
 
     s = settings_for(device="cuda")
-    # The GPU recipe (colab_t4: 4-bit base, checkpointing) on every device: finetune.load_base
-    # quantizes only on a GPU, but here the CPU run exercises the same code as the GPU run.
-    model = AutoModelForCausalLM.from_pretrained(
-        str(path), dtype=dtype, quantization_config=quantization_config("4bit", dtype, double_quant=True),
-        device_map="auto",
-    )
+    # The GPU recipe (colab_t4: 4-bit base, checkpointing) on every device, through the load that
+    # finetune.load_base makes on a GPU (it quantizes only there; here the CPU run exercises the same code).
+    model = load_model(path, "4bit", dtype, device=device, double_quant=True, device_map="auto")
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=s.gradient_checkpointing,
                                             gradient_checkpointing_kwargs={"use_reentrant": False})
     model = get_peft_model(model, lora_config(s))

@@ -45,9 +45,9 @@ from helpers.loading import (
     check_fits,
     estimate_memory,
     free_memory,
+    load_model,
     memory_footprint,
     mode_label,
-    pick_attn_implementation,
     pick_device,
     pick_dtype,
     quantization_config,
@@ -160,16 +160,14 @@ def warm_page_cache(folder: Path) -> float:
 
 
 def measure_load(path, mode: str, dtype: torch.dtype | None = None, device: str | None = None):
-    """Load ``path`` in ``mode`` ("full", "8bit", "4bit") the way lesson 02 does; return (model, seconds)."""
-    from transformers import AutoModelForCausalLM
-
+    """Load ``path`` in ``mode`` ("full", "8bit", "4bit") the way lesson 02 does (``helpers.loading.load_model``);
+    return (model, seconds)."""
     device = device or pick_device()
     dtype = dtype or pick_dtype(device)
-    kwargs = {"dtype": dtype, "attn_implementation": pick_attn_implementation(device), "device_map": "auto",
-              "quantization_config": quantization_config(mode, dtype)}
+    quantization_config(mode, dtype)  # checks ``mode`` and imports the config class before the clock starts
     _sync(device)
     start = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    model = load_model(path, mode, dtype, device=device, device_map="auto")
     _sync(device)
     return model.eval(), time.perf_counter() - start
 

@@ -267,7 +267,7 @@ def load_base(choice, settings: TrainSettings, *, for_training: bool = True):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from helpers.loading import pick_attn_implementation, pick_dtype, quantization_config
+    from helpers.loading import load_model, pick_dtype
 
     gpu, sharded = torch.cuda.is_available(), sharded_training()
     rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -279,8 +279,7 @@ def load_base(choice, settings: TrainSettings, *, for_training: bool = True):
         place = {} if sharded or not gpu else {"device_map": {"": rank} if several else "auto"}
         return AutoModelForCausalLM.from_pretrained(choice.path, dtype=torch.float32, **place)
     dtype = pick_dtype("cuda")
-    bnb = quantization_config(settings.quantization, dtype, double_quant=True)
-    storage, place = dtype, {"device_map": {"": rank}}
+    storage, place = None, {"device_map": {"": rank}}
     if sharded:
         if settings.quantization != "4bit":
             raise TutorialError(bilingual("FSDP / ZeRO-3 只能配合 4-bit QLoRA（bnb_4bit_quant_storage），不能配合 8-bit。",
@@ -288,11 +287,8 @@ def load_base(choice, settings: TrainSettings, *, for_training: bool = True):
         # bitsandbytes' FSDP-QLoRA guide: FSDP shards only float storage, so the packed 4-bit weights are stored in
         # a float dtype, the same as the model's other weights; with fp16 mixed precision, peft's guide says float32.
         storage = torch.float32 if dtype == torch.float16 else dtype
-        bnb.bnb_4bit_quant_storage = storage
         place = {}  # each rank's GPU is already the current device: TrainingArguments set it (train_adapter)
-    model = AutoModelForCausalLM.from_pretrained(
-        choice.path, quantization_config=bnb, dtype=storage, attn_implementation=pick_attn_implementation("cuda"),
-        **place)
+    model = load_model(choice.path, settings.quantization, dtype, device="cuda", double_quant=True, storage=storage, **place)
     if for_training and sharded:
         # Not prepare_model_for_kbit_training: it casts every weight that is not 4-bit to float32, and FSDP wants
         # one dtype per wrapped layer. What it does for gradient checkpointing is all that is needed here.

@@ -298,7 +298,7 @@ def load_model_and_tokenizer(choice, quantization: str | None = None, *, budget_
     """Load ``choice`` (a ``ModelChoice``) the way notebooks/02_loading_quantized.ipynb does, for lessons 00
     and 03-07, after :func:`preflight_check`. ``quantization``: "full", "8bit", "4bit" or None (a Llama-2
     model on a GPU then loads in 8-bit, as the article does). Remote code never runs."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     device = pick_device()
     if quantization is None and device == "cuda" and not choice.is_tiny:
@@ -306,9 +306,25 @@ def load_model_and_tokenizer(choice, quantization: str | None = None, *, budget_
     dtype = pick_dtype(device)
     preflight_check(choice.path, quantization or "full", dtype=dtype, device=device, budget_bytes=budget_bytes)
     tokenizer = AutoTokenizer.from_pretrained(choice.path, trust_remote_code=False)
-    model = AutoModelForCausalLM.from_pretrained(
-        choice.path, dtype=dtype, attn_implementation=pick_attn_implementation(device),
-        quantization_config=quantization_config(quantization, dtype),
-        device_map="auto" if device == "cuda" else None, trust_remote_code=False,
-    )
+    model = load_model(choice.path, quantization, dtype, device=device, device_map="auto" if device == "cuda" else None,
+                       trust_remote_code=False)
     return model.eval(), tokenizer
+
+
+def load_model(path: str | os.PathLike, mode: str | None, dtype: torch.dtype, *, device: str | None = None,
+               double_quant: bool = False, storage: torch.dtype | None = None, **kwargs):
+    """``from_pretrained(path)`` in ``mode`` ("full" or None, "8bit", "4bit"): :func:`quantization_config` and
+    :func:`pick_attn_implementation` for ``device``, the load notebooks/02_loading_quantized.ipynb writes out
+    inline. ``double_quant``: QLoRA's base (helpers.finetune.load_base, lesson 05); ``storage``: the float dtype
+    the packed 4-bit weights are stored in (FSDP / ZeRO-3, lesson 08), also the model's dtype. ``kwargs`` go to
+    ``from_pretrained`` (``device_map``...). The one load path of :func:`load_model_and_tokenizer`,
+    ``load_base`` and the benchmarks (bench/loading.py, bench/gpu_check.py)."""
+    from transformers import AutoModelForCausalLM
+
+    bnb = quantization_config(mode, dtype, double_quant=double_quant)
+    if storage is not None:
+        bnb.bnb_4bit_quant_storage = storage
+    return AutoModelForCausalLM.from_pretrained(
+        str(path), dtype=storage or dtype, attn_implementation=pick_attn_implementation(device),
+        quantization_config=bnb, **kwargs)
+
