@@ -2,7 +2,7 @@
 
     python -m bench.gpu_check                  # on a CUDA GPU: Llama-2-7B's shape (and 13B if it fits)
     python -m bench.gpu_check --shape tiny     # on a CPU: the same code on the tiny model's shape
-    python -m bench.gpu_check --json bench/results/gpu-<name>.json
+    python -m bench.gpu_check --json helpers/gpu_results/gpu-check-<name>.json
 
 On a CUDA GPU it builds a random-weight ``LlamaForCausalLM`` with Llama-2-7B's exact shape (the
 weights' values change neither memory nor speed), saves it once as safetensors, and for fp16,
@@ -41,9 +41,9 @@ from pathlib import Path
 import torch
 
 from bench.loading import measure_load, save_random_checkpoint, warm_page_cache
-from helpers.config import REPO_ROOT
 from helpers.loading import (
     GIB,
+    GPU_RESULTS_DIR,
     LLAMA2_SHAPES,
     check_bitsandbytes,
     free_memory,
@@ -53,7 +53,7 @@ from helpers.loading import (
     quiet_bitsandbytes,
 )
 
-RESULTS_DIR = REPO_ROOT / "bench" / "results"
+RESULTS_DIR = GPU_RESULTS_DIR  # package data of helpers: lesson 02 shows what is committed there
 TIME_BUDGET_S = 7 * 60  # the whole GPU run must end within 8 minutes
 
 
@@ -357,7 +357,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--new-tokens", type=int, default=None)
     parser.add_argument("--lora-seq", type=int, default=512)
     parser.add_argument("--workdir", default=None, help="where the random checkpoint is written (default: temp)")
-    parser.add_argument("--json", type=Path, default=None, help="default: bench/results/gpu-check-<device>.json on a GPU")
+    parser.add_argument("--json", type=Path, default=None, help="default: helpers/gpu_results/gpu-check-<device>.json on a GPU")
     args = parser.parse_args(argv)
     results = run(args.shape, new_tokens=args.new_tokens, lora_seq=args.lora_seq, workdir=args.workdir)
     print(format_table(results))

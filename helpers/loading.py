@@ -28,6 +28,12 @@ SAFETY_MARGIN = 0.05
 # Not measured by this course on a T4: lesson 02 reads the real figure with torch.cuda.mem_get_info().
 T4_USABLE_GIB = 14.5
 
+# NVIDIA's published peak memory bandwidth of the Tesla T4, for the derived T4 rows of the GPU table.
+T4_BANDWIDTH_GB_S = 320.0
+# The JSON files `python -m bench.gpu_check` writes on a CUDA GPU, committed as package data (pyproject.toml's
+# [tool.setuptools.package-data]) so that lesson 02 shows them however the course is installed.
+GPU_RESULTS_DIR = Path(__file__).resolve().parent / "gpu_results"
+
 # Llama-2's published shapes (Meta's config.json files), for estimates and the benchmarks.
 _LLAMA2_COMMON = {"vocab_size": 32000, "max_position_embeddings": 4096}
 LLAMA2_SHAPES: dict[str, dict] = {
@@ -328,3 +334,63 @@ def load_model(path: str | os.PathLike, mode: str | None, dtype: torch.dtype, *,
         str(path), dtype=storage or dtype, attn_implementation=pick_attn_implementation(device),
         quantization_config=bnb, **kwargs)
 
+
+def gpu_results(results_dir: str | os.PathLike | None = None) -> list[dict]:
+    """The committed JSON files ``python -m bench.gpu_check`` wrote on CUDA GPUs (``GPU_RESULTS_DIR``,
+    helpers/gpu_results/gpu-check-*.json). Shown in notebooks/02_loading_quantized.ipynb, section 6b."""
+    folder = Path(results_dir) if results_dir else GPU_RESULTS_DIR
+    return [json.loads(p.read_text("utf-8")) for p in sorted(folder.glob("gpu-check-*.json"))]
+
+
+def gpu_results_markdown(results_dir: str | os.PathLike | None = None) -> str:
+    """Markdown tables of the measured GPU figures, plus the T4 figures derived from them.
+
+    Shown in notebooks/02_loading_quantized.ipynb (section 6b) and written into README.md by
+    ``python -m bench.report``. Decode rates carry their share of the bandwidth ceiling; the T4 rows
+    are *derived* (the same share of the T4's ceiling), never measured.
+    """
+    runs = gpu_results(results_dir)
+    if not runs:
+        return (
+            "尚无 GPU 实测数据：在 CUDA GPU 上运行 `python -m bench.gpu_check`，再运行 `python -m bench.report`。\n"
+            "No GPU measurement committed yet: run `python -m bench.gpu_check` on a CUDA GPU, then `python -m bench.report`."
+        )
+    parts = []
+    for run in runs:
+        m = run["machine"]
+        parts.append(
+            f"**{m['device']}** · driver {m.get('driver')} · CUDA {m.get('cuda')} · torch {m['torch']} · "
+            f"transformers {m['transformers']} · bitsandbytes {m.get('bitsandbytes')} · peft {m.get('peft')} · "
+            f"copy bandwidth {m['copy_bandwidth_gb_s']} GB/s · {m['date']} · {run['new_tokens']} new tokens, greedy\n"
+        )
+        parts.append("| shape | mode | footprint GiB | peak GiB | load s | generate b1 tok/s | generate b8 tok/s "
+                     "| streaming b1 tok/s |\n|---|---|---|---|---|---|---|---|")
+        derived = []
+        for shape in run["shapes"]:
+            for row in shape["modes"]:
+                d = {(x["path"], x["batch"]): x for x in row["decode"]}
+                cell = lambda k: f"{d[k]['tokens_per_s']:.1f} ({d[k]['share_of_ceiling']:.0%})"  # noqa: E731
+                parts.append(
+                    f"| {shape['shape']} | {row['mode']} | {row['footprint_gib']:.2f} | {row.get('peak_gib', 0):.2f} "
+                    f"| {row['load_s']:.1f} | {cell(('generate', 1))} | {cell(('generate', 8))} "
+                    f"| {cell(('streaming', 1))} |"
+                )
+                t4 = [d[k]["share_of_ceiling"] * k[1] * T4_BANDWIDTH_GB_S * 1e9 / row["weight_bytes_per_step"]
+                      for k in (("generate", 1), ("generate", 8))]
+                fits = "是 yes" if row.get("peak_gib", 99) <= T4_USABLE_GIB else "否 no"
+                derived.append(f"| {shape['shape']} | {row['mode']} | {fits} | {t4[0]:.1f} | {t4[1]:.1f} |")
+            if "lora_step" in shape:
+                ls = shape["lora_step"]
+                parts.append(
+                    f"\nLoRA ({shape['shape']}, 4-bit base, r={ls['lora_r']}, seq {ls['seq_len']} × batch {ls['batch']}): "
+                    f"{ls['step_s']} s/step, {ls['tokens_per_s']} tok/s, peak {ls.get('peak_gib')} GiB\n"
+                )
+        parts.append(
+            "\n*T4 推算（derived, not measured）*：假设在 T4 上达到与上表相同的带宽利用率，T4 峰值带宽 "
+            f"{T4_BANDWIDTH_GB_S:.0f} GB/s；显存按 {T4_USABLE_GIB:.1f} GiB 可用判断（估计，helpers.loading.T4_USABLE_GIB）。\n\n"
+            "| shape | mode | fits a T4 | b1 tok/s (derived) | b8 tok/s (derived) |\n|---|---|---|---|---|\n"
+            + "\n".join(derived)
+        )
+    parts.append("\n(%) = 实测速度占带宽上限的比例 / measured rate as a share of the bandwidth ceiling "
+                 "(batch × copy bandwidth ÷ weight bytes read per step).")
+    return "\n".join(parts)

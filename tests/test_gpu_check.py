@@ -1,5 +1,5 @@
 """bench/gpu_check.py runs on the CPU with the tiny shape (the same code as on a GPU), and the
-README/lesson-02 table is rendered from its JSON."""
+README/lesson-02 table is rendered from its JSON (helpers.loading.gpu_results_markdown)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from bench import gpu_check, report
-from bench.report import gpu_results_markdown
+from helpers.loading import gpu_results_markdown
 
 
 @pytest.fixture(scope="module")
