@@ -18,7 +18,7 @@ PIP_TO_UV = args="--index-strategy unsafe-best-match"; \
 	for i in $$($(PIP) config get global.index-url 2>/dev/null) $$PIP_INDEX_URL; do args="$$args --index-url $$i"; done; \
 	for i in $$($(PIP) config get global.extra-index-url 2>/dev/null) $$PIP_EXTRA_INDEX_URL; do args="$$args --extra-index-url $$i"; done
 
-.PHONY: setup lab lint test unit notebooks tiny smollm2 vocab run-all bench clean clean-outputs colab-check serve-env serve gguf-env
+.PHONY: setup lab lint test unit notebooks tiny smollm2 vocab run-all clean clean-outputs colab-check serve-env serve gguf-env
 
 # Everything the lessons need: the course env, the tiny model, the real Llama-2 vocabulary (lesson 03),
 # lesson 07's serving env and lesson 09's llama.cpp.
