@@ -120,15 +120,33 @@ def checkpoint_dir_for(adapter_dir: str | Path) -> Path:
     return adapter_dir.with_name(adapter_dir.name + "-checkpoints")
 
 
-def new_adapter_dir(overwrite: bool = False, *, name: str = ADAPTER_DIR_NAME) -> Path:
-    """``outputs/lora-adapter``, or if it exists and ``overwrite`` is false, ``lora-adapter-2``, ``-3`` ...;
-    a name whose checkpoints another running training holds is skipped too.
-    Introduced in notebooks/05_lora_finetune.ipynb."""
+def _free_dir(name: str, overwrite: bool, take) -> Path:
+    """``outputs/<name>``, or if it exists and ``overwrite`` is false, ``<name>-2``, ``-3`` ...: the first that
+    ``take(path)`` accepts."""
     for n in range(1, 10_000):
         path = output_dir() / (name if n == 1 else f"{name}-{n}")
-        if (overwrite and n == 1 or not path.exists()) and claim(checkpoint_dir_for(path)):
+        if (overwrite and n == 1 or not path.exists()) and take(path):
             return path
     raise TutorialError(bilingual(f"{name} 的编号已用完。", f"No free name next to {name}."))
+
+
+def new_adapter_dir(overwrite: bool = False, *, name: str = ADAPTER_DIR_NAME, fingerprint: dict | None = None) -> Path:
+    """``outputs/lora-adapter``, or if it exists and ``overwrite`` is false, ``lora-adapter-2``, ``-3`` ...;
+    a name whose checkpoints another running training holds is skipped too, and with ``fingerprint`` a name
+    whose checkpoints belong to another run (they stay as they are). :func:`plan_run` picks the adapter folder
+    with it."""
+    def free(path: Path) -> bool:
+        ckpt_dir = checkpoint_dir_for(path)
+        return not (fingerprint is not None and _holds_another_run(ckpt_dir, fingerprint)) and claim(ckpt_dir)
+
+    return _free_dir(name, overwrite, free)
+
+
+def merged_model_dir(overwrite: bool = False) -> Path:
+    """Where lesson 05 saves its merged model: ``outputs/merged-model``, or if it exists and ``overwrite`` is
+    false, ``merged-model-2``, ``-3`` ...; a name another running process is saving into is skipped.
+    Introduced in notebooks/05_lora_finetune.ipynb."""
+    return _free_dir("merged-model", overwrite, claim)
 
 
 def save_adapter(model, path: str | Path, *, overwrite: bool = False, info: dict | None = None,
@@ -179,6 +197,25 @@ def run_fingerprint(choice, settings: TrainSettings, rows: SFTRows) -> dict:
     return {"base_model": choice.path, "settings": asdict(settings), "data_sha256": data}
 
 
+def _as_stored(fingerprint: dict) -> dict:
+    return json.loads(json.dumps(fingerprint))  # as stored: tuples become lists
+
+
+def _stored_fingerprint(ckpt_dir: Path) -> dict:
+    stored = ckpt_dir / FINGERPRINT_FILE
+    return json.loads(stored.read_text("utf-8")) if stored.exists() else {}
+
+
+def _holds_another_run(ckpt_dir: str | Path, fingerprint: dict) -> bool:
+    """Whether ``ckpt_dir`` holds checkpoints of a run other than ``fingerprint``'s (:func:`resume_point` refuses
+    to resume those)."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    ckpt_dir = Path(ckpt_dir)
+    return (ckpt_dir.is_dir() and get_last_checkpoint(str(ckpt_dir)) is not None
+            and _stored_fingerprint(ckpt_dir) != _as_stored(fingerprint))
+
+
 def resume_point(ckpt_dir: str | Path, fingerprint: dict) -> str | None:
     """The newest complete checkpoint of an interrupted run *of this same run* (None: a fresh start);
     incomplete ones are set aside (:func:`set_incomplete_checkpoints_aside`). Stores ``fingerprint`` in
@@ -186,9 +223,9 @@ def resume_point(ckpt_dir: str | Path, fingerprint: dict) -> str | None:
     Introduced in notebooks/05_lora_finetune.ipynb."""
     from transformers.trainer_utils import get_last_checkpoint
 
-    ckpt_dir, fingerprint = Path(ckpt_dir), json.loads(json.dumps(fingerprint))  # as stored: tuples become lists
+    ckpt_dir, fingerprint = Path(ckpt_dir), _as_stored(fingerprint)
     stored = ckpt_dir / FINGERPRINT_FILE
-    old = json.loads(stored.read_text("utf-8")) if stored.exists() else {}
+    old = _stored_fingerprint(ckpt_dir)
     if ckpt_dir.is_dir() and old == fingerprint:
         set_incomplete_checkpoints_aside(ckpt_dir)
     last = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
@@ -212,6 +249,46 @@ def resume_point(ckpt_dir: str | Path, fingerprint: dict) -> str | None:
         tmp.write_text(json.dumps(fingerprint, indent=1), "utf-8")
         os.replace(tmp, stored)
     return last
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """Where one LoRA run saves and whether it resumes: what :func:`plan_run` decided."""
+
+    adapter_dir: Path  # the adapter is saved here at the end
+    checkpoint_dir: Path  # the Trainer's output_dir: checkpoints while it trains
+    fingerprint: dict  # what makes it the same run (:func:`run_fingerprint`)
+    resume_from: str | None  # the newest complete checkpoint of this same run; None: a fresh start
+
+    @property
+    def resume_step(self) -> int | None:
+        """The optimizer step training continues after (None: a fresh start)."""
+        return int(Path(self.resume_from).name.rsplit("-", 1)[1]) if self.resume_from else None
+
+    def describe(self) -> str:
+        start = f"从第 {self.resume_step} 步继续（{Path(self.resume_from).name}）" if self.resume_from else "从头开始"
+        return f"适配器保存到 {self.adapter_dir}，检查点在 {self.checkpoint_dir}；{start}"
+
+    __str__ = describe
+
+
+def plan_run(choice, settings: TrainSettings, rows: SFTRows, *, adapter_dir: str | Path | None = None,
+             overwrite: bool = False, extra: dict | None = None) -> RunPlan:
+    """Where this run saves, and whether it resumes. Refuses an ``adapter_dir`` that holds an adapter unless
+    ``overwrite`` (:class:`OutputExistsError`); without ``adapter_dir``, picks ``outputs/lora-adapter`` or the next
+    free name (:func:`new_adapter_dir`), skipping a name whose checkpoints belong to another run (they are kept).
+    Reserves the checkpoint folder for this process, sets incomplete checkpoints aside and resumes only the same
+    run (base model, settings, data and ``extra``: :func:`resume_point`). Introduced in
+    notebooks/05_lora_finetune.ipynb; :func:`train_adapter` plans with it too."""
+    fingerprint = run_fingerprint(choice, settings, rows) | (extra or {})
+    if adapter_dir is None:
+        adapter_dir = new_adapter_dir(overwrite, fingerprint=fingerprint)
+    adapter_dir = Path(adapter_dir)
+    if not overwrite:
+        refuse_existing(adapter_dir, ("适配器", "adapter"))  # before any training
+    ckpt_dir = checkpoint_dir_for(adapter_dir)
+    claim(ckpt_dir)
+    return RunPlan(adapter_dir, ckpt_dir, fingerprint, resume_point(ckpt_dir, fingerprint))
 
 
 # --------------------------------------------------------------------------- the recipe as a function (lessons 06, 08)
@@ -316,17 +393,15 @@ def train_adapter(choice, adapter_dir: str | Path | None = None, *, settings: Tr
     """Lesson 05's recipe end to end; returns the ``Trainer`` (``.adapter_dir``, ``.resumed_from``).
 
     Every bad row is reported before anything is written; an interrupted run of the same run resumes;
-    only rank 0 saves (``torchrun``/``accelerate launch``: scripts/train_lora.py). ``adapter_dir``
-    defaults to :func:`new_adapter_dir`. Introduced in notebooks/05_lora_finetune.ipynb.
+    only rank 0 saves (``torchrun``/``accelerate launch``: scripts/train_lora.py). Where it saves and whether it
+    resumes: :func:`plan_run` (``adapter_dir`` None: the next free ``outputs/lora-adapter*``).
+    Introduced in notebooks/05_lora_finetune.ipynb.
     """
     import torch
     from peft import get_peft_model
     from transformers import AutoTokenizer, DataCollatorForSeq2Seq, Trainer, set_seed
 
     s = settings or settings_for(choice)
-    adapter_dir = Path(adapter_dir) if adapter_dir else new_adapter_dir(overwrite)
-    if save and not overwrite:
-        refuse_existing(adapter_dir, ("适配器", "adapter"))  # before any work
     if s.torch_threads:
         torch.set_num_threads(s.torch_threads)
     start = time.perf_counter()
@@ -336,9 +411,8 @@ def train_adapter(choice, adapter_dir: str | Path | None = None, *, settings: Tr
     train_ds, dev_ds = train_rows.dataset(on_bad=on_bad), dev_rows.dataset(on_bad=on_bad)
     if limit_rows:
         train_ds, dev_ds = (d.select(range(min(limit_rows, len(d)))) for d in (train_ds, dev_ds))
-    ckpt_dir = checkpoint_dir_for(adapter_dir)
-    claim(ckpt_dir)
-    resumed_from = resume_point(ckpt_dir, run_fingerprint(choice, s, train_rows) | {"limit_rows": limit_rows})
+    plan = plan_run(choice, s, train_rows, adapter_dir=adapter_dir, overwrite=overwrite, extra={"limit_rows": limit_rows})
+    adapter_dir, ckpt_dir, resumed_from = plan.adapter_dir, plan.checkpoint_dir, plan.resume_from
     set_seed(s.seed)
     overrides = {"eval_on_start": resumed_from is None} | (args_overrides or {})  # a resumed run was evaluated
     # The arguments before the model, as peft's multi-GPU examples do: they set up the processes (each rank's own
@@ -372,7 +446,8 @@ def train_adapter(choice, adapter_dir: str | Path | None = None, *, settings: Tr
 
 def ensure_adapter(choice) -> Path:
     """The newest adapter lesson 05 made for this base model (:func:`latest_adapter`), or one trained now
-    into :func:`new_adapter_dir`. Introduced in notebooks/05_lora_finetune.ipynb; used by lesson 06."""
+    into the next free ``outputs/lora-adapter*`` (:func:`plan_run`).
+    Introduced in notebooks/05_lora_finetune.ipynb; used by lesson 06."""
     found = latest_adapter(choice)
     if found:
         return found

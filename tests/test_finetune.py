@@ -298,6 +298,42 @@ def test_resume_refuses_checkpoints_of_another_run(small_run, choice, tok, tmp_p
     assert ft.resume_point(ckpt, same).endswith("checkpoint-6"), "a refused resume changes nothing"
 
 
+def test_plan_run_says_where_a_run_saves_and_whether_it_resumes(small_run, choice, tok, tmp_path, monkeypatch):
+    """Lesson 05's one call: a fresh run, the resume of the same run, another run (its checkpoints are kept and
+    the new run starts fresh next to them) and an existing adapter, which is never planned over."""
+    import shutil
+
+    _, run, _, settings = small_run
+    monkeypatch.setenv("LLAMA_TUTORIAL_OUTPUT", str(tmp_path))
+    rows = td.validate_sft_file(DATA_DIR / "train_sft.csv", tok, fmt=choice.chat_format, max_length=settings.max_length)
+    same = {"limit_rows": 16}  # what train_adapter adds to the fingerprint for small_run
+
+    fresh = ft.plan_run(choice, settings, rows, extra=same)
+    assert (fresh.adapter_dir, fresh.checkpoint_dir) == (tmp_path / "lora-adapter", tmp_path / "lora-adapter-checkpoints")
+    assert fresh.resume_from is None and fresh.resume_step is None
+    assert str(fresh) == f"适配器保存到 {fresh.adapter_dir}，检查点在 {fresh.checkpoint_dir}；从头开始"
+
+    shutil.copytree(ft.checkpoint_dir_for(run.adapter_dir), fresh.checkpoint_dir, dirs_exist_ok=True)  # interrupted
+    again = ft.plan_run(choice, settings, rows, extra=same)
+    assert again.adapter_dir == fresh.adapter_dir and again.resume_from.endswith("checkpoint-6")
+    assert again.resume_step == 6 and str(again).endswith("；从第 6 步继续（checkpoint-6）")
+    assert again.fingerprint == ft.run_fingerprint(choice, settings, rows) | same
+
+    kept = {p.relative_to(tmp_path): p.stat().st_mtime_ns for p in fresh.checkpoint_dir.rglob("*")}
+    other = ft.plan_run(choice, dataclasses.replace(settings, lora_r=8), rows, extra=same)
+    assert other.adapter_dir == tmp_path / "lora-adapter-2" and other.resume_from is None, "another run starts fresh"
+    assert {p.relative_to(tmp_path): p.stat().st_mtime_ns for p in fresh.checkpoint_dir.rglob("*")} == kept, "kept"
+    with pytest.raises(TutorialError, match="settings"):  # a folder given by hand: refused, nothing changed
+        ft.plan_run(choice, dataclasses.replace(settings, lora_r=8), rows, adapter_dir=fresh.adapter_dir, extra=same)
+    assert ft.plan_run(choice, settings, rows, extra=same).resume_from.endswith("checkpoint-6"), "still resumable"
+
+    shutil.copytree(run.adapter_dir, fresh.adapter_dir)  # the learner's finished adapter
+    with pytest.raises(ft.OutputExistsError, match="overwrite=True"):
+        ft.plan_run(choice, settings, rows, adapter_dir=fresh.adapter_dir, extra=same)
+    assert ft.plan_run(choice, settings, rows, extra=same).adapter_dir == tmp_path / "lora-adapter-2", "the next free name"
+    assert ft.plan_run(choice, settings, rows, adapter_dir=fresh.adapter_dir, overwrite=True, extra=same).resume_step == 6
+
+
 @pytest.mark.parametrize("cut", ["no_state", "truncated_state", "truncated_weights", "empty"])
 def test_resume_skips_a_checkpoint_a_kill_or_a_full_disk_cut_off(small_run, choice, tok, tmp_path, cut, recwarn):
     """A checkpoint whose save was cut off (the Trainer writes trainer_state.json last) is set aside
@@ -568,7 +604,7 @@ def _lesson_training_arguments(settings, checkpoint_dir, *, gpu=False, compute_d
     tree = ast.parse(source)
     tree.body = [n for n in tree.body if isinstance(n, ast.Assign) and {getattr(t, "id", "") for t in n.targets} & wanted]
     qlora = gpu and settings.quantization is not None
-    namespace = {"TrainingArguments": TrainingArguments, "torch": torch, "S": settings, "gpu": gpu, "qlora": qlora,
+    namespace = {"TrainingArguments": TrainingArguments, "torch": torch, "settings": settings, "gpu": gpu, "qlora": qlora,
                  "compute_dtype": compute_dtype or torch.float32, "CKPT_DIR": checkpoint_dir}
     exec(compile(tree, "lesson 05", "exec"), namespace)
     return namespace["args"]

@@ -3,7 +3,7 @@ it, the two are built side by side and must be equal. These run under the course
 under Colab's (make colab-check runs the unit tests in its environment); each fails when one copy changes alone.
 
 Chosen over generating the helpers from marked cells: the lessons write each recipe with the learner's
-names and comments (``S.lora_r``, ``compute_dtype``), the helpers take other inputs (settings objects,
+names and comments (``settings.lora_r``, ``compute_dtype``), the helpers take other inputs (settings objects,
 modes) and are called by scripts that must not import a notebook. TrainingArguments' test is in
 tests/test_finetune.py."""
 
@@ -53,7 +53,7 @@ def test_lesson_05_lora_config_equals_the_helpers(name):
     from peft import LoraConfig
 
     settings = finetune.SETTINGS[name]
-    (lesson,) = lesson_calls("05_lora_finetune.ipynb", "c43-25", "LoraConfig", {"LoraConfig": LoraConfig, "S": settings})
+    (lesson,) = lesson_calls("05_lora_finetune.ipynb", "c43-25", "LoraConfig", {"LoraConfig": LoraConfig, "settings": settings})
     helper = finetune.lora_config(settings)
     assert lesson.to_dict() == helper.to_dict()
     assert set(helper.target_modules) == set(finetune.LLAMA_PROJECTIONS)
