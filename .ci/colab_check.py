@@ -26,9 +26,9 @@ import time
 import tomllib
 from pathlib import Path
 
+from notebook_conventions import INSTALL_CELL  # beside this script in .ci/ (a script's folder is on sys.path)
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-from tests.notebook_conventions import INSTALL_CELL  # noqa: E402
 
 PINS = ROOT / ".ci" / "colab-preinstalled.txt"
 TORCH = "torch==2.13.0"

@@ -17,7 +17,7 @@ import venv
 import pytest
 
 from helpers.config import REPO_ROOT
-from tests.notebook_conventions import INSTALL_CELL
+from notebook_conventions import INSTALL_CELL
 
 
 @pytest.fixture(scope="module")
