@@ -56,7 +56,7 @@ $(STAMP): pyproject.toml scripts/smollm2-requirements.txt | $(PY)
 tiny: $(STAMP)
 	$(PY) -m helpers.tiny
 
-# SmolLM2-135M-Instruct converted once from its GGUF file into an ordinary model folder (about 30 s).
+# SmolLM2-135M-Instruct converted once from its GGUF file into an ordinary model folder (the time is printed).
 smollm2: $(STAMP)
 	$(PY) -m helpers.tiny smollm2-135m
 

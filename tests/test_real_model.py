@@ -2,14 +2,13 @@
 and the outcome measured with bench/experiment.py holds.
 
 Lesson 05 trains the adapter (settings cpu_smollm2) and lesson 06 finds it, as a learner's two lessons do;
-both write into one fresh output folder. Measured on 2 cores with lesson 06's settings (own template,
-the article's sampling, seed 42, 48 new tokens): base 49 of 91 counted answers Chinese by the echo rule,
-base + LoRA 89 of 91. The assertions leave room for what changes between machines and library builds
-(sampling over slightly different logits), not for a different outcome:
-- after LoRA at least 90 % Chinese (the issue's goal; measured 97.8 %);
-- a rise of at least 25 points (measured 44): a rise of 25 points on 91 questions is far outside what
-  reseeding the base moves (a binomial standard deviation at p = 0.54 is 5 points);
-- at most 2 English answers of 91 left after LoRA (measured 0; 2 leaves room for sampling noise).
+both write into one fresh output folder, with lesson 06's settings (own template, the article's sampling,
+seed 42, 48 new tokens; bench/experiment.py prints the counts). The assertions leave room for what changes
+between machines and library builds (sampling over slightly different logits), not for a different outcome:
+- after LoRA at least 90 % Chinese (the course's goal);
+- a rise of at least 25 points: on 91 questions that is far outside what reseeding the base moves (a binomial
+  standard deviation at p = 0.54 is 5 points);
+- at most 2 English answers of 91 left after LoRA (2 leaves room for sampling noise).
 """
 
 from __future__ import annotations

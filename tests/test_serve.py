@@ -64,8 +64,8 @@ def adapter(choice, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(choice, adapter):
-    # An API key starting with "-" (token_urlsafe gives one in 64 times) once reached vLLM as an option and the
-    # server refused to start ("argument --api-key: expected at least one argument"): every run uses such a key.
+    # An API key starting with "-" (token_urlsafe gives one in 64 times) must not reach vLLM as an option, where the
+    # server would refuse to start ("argument --api-key: expected at least one argument"): every run uses such a key.
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(serve.secrets, "token_urlsafe", lambda nbytes: "-" + "k" * 21)
         started = start_server(choice, adapters={"zh": adapter}, timeout=600)

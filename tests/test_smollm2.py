@@ -47,9 +47,8 @@ def test_converted_model_is_smollm2s_shape(folder):
 
 
 def test_answers_a_chinese_question_in_english(folder):
-    """Measured here: greedy, 60 tokens, its own template: '北京, which is pronounced as "bĭn" in Chinese, is a
-    city located in the northern part of China...' (Chinese share about 0.05). The course's English
-    threshold is 0.2; the real Llama-2-7b-chat answers 55 % of the article's questions in English."""
+    """Greedy, its own template: SmolLM2 is mostly English, so it answers a Chinese question in English (below the
+    course's English threshold of 0.2 Chinese), as the real Llama-2-7b-chat often does: the gap lesson 05 closes."""
     tok = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     ids = torch.tensor([encode_prompt(tok, [{"role": "user", "content": "请用中文介绍一下北京。"}], "model")])
