@@ -44,13 +44,23 @@ os.environ.setdefault("LLAMA_TUTORIAL_OUTPUT", tempfile.mkdtemp(prefix="llama-tu
 
 
 def pytest_configure(config):
-    # Build (or find in the cache) the tiny model once, before any test or kernel needs it.
-    from helpers.tiny import ensure_tiny_model
-
-    ensure_tiny_model(verbose=False)
     # bitsandbytes probes the device when first imported: import it here, on the real (CPU-only)
     # machine, so a test that fakes a CUDA GPU never becomes its first importer.
     import bitsandbytes  # noqa: F401
+
+
+_tiny_ready = False
+
+
+def pytest_runtest_setup(item):
+    # A lesson under nbval loads the tiny model in its kernel, where no fixture reaches: build it before the
+    # first notebook cell runs. Unit tests ask for it with the tiny_model fixture (tests/conftest.py).
+    global _tiny_ready
+    if item.path.suffix == ".ipynb" and not _tiny_ready:
+        from helpers.tiny import ensure_tiny_model
+
+        ensure_tiny_model(verbose=False)  # under a file lock: a second xdist worker waits, then finds it built
+        _tiny_ready = True
 
 
 # `make test` runs on two workers (pytest-xdist, --dist loadfile): each test file and each lesson goes
