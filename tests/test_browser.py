@@ -59,7 +59,8 @@ SKIP_REASON = (
 if not CHROMIUM.exists():
     # A skip alone is easy to miss in `make test`'s output; the warnings summary always shows this.
     warnings.warn(SKIP_REASON, pytest.PytestWarning, stacklevel=1)
-pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason=SKIP_REASON)
+pytestmark = [pytest.mark.browser, pytest.mark.server, pytest.mark.slow,
+              pytest.mark.skipif(not CHROMIUM.exists(), reason=SKIP_REASON)]
 
 
 def _free_port() -> int:
@@ -83,7 +84,7 @@ def _write_settings(settings_dir: Path) -> None:
 
 
 @pytest.fixture
-def jupyterlab(tmp_path):
+def jupyterlab(tmp_path, tiny_model):
     """A JupyterLab server on 127.0.0.1 serving a temporary copy of lesson 04."""
     root = tmp_path / "notebooks"
     root.mkdir()

@@ -65,7 +65,7 @@ def one_cpu_thread():
 
 
 @pytest.fixture(scope="module")
-def loaded():
+def loaded(tiny_model):
     choice = resolve_model("tiny", verbose=False)
     model, tokenizer = load_model_and_tokenizer(choice)
     return model, tokenizer
@@ -630,6 +630,7 @@ def test_gradio_page_reports_errors_with_detail_only_when_asked(show_error):
     assert ("server went away" in str(caught.value)) is show_error
 
 
+@pytest.mark.server
 def test_gradio_page_streams_in_chunks_and_stops_cleanly(loaded):
     from gradio_client import Client
 
@@ -712,7 +713,8 @@ def test_command_line_refuses_an_open_page_without_a_password(command_line, caps
     assert calls == [] and loads == [], "nothing is loaded or started"
 
 
-def test_the_script_runs_from_a_terminal():
+@pytest.mark.server
+def test_the_script_runs_from_a_terminal(tiny_model):
     """``python scripts/gradio_chat.py`` as lesson 04 shows it: it refuses an open page before loading a model."""
     result = subprocess.run([sys.executable, "scripts/gradio_chat.py", "--model", "tiny", "--host", "0.0.0.0"],
                             cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
@@ -736,6 +738,7 @@ def _launch_keywords(source: str) -> dict:
             for kw in call.keywords if kw.arg not in ("server_port", "auth", "show_error", "server_name")}
 
 
+@pytest.mark.server
 @pytest.mark.parametrize("where", ["lesson 04", "scripts/gradio_chat.py"])
 def test_gradio_page_is_never_public_in_colab(monkeypatch, where):
     """In Colab (or Kaggle, or with GRADIO_SHARE=true) gradio turns a public, password-less *.gradio.live link on by

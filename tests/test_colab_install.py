@@ -17,7 +17,7 @@ import venv
 import pytest
 
 from helpers.config import REPO_ROOT
-from tests.notebook_conventions import INSTALL_CELL
+from notebook_conventions import INSTALL_CELL
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +40,8 @@ def test_install_cell_outside_colab_does_nothing():
     assert out.returncode == 0 and out.stdout == ""
 
 
+@pytest.mark.slow
+@pytest.mark.server
 def test_install_cell_in_simulated_colab_installs_without_touching_torch(colab_python, tmp_path):
     import torch
 
@@ -66,6 +68,8 @@ def test_install_cell_in_simulated_colab_installs_without_touching_torch(colab_p
     assert helpers_line.split(" ", 1)[1].startswith(str(REPO_ROOT))
 
 
+@pytest.mark.slow
+@pytest.mark.server
 def test_install_cell_asks_for_a_restart_when_an_imported_package_changed(colab_python, tmp_path):
     """A package imported before the install and changed by it: say restart, don't run the old one."""
     env = dict(os.environ, COLAB_RELEASE_TAG="simulated", LLAMA_TUTORIAL_SOURCE=str(REPO_ROOT), PIP_NO_INPUT="1")

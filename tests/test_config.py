@@ -25,6 +25,7 @@ def _verified_download(folder, files=None):
     return folder
 
 
+@pytest.mark.smollm2
 def test_auto_without_cuda_picks_the_real_cpu_model_and_says_why(capsys):
     choice = resolve_model("auto")
     assert choice.name == "smollm2-135m" and choice.chat_format == "model" and not choice.is_tiny
@@ -77,6 +78,7 @@ def test_unfinished_download_is_not_local_weights(monkeypatch, tmp_path, capsys)
     assert choice.path != str(folder) and "model-00002-of-00002.safetensors" in choice.reason
 
 
+@pytest.mark.smollm2
 def test_auto_with_gpu_and_an_unfinished_download_says_so(monkeypatch, tmp_path):
     monkeypatch.setattr(models, "models_dir", lambda: tmp_path / "models")  # the tiny model stays cached
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -154,6 +156,7 @@ def test_folder_without_config_json_says_so(tmp_path):
     assert "没有含 config.json" in msg and "no model folder with config.json" in msg
 
 
+@pytest.mark.smollm2
 def test_auto_with_small_gpu_falls_back_to_the_cpu_model(monkeypatch, capsys):
     monkeypatch.setattr(models, "_cuda_free_gb", lambda: ("Tesla T4", 3.0))
     choice = resolve_model("auto")
@@ -169,6 +172,7 @@ def test_auto_with_gpu_and_local_weights_picks_llama2(monkeypatch, tmp_path, cap
     assert choice.name == "llama2-7b-chat" and choice.path == str(folder)
 
 
+@pytest.mark.smollm2
 def test_auto_with_gpu_but_no_weights_offline_falls_back(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(models, "_cuda_free_gb", lambda: ("Tesla T4", 14.5))

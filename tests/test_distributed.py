@@ -167,7 +167,7 @@ def _metrics(folder: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, tiny_model):
     """One process (batch 8) for the whole run; two processes (batch 4 each, same global batch)
     interrupted at step 3 and resumed to the end, as lesson 08 launches them."""
     root = tmp_path_factory.mktemp("lesson08")
@@ -179,6 +179,8 @@ def runs(tmp_path_factory):
             "second": _metrics(root / "second-m"), "resumed_log": resumed.stdout + resumed.stderr}
 
 
+@pytest.mark.slow
+@pytest.mark.server
 def test_both_ranks_train_on_different_rows_that_add_up_to_the_one_process_run(runs):
     first, second = runs["first"], runs["second"]
     assert [m["rank"] for m in first] == [0, 1] and all(m["world_size"] == 2 for m in first + second)
@@ -189,6 +191,8 @@ def test_both_ranks_train_on_different_rows_that_add_up_to_the_one_process_run(r
     assert sorted(per_rank[0] + per_rank[1]) == one
 
 
+@pytest.mark.slow
+@pytest.mark.server
 def test_loss_curve_matches_one_process_with_the_same_global_batch(runs):
     one = dict(map(tuple, runs["one"][0]["losses"]))
     two = dict(map(tuple, runs["first"][0]["losses"])) | dict(map(tuple, runs["second"][0]["losses"]))
@@ -199,12 +203,16 @@ def test_loss_curve_matches_one_process_with_the_same_global_batch(runs):
     assert one[STEPS] < one[1], "the loss falls"
 
 
+@pytest.mark.slow
+@pytest.mark.server
 def test_interrupted_two_process_run_resumes_from_its_checkpoint(runs):
     assert all(m["global_step"] == 3 for m in runs["first"])
     assert all(m["global_step"] == STEPS for m in runs["second"])
     assert "checkpoint-3" in runs["resumed_log"]
 
 
+@pytest.mark.slow
+@pytest.mark.server
 def test_only_rank_zero_writes_one_adapter_that_loads_and_answers(runs):
     import torch
 
@@ -232,7 +240,9 @@ def _adapter_tensors(folder):
     return load_file(Path(folder) / "adapter_model.safetensors")
 
 
-def test_fsdp_shards_the_parameters_across_two_gloo_processes(tmp_path):
+@pytest.mark.slow
+@pytest.mark.server
+def test_fsdp_shards_the_parameters_across_two_gloo_processes(tmp_path, tiny_model):
     """FSDP2 (fully_shard) on two CPU processes: each rank holds half of the elements, same loss; with lesson 05's
     LoRA, rank 0 holds half of each LoRA matrix, and the adapter gathered from both ranks equals the one-process one."""
     _launch([sys.executable, "scripts/fsdp_shard_demo.py", "--model", "tiny", "--json", tmp_path / "one.json",
@@ -266,6 +276,8 @@ ZERO3_CONFIG = {
 }
 
 
+@pytest.mark.slow
+@pytest.mark.server
 @pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
 def test_zero3_saves_the_whole_adapter(runs, tmp_path):
     """ZeRO-3 on two CPU processes (DeepSpeed without offload needs no CPU Adam build): the adapter must hold every
@@ -322,7 +334,7 @@ def fake_gpu_loading(monkeypatch):
     return seen
 
 
-def test_qlora_under_fsdp_stores_4bit_weights_in_a_float_dtype_without_a_device_map(fake_gpu_loading, monkeypatch):
+def test_qlora_under_fsdp_stores_4bit_weights_in_a_float_dtype_without_a_device_map(fake_gpu_loading, monkeypatch, tiny_model):
     """bitsandbytes' FSDP-QLoRA guide: bnb_4bit_quant_storage a float dtype, the model's dtype the same; no
     device_map under FSDP (DDP keeps one copy per rank on its own GPU); lesson 08 writes the same config out."""
     import torch

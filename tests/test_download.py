@@ -34,7 +34,7 @@ def _tiny_folder():
 
 
 @pytest.fixture(scope="module")
-def files():
+def files(tiny_model):
     return local_hub.tiny_repo_files(_tiny_folder())
 
 
@@ -206,6 +206,7 @@ def test_no_stored_token_goes_to_an_endpoint_other_than_huggingface(hub, tmp_pat
     assert any(r["auth"] == f"Bearer {TOKEN}" for r in hub.server.requests)
 
 
+@pytest.mark.server
 @pytest.mark.parametrize("import_hub_first", [False, True])
 def test_every_loading_path_keeps_the_stored_token_from_a_mirror(hub, tmp_path, import_hub_first):
     """With HF_ENDPOINT on another server, the token stored for huggingface.co goes nowhere: not with
@@ -379,6 +380,8 @@ def test_errors_translate_with_plain_httpx_as_hub_1x_uses(monkeypatch):
     assert err.kind == "unreachable" and "refused" in str(err)
 
 
+@pytest.mark.slow
+@pytest.mark.server
 def test_download_on_huggingface_hub_1_27(tmp_path):
     """A real run on Colab's huggingface_hub 1.27 (its wheel, fetched once into the tutorial cache)."""
     from helpers.config import home_dir
@@ -445,6 +448,8 @@ def test_bad_range_gets_416(files):
         server.stop()
 
 
+@pytest.mark.slow
+@pytest.mark.server
 def test_lesson_01_leaves_no_server_listening(monkeypatch):
     """Run lesson 01 in a kernel, then check from inside it that its loopback Hub is gone."""
     import nbformat

@@ -313,7 +313,7 @@ def test_published_answers_with_wrong_columns_or_type(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def tiny():
+def tiny(tiny_model):
     from helpers.models import resolve_model
     from helpers.loading import load_model_and_tokenizer
 
@@ -519,7 +519,8 @@ def test_base_and_lora_runs_share_one_dtype(tiny, monkeypatch, tmp_path):
 # --------------------------------------------------------------------------- lesson 06 on other models
 
 
-def test_lesson_06_reaches_the_end_with_a_random_weight_model(tmp_path, monkeypatch):
+@pytest.mark.slow
+def test_lesson_06_reaches_the_end_with_a_random_weight_model(tmp_path, monkeypatch, tiny_model):
     """No model-dependent assert stops the lesson; it prints the article's prompt as the one sent.
     The random model's tokenizer has no chat template, like FlagAlpha's models."""
     import nbformat
@@ -538,6 +539,7 @@ def test_lesson_06_reaches_the_end_with_a_random_weight_model(tmp_path, monkeypa
     assert "中文回答率为" in printed and list((tmp_path / "outputs" / "eval").glob("answers-lora-*.jsonl"))
 
 
+@pytest.mark.slow
 def test_tiny_models_outcome_in_lesson_06(tiny, tmp_path):
     """What lesson 06 prints for the tiny model, asserted here (the lesson itself asserts no outcome):
     with the article's prompt the base answers in English (trained in on purpose) and lesson 05's adapter

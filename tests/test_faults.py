@@ -18,6 +18,9 @@ import pytest
 from helpers import _files
 from helpers.config import REPO_ROOT
 
+# Every fault here is injected into a child process (killed mid-write, or under a file-size limit).
+pytestmark = pytest.mark.server
+
 _KILL_AFTER = """
 import os, shutil, signal, sys
 from pathlib import Path
@@ -200,7 +203,7 @@ def test_a_fault_injection_child_really_kills(tmp_path):
     assert done.returncode == -9 and "finished" not in done.stdout
 
 
-def test_lesson_06_finds_an_adapter_whose_overwrite_was_killed(tmp_path, monkeypatch):
+def test_lesson_06_finds_an_adapter_whose_overwrite_was_killed(tmp_path, monkeypatch, tiny_model):
     """A kill between setting the old adapter aside and putting the new one in place: the next look for an
     adapter (lesson 06's ensure_adapter) puts it back instead of training a new one."""
     from helpers import finetune as ft
@@ -249,8 +252,9 @@ SMALL = dict(per_device_train_batch_size=4, gradient_accumulation_steps=1, per_d
              logging_steps=1, eval_steps=2, save_steps=2, warmup_steps=1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kill_at", [6, 10])  # checkpoint-4's first file (its adapter) and last (RNG state)
-def test_training_killed_while_saving_a_checkpoint_resumes_from_the_last_complete_one(tmp_path, kill_at):
+def test_training_killed_while_saving_a_checkpoint_resumes_from_the_last_complete_one(tmp_path, kill_at, tiny_model):
     """A real SIGKILL in the middle of the Trainer's second checkpoint save. Each checkpoint writes five files
     through torch.save / safetensors (adapter, training_args.bin, optimizer, scheduler, RNG state), then
     trainer_state.json: files 1-5 are checkpoint-2's. The next run sets the cut-off checkpoint-4 aside with a

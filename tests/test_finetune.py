@@ -36,7 +36,7 @@ probe_logits, logits_agree = LESSON["probe_logits"], LESSON["logits_agree"]
 
 
 @pytest.fixture(scope="module")
-def choice():
+def choice(tiny_model):
     return resolve_model("tiny", verbose=False)
 
 
@@ -546,6 +546,7 @@ def _answer(model, tokenizer, questions, settings, fmt):
     return [a.strip() for a in answers]
 
 
+@pytest.mark.slow
 def test_lora_turns_the_tiny_models_answers_chinese(choice, tok, tmp_path, monkeypatch):
     """Lesson 05's outcome on the tiny model (asserted here, only printed in the lesson): dev loss
     falls and the Chinese share of the answers to the 72 dev questions goes from under 20% to over 60%."""

@@ -27,7 +27,7 @@ MC_HEADER = "id,question,A,B,C,D,answer\n"
 
 
 @pytest.fixture(scope="module")
-def tok():
+def tok(tiny_model):
     return AutoTokenizer.from_pretrained(resolve_model("tiny").path)
 
 

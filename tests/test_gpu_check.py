@@ -13,7 +13,7 @@ from helpers.loading import gpu_results_markdown
 
 
 @pytest.fixture(scope="module")
-def results():
+def results(tiny_model):
     return gpu_check.run("tiny", new_tokens=8, lora_seq=64, log=lambda *_: None)
 
 
@@ -42,20 +42,18 @@ def test_lora_step_on_a_4bit_base(results):
     assert step["training_mode"] and step["gradient_checkpointing"]
 
 
-def test_lora_step_really_checkpoints(monkeypatch, tmp_path):
+def test_lora_step_really_checkpoints(monkeypatch, tmp_path, tiny_model):
     """transformers 5 checkpoints activations only in training mode: with checkpointing active, the
     backward pass recomputes every decoder layer, so each layer's MLP runs twice per step."""
     from transformers import AutoTokenizer
     from transformers.models.llama import modeling_llama
-
-    from helpers.tiny import ensure_tiny_model
 
     calls = []
     forward = modeling_llama.LlamaMLP.forward
     monkeypatch.setattr(modeling_llama.LlamaMLP, "forward", lambda self, x: calls.append(self.training) or forward(self, x))
     shape = {**gpu_check.tiny_shape(), "num_hidden_layers": 2}
     gpu_check.save_random_checkpoint(shape, tmp_path, torch.float32, "cpu")
-    tok = AutoTokenizer.from_pretrained(ensure_tiny_model(verbose=False))
+    tok = AutoTokenizer.from_pretrained(tiny_model)
     calls.clear()  # saving ran no forward; count only the two LoRA steps (warm-up and timed)
     row = gpu_check.lora_step(tmp_path, tok, "cpu", torch.float32, seq_len=16)
     assert row["gradient_checkpointing"] and row["training_mode"]

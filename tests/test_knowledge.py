@@ -33,7 +33,7 @@ def _bilingual(message: str) -> bool:
 
 
 @pytest.fixture(scope="module")
-def tiny():
+def tiny(tiny_model):
     from helpers.loading import load_model_and_tokenizer
 
     model, tokenizer = load_model_and_tokenizer(resolve_model("tiny", verbose=False))

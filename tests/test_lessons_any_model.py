@@ -23,11 +23,13 @@ LESSONS = [
 
 
 @pytest.fixture(scope="module")
-def model_folders(tmp_path_factory):
+def model_folders(tmp_path_factory, tiny_model):
     root = tmp_path_factory.mktemp("models")
     return {flag: random_llama_folder(root, chat_template=flag) for flag in (False, True)}
 
 
+@pytest.mark.slow
+@pytest.mark.server
 @pytest.mark.parametrize("lesson, chat_template", LESSONS, ids=[f"{n[:2]}-{'template' if t else 'no-template'}"
                                                                 for n, t in LESSONS])
 def test_lesson_reaches_its_end(monkeypatch, model_folders, lesson, chat_template):

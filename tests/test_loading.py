@@ -29,7 +29,6 @@ from helpers.loading import (
     missing_weights,
     preflight_check,
 )
-from helpers.tiny import ensure_tiny_model
 from tests.model_fixtures import random_llama_folder
 
 
@@ -48,8 +47,8 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def tiny_path():
-    return ensure_tiny_model(verbose=False)
+def tiny_path(tiny_model):
+    return tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -210,7 +209,7 @@ def test_quantized_models_generate(loaded, tiny_path):
 
 
 @pytest.fixture(scope="module")
-def no_template_folder(tmp_path_factory):
+def no_template_folder(tmp_path_factory, tiny_model):
     return random_llama_folder(tmp_path_factory.mktemp("models"), chat_template=False)
 
 

@@ -1,9 +1,10 @@
-"""The Makefile's targets a learner runs by hand: clean, clean-outputs and lab (also as root)."""
+"""The Makefile's targets a learner runs by hand: clean, clean-outputs and lab (also as root); README's command table."""
 
 from __future__ import annotations
 
 import os
 import pty
+import re
 import shutil
 import signal
 import socket
@@ -12,6 +13,8 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+
+import pytest
 
 from helpers.config import REPO_ROOT
 
@@ -103,6 +106,8 @@ def _listening(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
+@pytest.mark.slow
+@pytest.mark.server
 def test_make_lab_readme_command_serves_and_stops(tmp_path):
     """README's headless command, as the current user (root in CI and in containers)."""
     port = _free_port()
@@ -148,3 +153,14 @@ def _group_alive(group: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+def test_readme_command_table_names_phony_targets_with_a_rule():
+    makefile = (REPO_ROOT / "Makefile").read_text(encoding="utf-8")
+    phony = set(re.search(r"^\.PHONY:(.*)$", makefile, re.M).group(1).split())
+    rules = set(re.findall(r"^([a-z][\w-]*):(?!=)", makefile, re.M))
+    readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    table = set(re.findall(r"^\| `make ([\w-]+)", readme, re.M))
+    assert {"check", "lint", "clean"} <= table, "the table lists the maintainers' commands"
+    assert table <= phony, f"in README's table but not .PHONY: {sorted(table - phony)}"
+    assert table <= rules, f"in README's table without a rule: {sorted(table - rules)}"

@@ -10,7 +10,7 @@ import nbformat
 import pytest
 
 from helpers.config import REPO_ROOT
-from tests.notebook_conventions import COLAB_PREFIX, INSTALL_CELL
+from notebook_conventions import COLAB_PREFIX, INSTALL_CELL
 
 NOTEBOOKS = sorted((REPO_ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 CORE_LESSONS = ["00", "01", "02", "03", "04", "05", "06"]
@@ -55,12 +55,12 @@ def test_first_cell_title_goal_time_and_badge(nb):
     assert len(re.findall(r"^\*\*预计用时\*\*：.+$", src, re.M)) == 1, "exactly one line starting **预计用时**："
     assert "目标" in src or "你将学到" in src
     links = re.findall(r"\((https://colab\.research\.google\.com/github/[^)]+)\)", src)
-    assert links == [COLAB_PREFIX + "notebooks/" + nb.path.name], "run `python -m tests.notebook_conventions`"
+    assert links == [COLAB_PREFIX + "notebooks/" + nb.path.name], "run `python .ci/notebook_conventions.py`"
 
 
 def test_install_cell_is_the_guarded_one(nb):
     code = [c for c in nb.cells if c.cell_type == "code"]
-    assert code[0].source == INSTALL_CELL, "run `python -m tests.notebook_conventions` to stamp the install cell"
+    assert code[0].source == INSTALL_CELL, "run `python .ci/notebook_conventions.py` to stamp the install cell"
     tree = ast.parse(INSTALL_CELL)
     guarded = [n for n in tree.body if isinstance(n, ast.If)]
     assert guarded and "IN_COLAB" in ast.unparse(guarded[0].test)

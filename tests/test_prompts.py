@@ -38,8 +38,8 @@ HYPOTHESIS = settings(max_examples=40, deadline=None, suppress_health_check=[Hea
 
 
 @pytest.fixture(scope="module")
-def tok():
-    return AutoTokenizer.from_pretrained(ensure_tiny_model(verbose=False))
+def tok(tiny_model):
+    return AutoTokenizer.from_pretrained(tiny_model)
 
 
 def U(text):
@@ -491,6 +491,7 @@ def real_tok(request):
         pytest.fail(f"{err}\nThese tests need the real Llama-2 vocabulary: run `make setup` or `python scripts/fetch_llama2_vocab.py`.")
 
 
+@pytest.mark.vocab
 def test_real_vocabulary_is_llama2s(real_tok):
     assert len(real_tok) == 32000
     assert (real_tok.bos_token_id, real_tok.eos_token_id, real_tok.unk_token_id) == (1, 2, 0)
@@ -500,6 +501,7 @@ def test_real_vocabulary_is_llama2s(real_tok):
         "<0xE5>", "<0x96>", "<0x84>"]
 
 
+@pytest.mark.vocab
 def test_real_vocabulary_meta_reference_ids():
     # Meta's SentencePiece reference tokenizes "[INST] Hello [/INST]" after BOS to these ids.
     tok = load_llama2_tokenizer(legacy=True)
@@ -510,6 +512,7 @@ def test_real_vocabulary_meta_reference_ids():
 REAL_TEXT = st.text(alphabet=st.sampled_from(list("你好世界中文模型回答。，？！：abcXYZ 019\n[]/:-`'\"😀善")), max_size=30)
 
 
+@pytest.mark.vocab
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(fmt=st.sampled_from(FORMATS), system=st.one_of(st.none(), REAL_TEXT),
        history=st.lists(st.tuples(REAL_TEXT, REAL_TEXT.filter(str.strip)), max_size=2),
@@ -539,6 +542,7 @@ def test_real_vocabulary_mask_covers_exactly_the_answer(real_tok, fmt, system, h
         assert full.input_ids == list(real_tok.apply_chat_template(asked + [A(answer)], tokenize=True, return_dict=False))
 
 
+@pytest.mark.vocab
 @pytest.mark.parametrize("name", ["train_sft.csv", "dev_sft.csv"])
 def test_real_vocabulary_csv_rows_are_token_exact(real_tok, name):
     for n, row in enumerate(read_rows(name), start=2):
@@ -549,6 +553,7 @@ def test_real_vocabulary_csv_rows_are_token_exact(real_tok, name):
         assert real_tok.decode(label_runs(enc)[-1], skip_special_tokens=True).strip(" ") == (answer + "\n").strip(" ")
 
 
+@pytest.mark.vocab
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(fmt=st.sampled_from(FORMATS), turns=st.lists(st.tuples(SHORT, SHORT), max_size=4), last=SHORT,
        max_tokens=st.integers(min_value=10, max_value=120))
@@ -629,6 +634,7 @@ def labelled_text(tokenizer, enc):
     return [tokenizer.decode(run) for run in label_runs(enc)]
 
 
+@pytest.mark.smollm2
 def test_chatml_labels_each_answer_and_its_end_token(smol_tok):
     enc = encode(smol_tok, MULTI_TURN, "model", add_generation_prompt=False)
     ids = smol_tok.apply_chat_template(MULTI_TURN, tokenize=True, return_dict=False)

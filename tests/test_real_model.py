@@ -2,14 +2,13 @@
 and the outcome measured with bench/experiment.py holds.
 
 Lesson 05 trains the adapter (settings cpu_smollm2) and lesson 06 finds it, as a learner's two lessons do;
-both write into one fresh output folder. Measured on 2 cores with lesson 06's settings (own template,
-the article's sampling, seed 42, 48 new tokens): base 49 of 91 counted answers Chinese by the echo rule,
-base + LoRA 89 of 91. The assertions leave room for what changes between machines and library builds
-(sampling over slightly different logits), not for a different outcome:
-- after LoRA at least 90 % Chinese (the issue's goal; measured 97.8 %);
-- a rise of at least 25 points (measured 44): a rise of 25 points on 91 questions is far outside what
-  reseeding the base moves (a binomial standard deviation at p = 0.54 is 5 points);
-- at most 2 English answers of 91 left after LoRA (measured 0; 2 leaves room for sampling noise).
+both write into one fresh output folder, with lesson 06's settings (own template, the article's sampling,
+seed 42, 48 new tokens; bench/experiment.py prints the counts). The assertions leave room for what changes
+between machines and library builds (sampling over slightly different logits), not for a different outcome:
+- after LoRA at least 90 % Chinese (the course's goal);
+- a rise of at least 25 points: on 91 questions that is far outside what reseeding the base moves (a binomial
+  standard deviation at p = 0.54 is 5 points);
+- at most 2 English answers of 91 left after LoRA (2 leaves room for sampling noise).
 """
 
 from __future__ import annotations
@@ -23,6 +22,9 @@ import pytest
 from nbclient import NotebookClient
 
 from helpers.config import REPO_ROOT
+
+# Two lessons on a real model in notebook kernels: the longest test of all, and it needs SmolLM2 converted.
+pytestmark = [pytest.mark.slow, pytest.mark.smollm2, pytest.mark.server]
 
 LESSONS = ("05_lora_finetune.ipynb", "06_evaluation.ipynb")
 
@@ -63,7 +65,7 @@ def test_lesson_05_trains_smollm2_and_saves_the_adapter(executed):
 def test_lesson_05_dev_loss_falls(executed):
     out, _ = executed
     info = json.loads((out / "lora-adapter" / "training_info.json").read_text())
-    assert info["dev_loss_last"] < info["dev_loss_first"] - 0.2, "dev loss falls (measured 2.46 -> 2.06)"
+    assert info["dev_loss_last"] < info["dev_loss_first"] - 0.2, "dev loss falls"
 
 
 def test_lesson_06_used_lesson_05s_adapter_and_got_answers_in_both_runs(executed):
@@ -78,9 +80,9 @@ def test_lesson_06_measures_the_rise_in_chinese_answers(executed):
     out, _ = executed
     report = pd.read_csv(out / "eval" / "eval-report.csv", index_col=0, encoding="utf-8-sig")
     base, lora = report.loc["全部", "基座 · 中文回答率"], report.loc["全部", "基座 + LoRA · 中文回答率"]
-    assert lora >= 0.90, f"after LoRA at least 90 % Chinese answers (measured 97.8 %), got {lora:.1%}"
-    assert lora - base >= 0.25, f"a rise of at least 25 points (measured 44), got {base:.1%} -> {lora:.1%}"
-    assert report.loc["全部", "基座 + LoRA · 英文回答率"] <= 2 / 91, "at most 2 English answers left (measured 0)"
+    assert lora >= 0.90, f"after LoRA at least 90 % Chinese answers, got {lora:.1%}"
+    assert lora - base >= 0.25, f"a rise of at least 25 points, got {base:.1%} -> {lora:.1%}"
+    assert report.loc["全部", "基座 + LoRA · 英文回答率"] <= 2 / 91, "at most 2 English answers left"
 
 
 # tests/nbenv.py: this module keeps more than two tests, so xdist hands this worker no other file while the

@@ -10,16 +10,19 @@ import subprocess
 import sys
 
 import nbformat
+import pytest
 
 from helpers.config import REPO_ROOT
 
 LESSON = "02_loading_quantized"  # a lesson that draws a chart with plt.show()
 
 
-def test_run_all_executes_a_lesson_into_build_with_its_figures(tmp_path):
+@pytest.mark.slow
+@pytest.mark.server
+def test_run_all_executes_a_lesson_into_build_with_its_figures(tmp_path, tiny_model):
     source = REPO_ROOT / "notebooks" / f"{LESSON}.ipynb"
     before = hashlib.sha256(source.read_bytes()).hexdigest()
-    # Agg is what tests/nbenv.py used to set and what a learner's shell may have: figures must still appear.
+    # Agg is what a learner's shell or a CI runner may set (it draws nothing inline): figures must still appear.
     env = dict(os.environ, MPLBACKEND="Agg")
     out = subprocess.run(
         [sys.executable, str(REPO_ROOT / ".ci" / "run_all.py"), "--only", LESSON[:2], "--out", str(tmp_path)],

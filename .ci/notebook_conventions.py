@@ -4,8 +4,11 @@ The hygiene tests check notebooks against these. The repository's address lives 
 pyproject.toml's ``[project.urls] Repository``; the Colab badge and the install cell are built from
 it and stamped into every lesson by this module (authors never copy them by hand):
 
-    python -m tests.notebook_conventions                    # stamp notebooks/NN_*.ipynb
-    python -m tests.notebook_conventions --repo owner/name  # a fork: rewrite pyproject, then stamp
+    python .ci/notebook_conventions.py                    # stamp notebooks/NN_*.ipynb
+    python .ci/notebook_conventions.py --repo owner/name  # a fork: rewrite pyproject, then stamp
+
+It is maintainer tooling, kept in .ci/ beside the other tools; the tests import it as ``notebook_conventions``
+(pyproject.toml puts .ci/ on pytest's ``pythonpath``).
 """
 
 from __future__ import annotations
