@@ -28,17 +28,11 @@ from pathlib import Path
 
 def lesson06_scoring() -> dict:
     """answer_language, rouge_l, bleu, score_answers, summarize and their constants, from lesson 06's cells."""
-    import nbformat
-
-    from helpers.config import REPO_ROOT
     from tests.lesson_code import lesson_definitions
 
-    cells = nbformat.read(REPO_ROOT / "notebooks" / "06_evaluation.ipynb", as_version=4).cells
-    wanted = ("def answer_language", "def rouge_l", "def score_answers")
-    ids = [next(c.id for c in cells if c.cell_type == "code" and w in c.source) for w in wanted]
     import pandas as pd
 
-    namespace = lesson_definitions("06_evaluation.ipynb", *ids)
+    namespace = lesson_definitions("06_evaluation.ipynb", "answer_language", "rouge_bleu", "score_answers")
     namespace["pd"] = pd  # the lesson imports pandas in its first cell; the functions read it from their globals
     return namespace
 

@@ -102,7 +102,7 @@ def make_files(model: str) -> dict[str, Path]:
     choice = resolve_model(model, verbose=False)
     folder = cache_dir() / "bench" / f"{choice.name}-{Path(choice.path).name}"
     f16 = run_converter(convert_command(choice.path, folder / "f16.gguf"), folder / "f16.gguf")
-    lesson = lesson_definitions("09_gguf_llama_cpp.ipynb", "c09-quantize",
+    lesson = lesson_definitions("09_gguf_llama_cpp.ipynb", "quantize",
                                 given={"llama_cpp": require_llama_cpp(), "N_THREADS": 1, "Path": Path, "os": os})
     return {kind: lesson["quantize"](f16, folder / f"{kind}.gguf", kind) for kind in ("Q8_0", "Q4_K_M")}
 

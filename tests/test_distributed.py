@@ -12,7 +12,7 @@ from helpers.config import REPO_ROOT
 from tests.lesson_code import lesson_definitions
 
 # Lesson 08 writes its memory accounting out (section 1, and smallest_gpu_count in section 2): test that code.
-LESSON = lesson_definitions("08_multi_gpu_lora.ipynb", "f821ae6c", "011e877c")
+LESSON = lesson_definitions("08_multi_gpu_lora.ipynb", "per_gpu_memory", "smallest_gpu_count")
 SHARDS, STRATEGIES, llama_config = LESSON["SHARDS"], LESSON["STRATEGIES"], LESSON["llama_config"]
 lora_trainable, per_gpu_memory, smallest_gpu_count = (LESSON[name] for name in (
     "lora_trainable", "per_gpu_memory", "smallest_gpu_count"))
@@ -350,7 +350,7 @@ def test_qlora_under_fsdp_stores_4bit_weights_in_a_float_dtype_without_a_device_
         assert fake_gpu_loading["model"].input_grads == qlora.gradient_checkpointing
         given = {"torch": torch, "BitsAndBytesConfig": __import__("transformers").BitsAndBytesConfig,
                  "compute_dtype": compute, "storage_dtype": storage}
-        lesson = lesson_calls("08_multi_gpu_lora.ipynb", "c08-fsdp-qlora-config", "BitsAndBytesConfig", given)
+        lesson = lesson_calls("08_multi_gpu_lora.ipynb", "fsdp_qlora_config", "BitsAndBytesConfig", given)
         assert lesson[0].to_dict() == fsdp["quantization_config"].to_dict(), "lesson 08's FSDP-QLoRA config drifted"
 
 

@@ -22,7 +22,7 @@ from tests.lesson_code import lesson_definitions
 
 # Lesson 06 writes its metrics out (sections 2, 3, 6 and 12): the tests run that code.
 # The lesson's model is the tiny one here (its format is Llama-2's): LAYOUT is the article's.
-L = SimpleNamespace(**lesson_definitions("06_evaluation.ipynb", "c41-03", "c41-09", "c41-24", "c41-22", "c41-36a",
+L = SimpleNamespace(**lesson_definitions("06_evaluation.ipynb", "eval_settings", "answer_language", "rouge_bleu", "score_answers", "published_answers",
                                          given={"choice": resolve_model("tiny", verbose=False)}))
 
 HAN = re.compile(r"[\u4e00-\u9fff]")

@@ -31,7 +31,7 @@ from scripts.train_lora import StopAfterSteps
 from tests.lesson_code import lesson_definitions, script_module
 
 # Lesson 05 writes its reload check out (section 11): the tests use that code.
-LESSON = lesson_definitions("05_lora_finetune.ipynb", "c43-36")
+LESSON = lesson_definitions("05_lora_finetune.ipynb", "logits_agree")
 probe_logits, logits_agree = LESSON["probe_logits"], LESSON["logits_agree"]
 
 

@@ -32,7 +32,7 @@ from helpers.prompts import (
 from helpers.tiny import ensure_tiny_model
 from tests.lesson_code import lesson_definitions
 
-messages_to_csv_text = lesson_definitions("03_prompt_templates.ipynb", "c37-24")["messages_to_csv_text"]  # lesson 03 writes it
+messages_to_csv_text = lesson_definitions("03_prompt_templates.ipynb", "messages_to_csv_text")["messages_to_csv_text"]  # lesson 03 writes it
 
 HYPOTHESIS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 

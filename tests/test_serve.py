@@ -393,7 +393,7 @@ def test_lesson_07_facts_match_the_pinned_vllm():
     field = next(n for n in ast.walk(cache) if isinstance(n, ast.AnnAssign)
                  and getattr(n.target, "id", None) == "gpu_memory_utilization")
     default = next(k.value.value for k in field.value.keywords if k.arg == "default")
-    assert lesson_definitions("07_serving_vllm.ipynb", "57e00500")["GPU_UTILIZATION"] == default == 0.92
+    assert lesson_definitions("07_serving_vllm.ipynb", "vllm_memory")["GPU_UTILIZATION"] == default == 0.92
 
     ranks = [e.value for e in _assigned(_pinned_vllm_source("config/lora.py"), "MaxLoRARanks").slice.elts]
     assert tuple(ranks) == serve.LORA_RANKS
@@ -429,7 +429,7 @@ def test_stream_equals_non_streamed_answer(server):
 def test_openai_backend_follows_the_chat_widget_contract(server):
     from helpers.chat import GenerationParams
 
-    openai_backend = lesson_definitions("07_serving_vllm.ipynb", "ae780859")["openai_backend"]  # lesson 07 writes it
+    openai_backend = lesson_definitions("07_serving_vllm.ipynb", "openai_backend")["openai_backend"]  # lesson 07 writes it
     backend = openai_backend(server.client(timeout=60), "tiny")
     stream = backend([{"role": "user", "content": "你好"}], GenerationParams(do_sample=False, max_new_tokens=16),
                      threading.Event())
