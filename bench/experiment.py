@@ -77,11 +77,11 @@ def main() -> None:
                 "max_new_tokens": args.max_new_tokens}  # lesson 06's ARTICLE_SAMPLING
     layouts = {"own template": (choice.chat_format, None), "article layout": ("article", SYSTEM_PROMPT_ARTICLE)}
     tables = {}
-    for layout_name, (layout, system_prompt) in layouts.items():
+    for layout_name, (chat_format, system_prompt) in layouts.items():
         for run in ("base", "base + LoRA"):
-            settings_run = {"model": choice.path, "layout": layout, "system_prompt": system_prompt, "generate": decoding,
+            settings_run = {"model": choice.path, "chat_format": chat_format, "system_prompt": system_prompt, "generate": decoding,
                             "seed": 42, "adapter": None if run == "base" else str(adapter)}
-            path = work / f"answers-{run.replace(' ', '')}-{layout}.jsonl"
+            path = work / f"answers-{run.replace(' ', '')}-{chat_format}.jsonl"
             start = time.perf_counter()
             if run == "base":
                 with model.disable_adapter():

@@ -34,11 +34,11 @@ def prompt_ids(model: str, prompts: int) -> list[list[int]]:
 
     from helpers.models import resolve_model
     from helpers.evaluation import load_questions
-    from helpers.prompts import encode_prompt
+    from helpers.prompts import encode
 
     choice = resolve_model(model, verbose=False)
     tokenizer = AutoTokenizer.from_pretrained(choice.path)
-    return [encode_prompt(tokenizer, [{"role": "user", "content": q["question"]}], choice.chat_format)
+    return [encode(tokenizer, [{"role": "user", "content": q["question"]}], choice.chat_format).input_ids
             for q in load_questions()[: prompts + 1]]
 
 

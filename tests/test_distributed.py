@@ -210,7 +210,7 @@ def test_only_rank_zero_writes_one_adapter_that_loads_and_answers(runs):
 
     from helpers.models import resolve_model
     from helpers.finetune import load_with_adapter, read_training_info
-    from helpers.prompts import encode_prompt
+    from helpers.prompts import encode
 
     adapter = runs["root"] / "two"
     assert (adapter / "adapter_config.json").exists() and (adapter / "adapter_model.safetensors").exists()
@@ -220,7 +220,7 @@ def test_only_rank_zero_writes_one_adapter_that_loads_and_answers(runs):
     assert info["global_step"] == STEPS and info["resumed_from"].endswith("checkpoint-3")
     choice = resolve_model("tiny", verbose=False)
     model, tokenizer = load_with_adapter(choice, adapter)
-    ids = encode_prompt(tokenizer, [{"role": "user", "content": "请介绍一下长城。"}], choice.chat_format)
+    ids = encode(tokenizer, [{"role": "user", "content": "请介绍一下长城。"}], choice.chat_format).input_ids
     with torch.no_grad():
         out = model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False)
     assert out.shape[1] > len(ids)

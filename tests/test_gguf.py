@@ -228,7 +228,7 @@ def test_on_smollm2_quantization_costs_what_was_measured(smollm2_files):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from helpers.evaluation import load_questions
-    from helpers.prompts import encode_prompt
+    from helpers.prompts import encode
 
     choice, paths = smollm2_files
     tokenizer = AutoTokenizer.from_pretrained(choice.path)
@@ -236,7 +236,7 @@ def test_on_smollm2_quantization_costs_what_was_measured(smollm2_files):
     hf = AutoModelForCausalLM.from_pretrained(choice.path, dtype=torch.float32).eval()
     ns = lesson_definitions(LESSON, "gguf_agreement", "gguf_perplexity", given={"tokenizer": tokenizer, "choice": choice, "hf": hf,
                                                                    "torch": torch})
-    prompts = [encode_prompt(tokenizer, [{"role": "user", "content": q["question"]}], choice.chat_format)
+    prompts = [encode(tokenizer, [{"role": "user", "content": q["question"]}], choice.chat_format).input_ids
                for q in load_questions()[:12]]
     reference = ns["hf_greedy"](prompts)
     dev = [csv_text_to_messages(t) for t in pd.read_csv(DATA_DIR / "dev_sft.csv")["text"]][:12]

@@ -214,8 +214,8 @@ def no_template_folder(tmp_path_factory):
     return random_llama_folder(tmp_path_factory.mktemp("models"), chat_template=False)
 
 
-@pytest.mark.parametrize("fmt", ["llama2", "human_assistant"])
-def test_timing_needs_no_chat_template(no_template_folder, fmt):
+@pytest.mark.parametrize("chat_format", ["llama2", "human_assistant"])
+def test_timing_needs_no_chat_template(no_template_folder, chat_format):
     """FlagAlpha's models ship no chat_template: apply_chat_template raises on them, so the timing
     builds the prompt with the course's own template for the model's chat format."""
     from transformers import AutoTokenizer
@@ -229,9 +229,9 @@ def test_timing_needs_no_chat_template(no_template_folder, fmt):
     prompts = []
     real_generate = model.generate
     model.generate = lambda ids, **k: prompts.append(ids) or real_generate(ids, **k)
-    timing = time_generation(model, tok, "你好", chat_format=fmt, new_tokens=2, warmup=False)
+    timing = time_generation(model, tok, "你好", chat_format=chat_format, new_tokens=2, warmup=False)
     assert timing.new_tokens == 2
-    wanted = build_prompt([{"role": "user", "content": "你好"}], fmt)
+    wanted = build_prompt([{"role": "user", "content": "你好"}], chat_format)
     assert tok.decode(prompts[0][0]).replace(" ", "") == wanted.replace(" ", "")
 
 

@@ -28,7 +28,7 @@ from helpers import serve
 from helpers.config import REPO_ROOT, TutorialError
 from helpers.models import resolve_model
 from helpers.evaluation import load_questions, question_messages
-from helpers.prompts import SYSTEM_PROMPT_ARTICLE, encode_prompt
+from helpers.prompts import SYSTEM_PROMPT_ARTICLE, encode
 from helpers.serve import check_adapter, group_members, port_is_free, start_server
 from tests.lesson_code import lesson_definitions, script_module
 
@@ -83,7 +83,7 @@ def hf(choice):
 
 def _prompts(tokenizer, choice):
     questions = load_questions()[:N_QUESTIONS]
-    return [encode_prompt(tokenizer, question_messages(q["question"], SYSTEM_PROMPT_ARTICLE), choice.chat_format)
+    return [encode(tokenizer, question_messages(q["question"], SYSTEM_PROMPT_ARTICLE), choice.chat_format).input_ids
             for q in questions]
 
 
