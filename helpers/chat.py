@@ -162,7 +162,7 @@ def openai_backend(client, model):
 
 
 def local_backend(model, tokenizer, chat_format: str = "llama2", **options) -> Callable:
-    """The default backend: the local model through :func:`ReplyStream` with ``options`` (lesson 04)."""
+    """The default backend: the local model through :class:`ReplyStream` with ``options`` (lesson 04)."""
     def backend(messages: list[dict], params: GenerationParams, stop: threading.Event) -> ReplyStream:
         return ReplyStream(model, tokenizer, messages, params, chat_format=chat_format, stop_event=stop, **options)
     return backend

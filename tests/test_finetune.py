@@ -103,7 +103,7 @@ def test_mask_boundary_on_many_random_rows(tmp_path, choice, tok):
         assert ids[-1] == labels[-1] == tok.eos_token_id
 
 
-def test_three_layouts_give_the_same_tokens(tmp_path, choice, tok):
+def test_three_schemas_give_the_same_tokens(tmp_path, choice, tok):
     q, a = "地球的卫星是什么？", "月球。"
     _csv(tmp_path / "text.csv", [_row(q, a)])
     pd.DataFrame({"question": [q], "answer": [a]}).to_csv(tmp_path / "qa.csv", index=False)
