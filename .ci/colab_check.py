@@ -108,20 +108,19 @@ def build(venv: Path, index: list[str]) -> Path:
 
 # Lesson 09's second cell builds llama-cpp-python in Colab (no CPU wheel on PyPI) and installs it: run here after
 # the install cell, as a Colab learner would. The wheel `make setup` built is in the course's cache, so it is reused.
-LESSON_CELLS = [("09_gguf_llama_cpp.ipynb", "c09-colab-build")]
+LESSON_CELLS = [("09_gguf_llama_cpp.ipynb", "colab_build_llama_cpp")]
 
 
 def run_install_cell(python: Path) -> None:
-    import nbformat
+    from tests.lesson_code import lesson_cell
 
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     env.update(COLAB_RELEASE_TAG="colab-check", LLAMA_TUTORIAL_SOURCE=str(ROOT), PIP_NO_INPUT="1")
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as cwd:
         subprocess.run([str(python), "-c", INSTALL_CELL], cwd=cwd, env=env, check=True)
-        for lesson, cell_id in LESSON_CELLS:
-            cells = {c.id: c.source for c in nbformat.read(ROOT / "notebooks" / lesson, as_version=4).cells}
-            subprocess.run([str(python), "-c", INSTALL_CELL + "\n" + cells[cell_id]], cwd=cwd, env=env, check=True)
+        for lesson, marker in LESSON_CELLS:
+            subprocess.run([str(python), "-c", INSTALL_CELL + "\n" + lesson_cell(lesson, marker)], cwd=cwd, env=env, check=True)
     _say(f"install cells ran in {time.perf_counter() - start:.1f} s")
 
 

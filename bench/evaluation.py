@@ -1,10 +1,10 @@
 """Batched generation (lesson 06) against one question at a time, as the article's loop did.
 
-    python -m bench.evaluation [--batch-size 8] [--max-new-tokens 32] [--layout article] [--repeats 3]
+    python -m bench.evaluation [--batch-size 8] [--max-new-tokens 32] [--chat-format article] [--repeats 3]
                                [--json build/bench_evaluation.json]
 
 Same model (the tiny model on the CPU unless LLAMA_TUTORIAL_MODEL says otherwise), the same 95
-questions, the same prompts (the article's layout and system prompt by default; ``--layout llama2``
+questions, the same prompts (the article's layout and system prompt by default; ``--chat-format llama2``
 for the standard template), greedy decoding with the article's ``repetition_penalty=1.3``. Both
 modes go through :func:`helpers.evaluation.generate_answers` (batch size 1 and ``--batch-size``)
 into fresh temporary files.
@@ -32,7 +32,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--layout", default="article", help='"article" or a chat format such as "llama2"')
+    parser.add_argument("--chat-format", default="article", help='"article" or another chat format such as "llama2"')
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", type=Path, default=Path("build/bench_evaluation.json"))
     args = parser.parse_args()
@@ -43,7 +43,7 @@ def main() -> None:
     from helpers.evaluation import generate_answers
     from helpers.prompts import SYSTEM_PROMPT_ARTICLE
 
-    settings = {"model": choice.path, "layout": args.layout, "system_prompt": SYSTEM_PROMPT_ARTICLE,
+    settings = {"model": choice.path, "chat_format": args.chat_format, "system_prompt": SYSTEM_PROMPT_ARTICLE,
                 "generate": {"do_sample": False, "repetition_penalty": 1.3, "max_new_tokens": args.max_new_tokens}}
 
     def run(batch_size: int) -> tuple[float, list[dict]]:
@@ -64,7 +64,7 @@ def main() -> None:
     differ = [{"qid": q["qid"], "loop": a["answer"], "batched": b["answer"]}
               for q, a, b in zip(questions, *results.values()) if a["answer"] != b["answer"]]
 
-    print(f"model {choice.name}, {len(questions)} questions, layout {args.layout}, greedy {settings['generate']}, "
+    print(f"model {choice.name}, {len(questions)} questions, chat format {args.chat_format}, greedy {settings['generate']}, "
           f"torch threads {torch.get_num_threads()}, median of {args.repeats} alternating runs (wall time)")
     for mode, median in zip(times, (loop, batched)):
         tokens = sum(r["new_tokens"] for r in results[mode])
@@ -75,7 +75,7 @@ def main() -> None:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({
-            "model": choice.name, "questions": len(questions), "layout": args.layout, "batch_size": args.batch_size,
+            "model": choice.name, "questions": len(questions), "chat_format": args.chat_format, "batch_size": args.batch_size,
             "generate": settings["generate"], "torch_threads": torch.get_num_threads(), "repeats": args.repeats,
             "wall_seconds": {m: [round(t, 3) for t in ts] for m, ts in times.items()},
             "speedup": round(loop / batched, 2), "same_answers": len(questions) - len(differ), "differing": differ,

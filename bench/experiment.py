@@ -28,17 +28,11 @@ from pathlib import Path
 
 def lesson06_scoring() -> dict:
     """answer_language, rouge_l, bleu, score_answers, summarize and their constants, from lesson 06's cells."""
-    import nbformat
-
-    from helpers.config import REPO_ROOT
     from tests.lesson_code import lesson_definitions
 
-    cells = nbformat.read(REPO_ROOT / "notebooks" / "06_evaluation.ipynb", as_version=4).cells
-    wanted = ("def answer_language", "def rouge_l", "def score_answers")
-    ids = [next(c.id for c in cells if c.cell_type == "code" and w in c.source) for w in wanted]
     import pandas as pd
 
-    namespace = lesson_definitions("06_evaluation.ipynb", *ids)
+    namespace = lesson_definitions("06_evaluation.ipynb", "answer_language", "rouge_bleu", "score_answers")
     namespace["pd"] = pd  # the lesson imports pandas in its first cell; the functions read it from their globals
     return namespace
 
@@ -83,11 +77,11 @@ def main() -> None:
                 "max_new_tokens": args.max_new_tokens}  # lesson 06's ARTICLE_SAMPLING
     layouts = {"own template": (choice.chat_format, None), "article layout": ("article", SYSTEM_PROMPT_ARTICLE)}
     tables = {}
-    for layout_name, (layout, system_prompt) in layouts.items():
+    for layout_name, (chat_format, system_prompt) in layouts.items():
         for run in ("base", "base + LoRA"):
-            settings_run = {"model": choice.path, "layout": layout, "system_prompt": system_prompt, "generate": decoding,
+            settings_run = {"model": choice.path, "chat_format": chat_format, "system_prompt": system_prompt, "generate": decoding,
                             "seed": 42, "adapter": None if run == "base" else str(adapter)}
-            path = work / f"answers-{run.replace(' ', '')}-{layout}.jsonl"
+            path = work / f"answers-{run.replace(' ', '')}-{chat_format}.jsonl"
             start = time.perf_counter()
             if run == "base":
                 with model.disable_adapter():

@@ -85,7 +85,7 @@ def run_worker(recipe: str, examples: int) -> dict:
         torch.set_num_threads(s.torch_threads)
     gpu = torch.cuda.is_available()
     tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(choice.path))
-    rows = validate_sft_file(DATA_DIR / "train_sft.csv", tokenizer, fmt=choice.chat_format, max_length=s.max_length)
+    rows = validate_sft_file(DATA_DIR / "train_sft.csv", tokenizer, chat_format=choice.chat_format, max_length=s.max_length)
     n = min(examples, len(rows.rows))
     useful = sum(x != -100 for lab in rows.labels[:n] for x in lab)
     no_eval = dict(num_train_epochs=1, eval_strategy="no", save_strategy="no", logging_strategy="no", eval_on_start=False)

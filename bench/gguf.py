@@ -34,11 +34,11 @@ def prompt_ids(model: str, prompts: int) -> list[list[int]]:
 
     from helpers.models import resolve_model
     from helpers.evaluation import load_questions
-    from helpers.prompts import encode_prompt
+    from helpers.prompts import encode
 
     choice = resolve_model(model, verbose=False)
     tokenizer = AutoTokenizer.from_pretrained(choice.path)
-    return [encode_prompt(tokenizer, [{"role": "user", "content": q["question"]}], choice.chat_format)
+    return [encode(tokenizer, [{"role": "user", "content": q["question"]}], choice.chat_format).input_ids
             for q in load_questions()[: prompts + 1]]
 
 
@@ -102,7 +102,7 @@ def make_files(model: str) -> dict[str, Path]:
     choice = resolve_model(model, verbose=False)
     folder = cache_dir() / "bench" / f"{choice.name}-{Path(choice.path).name}"
     f16 = run_converter(convert_command(choice.path, folder / "f16.gguf"), folder / "f16.gguf")
-    lesson = lesson_definitions("09_gguf_llama_cpp.ipynb", "c09-quantize",
+    lesson = lesson_definitions("09_gguf_llama_cpp.ipynb", "quantize",
                                 given={"llama_cpp": require_llama_cpp(), "N_THREADS": 1, "Path": Path, "os": os})
     return {kind: lesson["quantize"](f16, folder / f"{kind}.gguf", kind) for kind in ("Q8_0", "Q4_K_M")}
 

@@ -11,7 +11,7 @@ weights' values change neither memory nor speed), saves it once as safetensors, 
 * load time, memory footprint (``helpers.loading.memory_footprint``: ``get_memory_footprint()``
   plus the quantization scales it leaves out) and peak allocated memory;
 * decode tokens/s at batch 1 and batch 8 with plain ``generate``, and at batch 1 through the
-  lesson-04 streaming path (``helpers.chat.stream_reply``; streaming is one conversation at a
+  lesson-04 streaming path (``helpers.chat.ReplyStream``; streaming is one conversation at a
   time, so it has no batch-8 figure);
 * the bandwidth ceiling: bytes of weights read per decode step over the GPU's measured copy
   bandwidth, and the measured rate as a share of that ceiling (the figure of merit for "how close
@@ -99,9 +99,9 @@ def weight_bytes_per_step(model) -> int:
 
 def _prompt_ids(tok, device: str) -> torch.Tensor:
     """The prompt through the course's own llama2 template (no ``chat_template`` needed)."""
-    from helpers.prompts import encode_prompt
+    from helpers.prompts import encode
 
-    ids = encode_prompt(tok, [{"role": "user", "content": "请用中文介绍一下长城的历史。"}], "llama2")
+    ids = encode(tok, [{"role": "user", "content": "请用中文介绍一下长城的历史。"}], "llama2").input_ids
     return torch.tensor([ids], device=device)
 
 
@@ -128,15 +128,15 @@ def decode_streaming(model, tok, new_tokens: int) -> float:
     """Tokens/s of the lesson-04 streaming path (batch 1), greedy, exactly ``new_tokens`` tokens."""
     from transformers import LogitsProcessorList
 
-    from helpers.chat import GenerationParams, stream_reply
+    from helpers.chat import GenerationParams, ReplyStream
 
     params = GenerationParams(do_sample=False, repetition_penalty=1.0, max_new_tokens=new_tokens)
     messages = [{"role": "user", "content": "请用中文介绍一下长城的历史。"}]
     extra = dict(min_new_tokens=new_tokens, logits_processor=LogitsProcessorList([KeepInVocab(len(tok))]),
                  max_context_tokens=new_tokens + 512)
-    stream_reply(model, tok, messages, GenerationParams(do_sample=False, repetition_penalty=1.0, max_new_tokens=2),
+    ReplyStream(model, tok, messages, GenerationParams(do_sample=False, repetition_penalty=1.0, max_new_tokens=2),
                  min_new_tokens=2, logits_processor=extra["logits_processor"], max_context_tokens=514).run()  # warm-up
-    stream = stream_reply(model, tok, messages, params, **extra)
+    stream = ReplyStream(model, tok, messages, params, **extra)
     stream.run()
     return stream.token_count / stream.elapsed_s
 

@@ -16,7 +16,7 @@ benchmark reads them once first), so they show the cost of building and quantizi
 
 The functions (:func:`build_random_model`, :func:`measure_load`, :func:`time_generation`,
 :func:`measure_decode`, :func:`run_benchmark`) are reused by later benchmarks. Prompts are built with
-the course's own template for the model's chat format (``helpers.prompts.encode_prompt``), so a
+the course's own template for the model's chat format (``helpers.prompts.encode``), so a
 tokenizer without a ``chat_template`` (FlagAlpha's models) works too.
 """
 
@@ -98,10 +98,10 @@ def time_generation(model, tokenizer=None, prompt: str | None = None, *, chat_fo
     needs no ``chat_template`` in the tokenizer); without a tokenizer, 16 fixed random ids.
     """
     if tokenizer is not None:
-        from helpers.prompts import encode_prompt
+        from helpers.prompts import encode
 
         messages = [{"role": "user", "content": prompt or "请用中文介绍一下长城。"}]
-        input_ids = torch.tensor([encode_prompt(tokenizer, messages, chat_format)])
+        input_ids = torch.tensor([encode(tokenizer, messages, chat_format).input_ids])
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.unk_token_id or 0
     else:
         input_ids = torch.randint(3, model.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))

@@ -4,7 +4,7 @@
                           [--json build/bench_serve.json]
 
 Same model (the tiny model on the CPU unless LLAMA_TUTORIAL_MODEL says otherwise), same 95
-questions, same prompts (token ids from helpers.prompts.encode_prompt with the article's system
+questions, same prompts (token ids from helpers.prompts.encode with the article's system
 prompt, sent to /v1/completions as ids), same greedy settings as lesson 06 (``repetition_penalty
 1.2``) except ``no_repeat_ngram_size``, which vLLM does not have: neither side uses it. Every
 request runs to exactly ``--max-new-tokens`` tokens (``ignore_eos`` / ``min_new_tokens``), so all
@@ -42,12 +42,11 @@ def main() -> None:
     choice, model, tokenizer, questions = lesson06_batch_setup()
     import torch
 
-    from helpers.evaluation import prompt_ids
-    from helpers.prompts import SYSTEM_PROMPT_ARTICLE
+    from helpers.prompts import SYSTEM_PROMPT_ARTICLE, article_prompt
     from helpers.serve import start_server
 
     # Lesson 06's default prompts: the article's layout and system prompt.
-    prompts = [prompt_ids(tokenizer, q["question"], "article", SYSTEM_PROMPT_ARTICLE) for q in questions]
+    prompts = [tokenizer(article_prompt(q["question"], SYSTEM_PROMPT_ARTICLE))["input_ids"] for q in questions]
     n = args.max_new_tokens
     generation = {"max_new_tokens": n, "min_new_tokens": n, "do_sample": False, "repetition_penalty": 1.2}
 

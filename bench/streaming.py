@@ -7,7 +7,7 @@ Three paths generate exactly ``--tokens`` new tokens (greedy, ``min_new_tokens``
 from the same prompt:
 
 * ``generate``: plain ``model.generate``, no streamer (the baseline);
-* ``stream_reply``: the streaming core (``TextIteratorStreamer``, worker thread, stop criterion);
+* ``ReplyStream``: the streaming core (``TextIteratorStreamer``, worker thread, stop criterion);
 * ``widget``: :class:`helpers.chat.ChatWidget` end to end (``send`` to the final render), with its
   throttled updates of the conversation view (ipywidgets objects work without a browser).
 
@@ -31,11 +31,11 @@ from pathlib import Path
 
 import torch
 
-from helpers.chat import UPDATE_INTERVAL_S, ChatWidget, GenerationParams, local_backend, stream_reply
+from helpers.chat import UPDATE_INTERVAL_S, ChatWidget, GenerationParams, local_backend, ReplyStream
 from helpers.config import output_dir
 from helpers.models import resolve_model
 from helpers.loading import load_model_and_tokenizer
-from helpers.prompts import SYSTEM_PROMPT_ARTICLE, encode_prompt
+from helpers.prompts import SYSTEM_PROMPT_ARTICLE, encode
 
 TARGET_RATIO = 0.95
 QUESTION = "请用中文详细介绍一下长城的历史。"
@@ -63,8 +63,8 @@ def _in_thread(fn):
     return result["value"]
 
 
-def run_plain(model, tokenizer, messages, params: GenerationParams, fmt: str) -> tuple[float, int]:
-    ids = torch.tensor([encode_prompt(tokenizer, messages, fmt)], device=model.device)
+def run_plain(model, tokenizer, messages, params: GenerationParams, chat_format: str) -> tuple[float, int]:
+    ids = torch.tensor([encode(tokenizer, messages, chat_format).input_ids], device=model.device)
 
     def go():
         _sync()
@@ -78,16 +78,16 @@ def run_plain(model, tokenizer, messages, params: GenerationParams, fmt: str) ->
     return _in_thread(go)
 
 
-def run_stream(model, tokenizer, messages, params: GenerationParams, fmt: str) -> tuple[float, int]:
+def run_stream(model, tokenizer, messages, params: GenerationParams, chat_format: str) -> tuple[float, int]:
     start = time.perf_counter()
-    stream = stream_reply(model, tokenizer, messages, params, fmt=fmt, min_new_tokens=params.max_new_tokens)
+    stream = ReplyStream(model, tokenizer, messages, params, chat_format=chat_format, min_new_tokens=params.max_new_tokens)
     stream.run()
     _sync()
     return time.perf_counter() - start, stream.token_count
 
 
-def run_widget(model, tokenizer, messages, params: GenerationParams, fmt: str) -> tuple[float, int, int]:
-    backend = local_backend(model, tokenizer, fmt, min_new_tokens=params.max_new_tokens)
+def run_widget(model, tokenizer, messages, params: GenerationParams, chat_format: str) -> tuple[float, int, int]:
+    backend = local_backend(model, tokenizer, chat_format, min_new_tokens=params.max_new_tokens)
     chat = ChatWidget(backend=backend, system_prompt=messages[0]["content"], params=params)
     updates = []
     chat.log.observe(lambda change: updates.append(1), "value")
@@ -103,25 +103,25 @@ def run_widget(model, tokenizer, messages, params: GenerationParams, fmt: str) -
 def run_benchmark(model_spec: str | None = None, tokens: int = 200, repeats: int = 5) -> dict:
     choice = resolve_model(model_spec, verbose=False)
     model, tokenizer = load_model_and_tokenizer(choice)
-    fmt = choice.chat_format
+    chat_format = choice.chat_format
     messages = [{"role": "system", "content": SYSTEM_PROMPT_ARTICLE}, {"role": "user", "content": QUESTION}]
     params = GenerationParams(do_sample=False, repetition_penalty=1.0, max_new_tokens=tokens)
     warm = GenerationParams(do_sample=False, repetition_penalty=1.0, max_new_tokens=8)
-    run_plain(model, tokenizer, messages, warm, fmt)
-    run_stream(model, tokenizer, messages, warm, fmt)
-    run_widget(model, tokenizer, messages, warm, fmt)
+    run_plain(model, tokenizer, messages, warm, chat_format)
+    run_stream(model, tokenizer, messages, warm, chat_format)
+    run_widget(model, tokenizer, messages, warm, chat_format)
 
-    times: dict[str, list[float]] = {"generate": [], "stream_reply": [], "widget": []}
+    times: dict[str, list[float]] = {"generate": [], "ReplyStream": [], "widget": []}
     counts: dict[str, set[int]] = {name: set() for name in times}
     updates: list[int] = []
     for _ in range(repeats):  # interleaved, so a change in machine load hits all three alike
-        seconds, n = run_plain(model, tokenizer, messages, params, fmt)
+        seconds, n = run_plain(model, tokenizer, messages, params, chat_format)
         times["generate"].append(seconds)
         counts["generate"].add(n)
-        seconds, n = run_stream(model, tokenizer, messages, params, fmt)
-        times["stream_reply"].append(seconds)
-        counts["stream_reply"].add(n)
-        seconds, n, u = run_widget(model, tokenizer, messages, params, fmt)
+        seconds, n = run_stream(model, tokenizer, messages, params, chat_format)
+        times["ReplyStream"].append(seconds)
+        counts["ReplyStream"].add(n)
+        seconds, n, u = run_widget(model, tokenizer, messages, params, chat_format)
         times["widget"].append(seconds)
         counts["widget"].add(n)
         updates.append(u)

@@ -22,7 +22,8 @@ WORKER = """
 import sys, time, torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from helpers.models import resolve_model
-from helpers.evaluation import load_questions, prompt_ids
+from helpers.evaluation import load_questions, question_messages
+from helpers.prompts import encode
 
 choice = resolve_model(sys.argv[1], verbose=False)
 tok = AutoTokenizer.from_pretrained(choice.path)
@@ -33,7 +34,7 @@ gen = {"do_sample": True, "top_k": 50, "top_p": 0.95, "temperature": 0.3, "repet
        "max_new_tokens": 48, "min_new_tokens": 48}
 start = time.perf_counter()
 for b in range(int(sys.argv[2])):
-    ids = [prompt_ids(tok, q["question"], choice.chat_format, None) for q in questions[8 * b:8 * b + 8]]
+    ids = [encode(tok, question_messages(q["question"], None), choice.chat_format).input_ids for q in questions[8 * b:8 * b + 8]]
     batch = tok.pad({"input_ids": ids}, padding=True, return_tensors="pt")
     torch.manual_seed(b)
     with torch.no_grad():

@@ -22,7 +22,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
 from helpers.config import TutorialError, bilingual
-from helpers.prompts import SYSTEM_PROMPT_ARTICLE, encode_prompt, truncate_history
+from helpers.prompts import SYSTEM_PROMPT_ARTICLE, encode, truncate_history
 
 UPDATE_INTERVAL_S = 0.05  # the widget re-renders at most this often (one update per token floods the browser)
 
@@ -65,7 +65,7 @@ class ReplyStream:
     """
 
     def __init__(self, model, tokenizer, messages: list[dict], params: GenerationParams | None = None, *,
-                 fmt: str = "llama2", stop_event: threading.Event | None = None,
+                 chat_format: str = "llama2", stop_event: threading.Event | None = None,
                  max_context_tokens: int | None = None, **generate_kwargs):
         self.model, self.tokenizer, self.params = model, tokenizer, params or GenerationParams()
         self.stop_event, self.generate_kwargs = stop_event or threading.Event(), generate_kwargs
@@ -73,8 +73,8 @@ class ReplyStream:
         if room <= 0:
             raise TutorialError(bilingual(f"max_new_tokens={self.params.max_new_tokens} 占满了上下文窗口，请调小。",
                                           f"max_new_tokens={self.params.max_new_tokens} fills the context window: lower it."))
-        self.messages, self.dropped = truncate_history(tokenizer, messages, room, fmt)  # may raise PromptFormatError
-        self.prompt_ids = encode_prompt(tokenizer, self.messages, fmt)
+        self.messages, self.dropped = truncate_history(tokenizer, messages, room, chat_format)  # may raise PromptFormatError
+        self.prompt_ids = encode(tokenizer, self.messages, chat_format).input_ids
         self.text, self.token_ids, self.token_count, self.elapsed_s = "", [], 0, 0.0
         self.error, self.finish_reason, self._started = None, None, False
 
@@ -92,7 +92,7 @@ class ReplyStream:
 
     def __iter__(self) -> Iterator[str]:
         if self._started:
-            raise RuntimeError("a ReplyStream can be read only once; call stream_reply() again")
+            raise RuntimeError("a ReplyStream can be read only once; call ReplyStream() again")
         self._started = True
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         worker = threading.Thread(target=self._generate, args=(streamer,), name="chat-generate", daemon=True)
@@ -122,9 +122,6 @@ class ReplyStream:
         for _ in self:
             pass
         return self.text
-
-
-stream_reply = ReplyStream  # the name lesson 04 calls: stream_reply(model, tokenizer, messages, params, fmt=...)
 
 
 # Written out in notebooks/07_serving_vllm.ipynb, section 4 (tests/test_one_source.py checks the two the same);
@@ -164,10 +161,10 @@ def openai_backend(client, model):
     return functools.partial(OpenAIChatStream, client, model)
 
 
-def local_backend(model, tokenizer, fmt: str = "llama2", **options) -> Callable:
-    """The default backend: the local model through :func:`stream_reply` with ``options`` (lesson 04)."""
+def local_backend(model, tokenizer, chat_format: str = "llama2", **options) -> Callable:
+    """The default backend: the local model through :class:`ReplyStream` with ``options`` (lesson 04)."""
     def backend(messages: list[dict], params: GenerationParams, stop: threading.Event) -> ReplyStream:
-        return stream_reply(model, tokenizer, messages, params, fmt=fmt, stop_event=stop, **options)
+        return ReplyStream(model, tokenizer, messages, params, chat_format=chat_format, stop_event=stop, **options)
     return backend
 
 
@@ -185,18 +182,18 @@ def explain_error(err: BaseException, *, detail: bool = True) -> str:
 class ChatWidget:
     """A streaming chat for JupyterLab / Colab, ipywidgets 7 or 8 (notebooks/04_streaming_chat.ipynb).
 
-    ``ChatWidget(model, tokenizer, fmt)`` or ``ChatWidget(backend=fn)`` (module docstring); a background
+    ``ChatWidget(model, tokenizer, chat_format)`` or ``ChatWidget(backend=fn)`` (module docstring); a background
     thread sets the widget values at most every ``update_interval`` s; an error becomes a message.
     """
 
-    def __init__(self, model=None, tokenizer=None, fmt: str = "llama2", *, backend: Callable | None = None,
+    def __init__(self, model=None, tokenizer=None, chat_format: str = "llama2", *, backend: Callable | None = None,
                  system_prompt: str = SYSTEM_PROMPT_ARTICLE, params: GenerationParams | None = None,
                  update_interval: float = UPDATE_INTERVAL_S):
         import ipywidgets as w
 
         if backend is None and (model is None or tokenizer is None):
             raise TutorialError(bilingual("请给 ChatWidget 模型和分词器，或 backend=...。", "Pass a model and a tokenizer, or backend=..."))
-        self.backend = backend or local_backend(model, tokenizer, fmt)
+        self.backend = backend or local_backend(model, tokenizer, chat_format)
         self.update_interval, self.base_params = update_interval, params or GenerationParams()
         self.history: list[dict] = []  # finished user/assistant turns: what the next prompt includes
         self.entries: list[tuple[str, str]] = []  # what the conversation view shows

@@ -13,7 +13,7 @@ from pathlib import Path
 from helpers._files import reporting_full_disk
 from helpers._text import DecodeProblem, bad_character_in, decode, json_loads, quote
 from helpers.config import DATA_DIR, TutorialError, bilingual
-from helpers.prompts import SYSTEM_PROMPT_ARTICLE, article_prompt, encode_prompt
+from helpers.prompts import SYSTEM_PROMPT_ARTICLE, article_prompt, encode
 
 HAN_RE = re.compile(  # Han ideographs: CJK Unified Ideographs, Extensions A-F and compatibility ideographs
     "[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002a6df\U0002a700-\U0002ebef\U0002f800-\U0002fa1f]"
@@ -135,11 +135,12 @@ def question_messages(question: str, system_prompt: str | None) -> list[dict]:
     return ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [{"role": "user", "content": question}]
 
 
-def prompt_ids(tokenizer, question: str, layout: str, system_prompt: str | None) -> list[int]:
-    """Token ids of one question's prompt: the article's layout or a chat format (notebooks/06_evaluation.ipynb)."""
-    if layout == "article":
+def _question_ids(tokenizer, question: str, chat_format: str, system_prompt: str | None) -> list[int]:
+    """One question's prompt ids for :func:`generate_answers`: for ``"article"``, the article's text as it sent it
+    (the tokenizer adds its own BOS, if any); otherwise :func:`helpers.prompts.encode`."""
+    if chat_format == "article":
         return tokenizer(article_prompt(question, system_prompt or SYSTEM_PROMPT_ARTICLE), add_special_tokens=True)["input_ids"]
-    return encode_prompt(tokenizer, question_messages(question, system_prompt), layout)
+    return encode(tokenizer, question_messages(question, system_prompt), chat_format).input_ids
 
 
 def run_id(settings: dict) -> str:
@@ -176,7 +177,7 @@ def generate_answers(model, tokenizer, questions: list[dict], answers_path: str 
                      batch_size: int = 8, progress: bool = True) -> list[dict]:
     """Answer ``questions`` in batches appended to a JSONL file; resumable (notebooks/06_evaluation.ipynb).
 
-    ``settings``: ``layout``, ``system_prompt``, ``generate`` (its arguments), optional ``seed``, what names the run.
+    ``settings``: ``chat_format``, ``system_prompt``, ``generate`` (its arguments), optional ``seed``, what names the run.
     """
     import torch
     from tqdm.auto import tqdm
@@ -197,7 +198,7 @@ def generate_answers(model, tokenizer, questions: list[dict], answers_path: str 
     with tqdm(total=len(questions), initial=len(questions) - len(todo), unit="题", disable=not progress) as bar:
         for start in range(0, len(todo), max(1, batch_size)):
             chunk = todo[start:start + max(1, batch_size)]
-            prompts = [prompt_ids(tokenizer, q["question"], settings["layout"], settings.get("system_prompt")) for q in chunk]
+            prompts = [_question_ids(tokenizer, q["question"], settings["chat_format"], settings.get("system_prompt")) for q in chunk]
             batch = tokenizer.pad({"input_ids": prompts}, padding=True, return_tensors="pt").to(model.device)
             if settings.get("seed") is not None:
                 torch.manual_seed(settings["seed"])

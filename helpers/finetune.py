@@ -406,7 +406,7 @@ def train_adapter(choice, adapter_dir: str | Path | None = None, *, settings: Tr
         torch.set_num_threads(s.torch_threads)
     start = time.perf_counter()
     tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(choice.path))
-    train_rows, dev_rows = (validate_sft_file(f, tokenizer, fmt=choice.chat_format, max_length=s.max_length)
+    train_rows, dev_rows = (validate_sft_file(f, tokenizer, chat_format=choice.chat_format, max_length=s.max_length)
                             for f in (train_file, dev_file))
     train_ds, dev_ds = train_rows.dataset(on_bad=on_bad), dev_rows.dataset(on_bad=on_bad)
     if limit_rows:

@@ -120,7 +120,7 @@ def bin_only(files: dict[str, HubFile]) -> dict[str, HubFile]:
     return {path: f for path, f in files.items() if not path.endswith(".safetensors")}
 
 
-def local_hub() -> ThreadingHTTPServer:
+def start_local_hub() -> ThreadingHTTPServer:
     """The one loopback Hub of this process, serving the tiny model as :data:`LOCAL_REPO` and, with .bin weights
     only, as :data:`LOCAL_BIN_REPO` (notebooks/01_download_weights.ipynb)."""
     global _HUB

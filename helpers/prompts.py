@@ -1,5 +1,9 @@
 """Prompt templates: one source of truth for chat (lesson 04), training (05) and evaluation (06).
 
+Two builders, both taking a conversation and its ``chat_format``: :func:`build_prompt`, the text the model
+sees; :func:`encode`, its token ids and answer-only labels (``encode(...).input_ids`` is the prompt to
+generate from). :func:`article_prompt` is the article's own string for one question, kept verbatim.
+
 notebooks/03_prompt_templates.ipynb writes out by hand what these helpers do. A format is a Jinja chat
 template for ``apply_chat_template``: the course's own in :data:`TEMPLATES` (``"llama2"``, Meta's;
 ``"article"``, :func:`article_prompt`; ``"human_assistant"``, FlagAlpha's, whose system prompt opens the first
@@ -119,18 +123,18 @@ def check_messages(messages: list[dict], *, where: str = "", where_en: str | Non
                 f"{en}message {i + 1 + offset} has role {role!r}, expected {expected!r}: {hint_en}"))
 
 
-def chat_template_for(fmt: str, tokenizer=None) -> str:
-    """The Jinja template of ``fmt``: one of :data:`TEMPLATES`, or for ``"model"`` the tokenizer's own
+def chat_template_for(chat_format: str, tokenizer=None) -> str:
+    """The Jinja template of ``chat_format``: one of :data:`TEMPLATES`, or for ``"model"`` the tokenizer's own
     ``chat_template`` (Llama-2's when the tokenizer has none, as FlagAlpha's) (notebooks/03_prompt_templates.ipynb)."""
-    if fmt == MODEL_FORMAT:
+    if chat_format == MODEL_FORMAT:
         if tokenizer is None:
             raise PromptFormatError(bilingual("格式 \"model\" 用分词器自己的 chat_template：请传入 tokenizer=。",
                                               'Format "model" uses the tokenizer\'s own chat_template: pass tokenizer=.'))
         return tokenizer.chat_template or TEMPLATES["llama2"]
-    if fmt not in TEMPLATES:
-        raise PromptFormatError(bilingual(f"未知的模板格式 {fmt!r}，可选：{', '.join(FORMATS)}。",
-                                          f"Unknown format {fmt!r}; use one of {FORMATS}."))
-    return TEMPLATES[fmt]
+    if chat_format not in TEMPLATES:
+        raise PromptFormatError(bilingual(f"未知的模板格式 {chat_format!r}，可选：{', '.join(FORMATS)}。",
+                                          f"Unknown format {chat_format!r}; use one of {FORMATS}."))
+    return TEMPLATES[chat_format]
 
 
 def _render(messages: list[dict], template: str, add_generation_prompt: bool, tokens: dict) -> str:
@@ -139,7 +143,7 @@ def _render(messages: list[dict], template: str, add_generation_prompt: bool, to
     return rendered[0]
 
 
-def render_with_answers(messages: list[dict], fmt: str = "llama2", *, tokenizer=None, add_generation_prompt: bool = True,
+def render_with_answers(messages: list[dict], chat_format: str = "llama2", *, tokenizer=None, add_generation_prompt: bool = True,
                         bos: str = "<s>", eos: str = "</s>") -> tuple[str, list[tuple[int, int]]]:
     """The text of the conversation and the character span of each answer (with the end-of-turn token the
     template puts after it, trailing whitespace left out), for any chat template.
@@ -148,7 +152,7 @@ def render_with_answers(messages: list[dict], fmt: str = "llama2", *, tokenizer=
     rendered with the generation prompt, must be the start of the conversation with the answer. Templates
     that rewrite earlier turns break that rule and are refused (notebooks/03_prompt_templates.ipynb)."""
     check_messages(messages)
-    template = chat_template_for(fmt, tokenizer)
+    template = chat_template_for(chat_format, tokenizer)
     tokens = dict(tokenizer.special_tokens_map) if tokenizer is not None else {}
     tokens.update(bos_token=tokenizer.bos_token if tokenizer is not None else bos,
                   eos_token=tokenizer.eos_token if tokenizer is not None else eos)
@@ -162,31 +166,31 @@ def render_with_answers(messages: list[dict], fmt: str = "llama2", *, tokenizer=
         if not (upto.startswith(before) and text.startswith(upto)):
             raise PromptFormatError(bilingual(
                 f"这个对话模板在加上第 {i + 1} 条消息（回答）时改写了前面的文本，无法确定回答从哪里开始，"
-                "不能只在回答上计算损失。请换用 fmt=\"llama2\" 等课程模板，或给模板加上 {% generation %} 标记。",
+                "不能只在回答上计算损失。请换用 chat_format=\"llama2\" 等课程模板，或给模板加上 {% generation %} 标记。",
                 f"This chat template rewrites earlier text when message {i + 1} (an answer) is added, so where the "
                 "answer starts is unknown and answer-only labels cannot be built. Use a course template "
-                "(fmt=\"llama2\"...) instead."))
+                "(chat_format=\"llama2\"...) instead."))
         answer = upto[len(before):]
         spans.append((len(before), len(before) + len(answer.rstrip())))
     return text, spans
 
 
-def build_prompt(messages: list[dict], fmt: str = "llama2", *, add_generation_prompt: bool = True,
+def build_prompt(messages: list[dict], chat_format: str = "llama2", *, add_generation_prompt: bool = True,
                  bos: str = "<s>", eos: str = "</s>", tokenizer=None) -> str:
     """The exact text the model sees, special tokens written out (notebooks/03_prompt_templates.ipynb).
-    ``fmt="model"`` needs the ``tokenizer`` whose template it uses."""
-    text, _ = render_with_answers(messages, fmt, tokenizer=tokenizer, add_generation_prompt=add_generation_prompt,
+    ``chat_format="model"`` needs the ``tokenizer`` whose template it uses."""
+    text, _ = render_with_answers(messages, chat_format, tokenizer=tokenizer, add_generation_prompt=add_generation_prompt,
                                   bos=bos, eos=eos)
-    return ((tokenizer.bos_token if tokenizer is not None else bos) if fmt == "article" else "") + text
+    return ((tokenizer.bos_token if tokenizer is not None else bos) if chat_format == "article" else "") + text
 
 
-def encode(tokenizer, messages: list[dict], fmt: str = "llama2", *, add_generation_prompt: bool = True) -> Encoded:
+def encode(tokenizer, messages: list[dict], chat_format: str = "llama2", *, add_generation_prompt: bool = True) -> Encoded:
     """Token ids and labels (-100 outside each answer and its end-of-turn token), from one tokenization of
     the whole text: a token is labelled when its characters overlap an answer's span.
 
     notebooks/03_prompt_templates.ipynb writes this answer mask out from ``return_offsets_mapping``. Raises
-    :class:`PromptFormatError` for roles out of order, an unknown ``fmt`` or a literal special token in a message."""
-    text, spans = render_with_answers(messages, fmt, tokenizer=tokenizer, add_generation_prompt=add_generation_prompt)
+    :class:`PromptFormatError` for roles out of order, an unknown ``chat_format`` or a literal special token in a message."""
+    text, spans = render_with_answers(messages, chat_format, tokenizer=tokenizer, add_generation_prompt=add_generation_prompt)
     specials = sorted({t for t in tokenizer.all_special_tokens if t}, key=len, reverse=True)
     for n, msg in enumerate(messages, 1):
         for special in (s for s in specials if s in msg["content"]):
@@ -199,14 +203,9 @@ def encode(tokenizer, messages: list[dict], fmt: str = "llama2", *, add_generati
     ids = list(out["input_ids"])
     labels = [t if any(start < end_ and stop > start_ for start_, end_ in spans) else IGNORE_INDEX
               for t, (start, stop) in zip(ids, out["offset_mapping"])]
-    if fmt == "article":  # the article let the tokenizer add BOS: tokenizer(article_prompt(q)) gives these ids
+    if chat_format == "article":  # the article let the tokenizer add BOS: tokenizer(article_prompt(q)) gives these ids
         ids, labels, text = [tokenizer.bos_token_id] + ids, [IGNORE_INDEX] + labels, tokenizer.bos_token + text
     return Encoded(ids, labels, text)
-
-
-def encode_prompt(tokenizer, messages: list[dict], fmt: str = "llama2") -> list[int]:
-    """Token ids to generate from, up to where the next answer starts (notebooks/03_prompt_templates.ipynb)."""
-    return encode(tokenizer, messages, fmt, add_generation_prompt=True).input_ids
 
 
 def load_llama2_tokenizer(**kwargs):
@@ -235,7 +234,7 @@ def token_table(tokenizer, input_ids: list[int], labels: list[int] | None = None
     return pd.DataFrame(rows).rename_axis("位置")
 
 
-def truncate_history(tokenizer, messages: list[dict], max_tokens: int, fmt: str = "llama2") -> tuple[list, list]:
+def truncate_history(tokenizer, messages: list[dict], max_tokens: int, chat_format: str = "llama2") -> tuple[list, list]:
     """Drop the oldest whole turns until the prompt fits in ``max_tokens`` (context window - max_new_tokens);
     returns ``(kept, dropped)`` (notebooks/03_prompt_templates.ipynb)."""
     check_messages(messages)
@@ -245,7 +244,7 @@ def truncate_history(tokenizer, messages: list[dict], max_tokens: int, fmt: str 
     dropped: list[dict] = []
     while True:
         kept = head + [m for turn in turns for m in turn]
-        size = len(encode_prompt(tokenizer, kept, fmt))
+        size = len(encode(tokenizer, kept, chat_format).input_ids)
         if size <= max_tokens:
             return kept, dropped
         if len(turns) == 1:

@@ -30,7 +30,7 @@ class SFTRows:
     """A checked training file (made by :func:`validate_sft_file`, notebooks/05_lora_finetune.ipynb)."""
 
     path: Path
-    layout: str  # "text" (the article's CSV), "question_answer" (two-column CSV), "messages" (JSONL)
+    schema: str  # "text" (the article's CSV), "question_answer" (two-column CSV), "messages" (JSONL)
     total: int
     rows: list = field(default_factory=list)  # row numbers of the good rows
     conversations: list = field(default_factory=list)
@@ -130,10 +130,10 @@ class _Bad(PromptFormatError):
         self.problem = problem
 
 
-def _row_to_messages(record, layout: str) -> list[dict]:
+def _row_to_messages(record, schema: str) -> list[dict]:
     if not isinstance(record, dict):
         raise _Bad("format", "这一行不是 JSON 对象。", "the line is not a JSON object.")
-    if layout == "text":
+    if schema == "text":
         text = record.get("text")
         if text is None:
             raise _Bad("missing_column", "text 列是空的。", "no value in column 'text'.")
@@ -144,7 +144,7 @@ def _row_to_messages(record, layout: str) -> list[dict]:
             raise _Bad("special_token", "回答里含有 “</s><s>Human:”，会被读成新的一轮对话；请删掉或改写这段文字。",
                        "the answer contains '</s><s>Human:', which reads as a new turn; remove or rewrite it.")
         return csv_text_to_messages(text)
-    if layout == "question_answer":
+    if schema == "question_answer":
         missing = [c for c in ("question", "answer") if record.get(c) is None]
         if missing:
             raise _Bad("missing_column", f"缺少 {'、'.join(missing)} 列的值。", f"no value in column(s) {', '.join(missing)}.")
@@ -165,27 +165,27 @@ def _row_to_messages(record, layout: str) -> list[dict]:
     return messages
 
 
-def validate_sft_file(path: str | Path, tokenizer, *, fmt: str = "llama2", max_length: int = 512) -> SFTRows:
+def validate_sft_file(path: str | Path, tokenizer, *, chat_format: str = "llama2", max_length: int = 512) -> SFTRows:
     """Check every row of a training file and tokenize the good ones; bad rows go to ``.bad``.
 
-    Layouts: the article's CSV (``text``), a CSV with ``question``/``answer`` (optional ``system``),
+    Schemas: the article's CSV (``text``), a CSV with ``question``/``answer`` (optional ``system``),
     JSONL with ``{"messages": [...]}``. Tokens and answer-only labels come from
-    :func:`helpers.prompts.encode` in the format ``fmt``. Introduced in notebooks/05_lora_finetune.ipynb.
+    :func:`helpers.prompts.encode` in the format ``chat_format``. Introduced in notebooks/05_lora_finetune.ipynb.
     """
     path = Path(path)
     records, columns = read_table(path)
-    layout = next((name for name, need in (("text", {"text"}), ("question_answer", {"question", "answer"}),
+    schema = next((name for name, need in (("text", {"text"}), ("question_answer", {"question", "answer"}),
                                            ("messages", {"messages"})) if need <= set(columns)), None)
-    if layout is None:
+    if schema is None:
         raise TutorialError(bilingual(
             f"{path.name} 里找不到训练数据列：需要 text，或 question 和 answer，或（JSONL）messages。现有的列：{quote(', '.join(columns))}。",
             f"{path.name} has no training column: expected 'text', or 'question' and 'answer', or 'messages'. "
             f"Found: {quote(', '.join(columns))}."))
-    out = SFTRows(path, layout, len(records))
+    out = SFTRows(path, schema, len(records))
     for row, record in enumerate(records, 1):
         try:
-            messages = _row_to_messages(record, layout)
-            enc = encode(tokenizer, messages, fmt, add_generation_prompt=False)
+            messages = _row_to_messages(record, schema)
+            enc = encode(tokenizer, messages, chat_format, add_generation_prompt=False)
             n = len(enc.input_ids)
             if n > max_length:
                 raise _Bad("too_long", f"有 {n} 个 token，超过上限 {max_length}（不截断：截断会丢掉结尾的 </s>）。",

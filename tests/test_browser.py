@@ -39,7 +39,7 @@ SLOW_CELL = f"""
 import time
 _slow_down = model.register_forward_pre_hook(lambda module, args: time.sleep(0.05))
 from helpers.chat import local_backend
-chat.backend = local_backend(model, tokenizer, fmt, min_new_tokens=480)
+chat.backend = local_backend(model, tokenizer, chat_format, min_new_tokens=480)
 chat.max_new_tokens.value = 512
 chat.do_sample.value = True
 print("{READY}")

@@ -16,11 +16,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from helpers.chat import ChatWidget, GenerationParams, history_to_messages, local_backend, stream_reply
+from helpers.chat import ChatWidget, GenerationParams, history_to_messages, local_backend, ReplyStream
 from helpers.config import REPO_ROOT, TutorialError
 from helpers.models import resolve_model
 from helpers.loading import load_model_and_tokenizer
-from helpers.prompts import PromptFormatError, encode_prompt
+from helpers.prompts import PromptFormatError, encode
 from helpers.serve import free_port
 from scripts import gradio_chat
 
@@ -76,9 +76,9 @@ def _messages(question: str, system: str | None = None) -> list[dict]:
     return head + [{"role": "user", "content": question}]
 
 
-def _reference(model, tokenizer, messages, params: GenerationParams, fmt="llama2") -> tuple[str, list[int]]:
+def _reference(model, tokenizer, messages, params: GenerationParams, chat_format="llama2") -> tuple[str, list[int]]:
     """Plain, non-streamed generate on the same prompt."""
-    ids = torch.tensor([encode_prompt(tokenizer, messages, fmt)])
+    ids = torch.tensor([encode(tokenizer, messages, chat_format).input_ids])
     with torch.no_grad():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), pad_token_id=tokenizer.eos_token_id,
                              **params.generate_kwargs())
@@ -103,7 +103,7 @@ class ForceTokens(LogitsProcessor):
 def _forced_stream(model, tokenizer, answer: str, question: str = "说点什么🦄𠮷"):
     ids = tokenizer(answer, add_special_tokens=False).input_ids
     params = GenerationParams(do_sample=False, max_new_tokens=len(ids) + 4, repetition_penalty=1.0)
-    stream = stream_reply(model, tokenizer, _messages(question), params)
+    stream = ReplyStream(model, tokenizer, _messages(question), params)
     stream.generate_kwargs["logits_processor"] = LogitsProcessorList(
         [ForceTokens(ids, len(stream.prompt_ids), tokenizer.eos_token_id)]
     )
@@ -123,8 +123,8 @@ def test_generation_params_are_the_articles():
     assert not {"temperature", "top_p", "top_k"} & set(greedy) and greedy["repetition_penalty"] == 1.3
 
 
-@pytest.mark.parametrize("fmt", ["llama2", "human_assistant"])
-def test_streamed_equals_non_streamed_greedy(loaded, fmt):
+@pytest.mark.parametrize("chat_format", ["llama2", "human_assistant"])
+def test_streamed_equals_non_streamed_greedy(loaded, chat_format):
     model, tokenizer = loaded
     conversations = [_messages(q) for q in PROMPTS[:4]] + [
         _messages("长城有多长？", system="你是一个乐于助人的中文助手。"),
@@ -132,12 +132,12 @@ def test_streamed_equals_non_streamed_greedy(loaded, fmt):
          {"role": "user", "content": "介绍一下北京。"}],
     ]
     for messages in conversations:
-        stream = stream_reply(model, tokenizer, messages, GREEDY, fmt=fmt)
+        stream = ReplyStream(model, tokenizer, messages, GREEDY, chat_format=chat_format)
         chunks = list(stream)
-        expected_text, expected_ids = _reference(model, tokenizer, messages, GREEDY, fmt)
+        expected_text, expected_ids = _reference(model, tokenizer, messages, GREEDY, chat_format)
         assert "".join(chunks) == expected_text == stream.text
         assert stream.token_ids == expected_ids
-        assert stream.prompt_ids == encode_prompt(tokenizer, messages, fmt)
+        assert stream.prompt_ids == encode(tokenizer, messages, chat_format).input_ids
         assert stream.finish_reason in {"eos", "length"}
         if len(expected_ids) > 3:
             assert len(chunks) > 1, "a reply of several tokens must arrive in several chunks"
@@ -177,7 +177,7 @@ def test_free_generation_over_many_prompts_never_shows_eos_or_spurious_replaceme
     for n, question in enumerate(PROMPTS):
         for params in (GREEDY, GenerationParams(temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=40)):
             torch.manual_seed(n)
-            stream = stream_reply(model, tokenizer, _messages(question, system="You are a helpful assistant."), params)
+            stream = ReplyStream(model, tokenizer, _messages(question, system="You are a helpful assistant."), params)
             chunks = list(stream)
             full = tokenizer.decode(stream.token_ids, skip_special_tokens=True)
             assert "".join(chunks) == full
@@ -200,7 +200,7 @@ def _raise_at_step(model, step: int, exc: BaseException):
 def test_worker_exception_surfaces_in_the_reader_without_hanging(loaded):
     model, tokenizer = loaded
     handle, calls = _raise_at_step(model, 4, RuntimeError("boom in the worker"))
-    stream = stream_reply(model, tokenizer, _messages("你好"), GenerationParams(do_sample=False, max_new_tokens=50))
+    stream = ReplyStream(model, tokenizer, _messages("你好"), GenerationParams(do_sample=False, max_new_tokens=50))
     outcome: dict = {}
 
     def read():
@@ -238,7 +238,7 @@ class _BrokenSetup:
 
 def test_failure_while_setting_up_tensors_ends_the_stream(loaded):
     model, tokenizer = loaded
-    stream = stream_reply(_BrokenSetup(model), tokenizer, _messages("你好"), GREEDY)
+    stream = ReplyStream(_BrokenSetup(model), tokenizer, _messages("你好"), GREEDY)
     outcome: dict = {}
 
     def read():
@@ -260,7 +260,7 @@ def test_bad_parameters_raise_in_the_caller(loaded, bad):
     model, tokenizer = loaded
     params = GenerationParams(**{"max_new_tokens": 20, **bad})
     with pytest.raises(ValueError):
-        list(stream_reply(model, tokenizer, _messages("你好"), params))
+        list(ReplyStream(model, tokenizer, _messages("你好"), params))
 
 
 def test_stop_event_halts_within_one_step_and_keeps_the_text(loaded):
@@ -275,7 +275,7 @@ def test_stop_event_halts_within_one_step_and_keeps_the_text(loaded):
 
     handle = model.register_forward_hook(hook)
     try:
-        stream = stream_reply(model, tokenizer, _messages("请用中文介绍一下长城。"),
+        stream = ReplyStream(model, tokenizer, _messages("请用中文介绍一下长城。"),
                               GenerationParams(do_sample=False, max_new_tokens=200, repetition_penalty=1.0),
                               stop_event=stop, min_new_tokens=100)
         text = stream.run()
@@ -292,7 +292,7 @@ def test_stop_from_the_reader_runs_at_most_one_more_step(loaded):
     after_stop = []
     handle = model.register_forward_pre_hook(lambda m, a: after_stop.append(1) if stop.is_set() else None)
     try:
-        stream = stream_reply(model, tokenizer, _messages("Tell me a long story."),
+        stream = ReplyStream(model, tokenizer, _messages("Tell me a long story."),
                               GenerationParams(do_sample=False, max_new_tokens=300, repetition_penalty=1.0),
                               stop_event=stop, min_new_tokens=300)
         for _ in stream:
@@ -308,7 +308,7 @@ def test_closing_the_reader_stops_the_worker(loaded):
     calls = []
     handle = model.register_forward_hook(lambda m, a, o: calls.append(1))
     try:
-        stream = stream_reply(model, tokenizer, _messages("Tell me a long story."),
+        stream = ReplyStream(model, tokenizer, _messages("Tell me a long story."),
                               GenerationParams(do_sample=False, max_new_tokens=300), min_new_tokens=300)
         chunks = iter(stream)
         next(chunks)
@@ -327,26 +327,26 @@ def test_history_is_truncated_by_whole_turns(loaded):
                      {"role": "assistant", "content": f"第 {i} 个回答：" + "很长。" * 10}]
     messages.append({"role": "user", "content": "最后的问题"})
     params = GenerationParams(do_sample=False, max_new_tokens=16)
-    budget = len(encode_prompt(tokenizer, [messages[0]] + messages[-3:], "llama2")) + 2
-    stream = stream_reply(model, tokenizer, messages, params, max_context_tokens=budget + params.max_new_tokens)
+    budget = len(encode(tokenizer, [messages[0]] + messages[-3:], "llama2").input_ids) + 2
+    stream = ReplyStream(model, tokenizer, messages, params, max_context_tokens=budget + params.max_new_tokens)
     assert stream.messages[0] == messages[0] and stream.messages[-1] == messages[-1]
     assert stream.dropped == messages[1:-3] and len(stream.dropped) % 2 == 0
     assert stream.messages == [messages[0]] + messages[-3:]
-    assert stream.prompt_ids == encode_prompt(tokenizer, stream.messages, "llama2")
+    assert stream.prompt_ids == encode(tokenizer, stream.messages, "llama2").input_ids
     assert len(stream.prompt_ids) <= budget
 
 
 def test_prompt_that_cannot_fit_is_a_tutorial_error(loaded):
     model, tokenizer = loaded
     with pytest.raises(TutorialError):
-        stream_reply(model, tokenizer, _messages("你好"), GenerationParams(max_new_tokens=5000))
+        ReplyStream(model, tokenizer, _messages("你好"), GenerationParams(max_new_tokens=5000))
     with pytest.raises(PromptFormatError):
-        stream_reply(model, tokenizer, _messages("很长的问题" * 300), GenerationParams(max_new_tokens=64))
+        ReplyStream(model, tokenizer, _messages("很长的问题" * 300), GenerationParams(max_new_tokens=64))
 
 
 def test_stream_iterates_once(loaded):
     model, tokenizer = loaded
-    stream = stream_reply(model, tokenizer, _messages("你好"), GREEDY)
+    stream = ReplyStream(model, tokenizer, _messages("你好"), GREEDY)
     stream.run()
     with pytest.raises(RuntimeError):
         list(stream)
@@ -437,7 +437,7 @@ def test_widget_error_is_a_message_and_the_widget_stays_usable(loaded):
 def test_widget_says_when_old_turns_were_left_out(loaded):
     model, tokenizer = loaded
     system = {"role": "system", "content": "你是一个助手。"}
-    room = len(encode_prompt(tokenizer, [system, {"role": "user", "content": "第三个问题"}])) + 2
+    room = len(encode(tokenizer, [system, {"role": "user", "content": "第三个问题"}]).input_ids) + 2
     chat = ChatWidget(backend=local_backend(model, tokenizer, max_context_tokens=room + 8), system_prompt=system["content"])
     chat.do_sample.value, chat.max_new_tokens.value = False, 8
     for question in ("第一个问题", "第二个问题", "第三个问题"):

@@ -12,7 +12,7 @@ from helpers.config import REPO_ROOT
 from tests.lesson_code import lesson_definitions
 
 # Lesson 08 writes its memory accounting out (section 1, and smallest_gpu_count in section 2): test that code.
-LESSON = lesson_definitions("08_multi_gpu_lora.ipynb", "f821ae6c", "011e877c")
+LESSON = lesson_definitions("08_multi_gpu_lora.ipynb", "per_gpu_memory", "smallest_gpu_count")
 SHARDS, STRATEGIES, llama_config = LESSON["SHARDS"], LESSON["STRATEGIES"], LESSON["llama_config"]
 lora_trainable, per_gpu_memory, smallest_gpu_count = (LESSON[name] for name in (
     "lora_trainable", "per_gpu_memory", "smallest_gpu_count"))
@@ -218,7 +218,7 @@ def test_only_rank_zero_writes_one_adapter_that_loads_and_answers(runs):
 
     from helpers.models import resolve_model
     from helpers.finetune import load_with_adapter, read_training_info
-    from helpers.prompts import encode_prompt
+    from helpers.prompts import encode
 
     adapter = runs["root"] / "two"
     assert (adapter / "adapter_config.json").exists() and (adapter / "adapter_model.safetensors").exists()
@@ -228,7 +228,7 @@ def test_only_rank_zero_writes_one_adapter_that_loads_and_answers(runs):
     assert info["global_step"] == STEPS and info["resumed_from"].endswith("checkpoint-3")
     choice = resolve_model("tiny", verbose=False)
     model, tokenizer = load_with_adapter(choice, adapter)
-    ids = encode_prompt(tokenizer, [{"role": "user", "content": "请介绍一下长城。"}], choice.chat_format)
+    ids = encode(tokenizer, [{"role": "user", "content": "请介绍一下长城。"}], choice.chat_format).input_ids
     with torch.no_grad():
         out = model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False)
     assert out.shape[1] > len(ids)
@@ -362,7 +362,7 @@ def test_qlora_under_fsdp_stores_4bit_weights_in_a_float_dtype_without_a_device_
         assert fake_gpu_loading["model"].input_grads == qlora.gradient_checkpointing
         given = {"torch": torch, "BitsAndBytesConfig": __import__("transformers").BitsAndBytesConfig,
                  "compute_dtype": compute, "storage_dtype": storage}
-        lesson = lesson_calls("08_multi_gpu_lora.ipynb", "c08-fsdp-qlora-config", "BitsAndBytesConfig", given)
+        lesson = lesson_calls("08_multi_gpu_lora.ipynb", "fsdp_qlora_config", "BitsAndBytesConfig", given)
         assert lesson[0].to_dict() == fsdp["quantization_config"].to_dict(), "lesson 08's FSDP-QLoRA config drifted"
 
 

@@ -173,7 +173,7 @@ def test_the_local_hub_serves_a_bin_only_repo_for_lesson_01():
 
     from helpers.download import hub_errors
 
-    url = local_hub.local_hub().url
+    url = local_hub.start_local_hub().url
     try:
         with hub_errors(local_hub.LOCAL_BIN_REPO, url):
             names = HfApi(endpoint=url, token=False).list_repo_files(local_hub.LOCAL_BIN_REPO)
@@ -425,9 +425,9 @@ def test_download_on_huggingface_hub_1_27(tmp_path):
 
 def test_one_local_hub_per_process_never_touching_hf_endpoint(monkeypatch):
     monkeypatch.delenv("HF_ENDPOINT", raising=False)
-    first = local_hub.local_hub()
+    first = local_hub.start_local_hub()
     try:
-        assert local_hub.local_hub() is first and "HF_ENDPOINT" not in os.environ
+        assert local_hub.start_local_hub() is first and "HF_ENDPOINT" not in os.environ
     finally:
         local_hub.stop()
     assert local_hub._HUB is None

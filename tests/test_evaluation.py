@@ -17,12 +17,12 @@ from hypothesis import strategies as st
 from helpers import evaluation as ev
 from helpers.config import TutorialError
 from helpers.models import resolve_model
-from helpers.prompts import SYSTEM_PROMPT_ARTICLE, article_prompt, encode_prompt
+from helpers.prompts import SYSTEM_PROMPT_ARTICLE, article_prompt, encode
 from tests.lesson_code import lesson_definitions
 
 # Lesson 06 writes its metrics out (sections 2, 3, 6 and 12): the tests run that code.
-# The lesson's model is the tiny one here (its format is Llama-2's): LAYOUT is the article's.
-L = SimpleNamespace(**lesson_definitions("06_evaluation.ipynb", "c41-03", "c41-09", "c41-24", "c41-22", "c41-36a",
+# The lesson's model is the tiny one here (its format is Llama-2's): CHAT_FORMAT is the article's.
+L = SimpleNamespace(**lesson_definitions("06_evaluation.ipynb", "eval_settings", "answer_language", "rouge_bleu", "score_answers", "published_answers",
                                          given={"choice": resolve_model("tiny", verbose=False)}))
 
 HAN = re.compile(r"[\u4e00-\u9fff]")
@@ -339,28 +339,28 @@ class CountingGenerate:
         return self.inner(**kwargs)
 
 
-def _settings(choice, layout="article", **generate):
-    return {"model": choice.path, "layout": layout, "system_prompt": SYSTEM_PROMPT_ARTICLE,
+def _settings(choice, chat_format="article", **generate):
+    return {"model": choice.path, "chat_format": chat_format, "system_prompt": SYSTEM_PROMPT_ARTICLE,
             "generate": {"max_new_tokens": 6, "do_sample": False, **generate}}
 
 
-@pytest.mark.parametrize("layout", ["article", "llama2"])
-def test_prompts_follow_the_layout_and_are_left_padded(tiny, monkeypatch, tmp_path, layout):
+@pytest.mark.parametrize("chat_format", ["article", "llama2"])
+def test_prompts_follow_the_chat_format_and_are_left_padded(tiny, monkeypatch, tmp_path, chat_format):
     choice, model, tokenizer = tiny
     qs = ev.load_questions()[:3]
     counter = CountingGenerate(model)
     monkeypatch.setattr(model, "generate", counter)
-    records = ev.generate_answers(model, tokenizer, qs, tmp_path / "a.jsonl", _settings(choice, layout), batch_size=3,
+    records = ev.generate_answers(model, tokenizer, qs, tmp_path / "a.jsonl", _settings(choice, chat_format), batch_size=3,
                                   progress=False)
     assert counter.calls == 1
     ids, mask = counter.inputs[0]["input_ids"], counter.inputs[0]["attention_mask"]
     for row, q in enumerate(qs):
-        if layout == "article":  # the article's text exactly, with one BOS from the tokenizer
+        if chat_format == "article":  # the article's text exactly, with one BOS from the tokenizer
             expected = tokenizer(article_prompt(q["question"], SYSTEM_PROMPT_ARTICLE))["input_ids"]
             assert expected[0] == tokenizer.bos_token_id and expected.count(tokenizer.bos_token_id) == 1
             assert tokenizer.decode(expected, skip_special_tokens=True).startswith("[INST] \n<<SYS>>\nYou are a helpful")
         else:
-            expected = encode_prompt(tokenizer, ev.question_messages(q["question"], SYSTEM_PROMPT_ARTICLE), "llama2")
+            expected = encode(tokenizer, ev.question_messages(q["question"], SYSTEM_PROMPT_ARTICLE), "llama2").input_ids
         n = len(expected)
         assert ids[row, -n:].tolist() == expected
         assert mask[row].tolist() == [0] * (ids.shape[1] - n) + [1] * n, "padding is on the left"
@@ -552,7 +552,7 @@ def test_tiny_models_outcome_in_lesson_06(tiny, tmp_path):
     qs = ev.load_questions()[::4]
     article = {"do_sample": True, "top_k": 50, "top_p": 0.95, "temperature": 0.3, "repetition_penalty": 1.3}
     article_run = {**_settings(choice, max_new_tokens=32, **article), "seed": 42}
-    train_format = {**article_run, "layout": choice.chat_format, "system_prompt": None}
+    train_format = {**article_run, "chat_format": choice.chat_format, "system_prompt": None}
 
     def rate(settings_, adapter_on):
         path = tmp_path / f"{ev.run_id(settings_)}-{adapter_on}.jsonl"

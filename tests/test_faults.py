@@ -169,7 +169,7 @@ model = AutoModelForCausalLM.from_pretrained(choice.path, dtype=torch.float32).e
 tok = AutoTokenizer.from_pretrained(choice.path)
 tok.padding_side, tok.pad_token = "left", tok.unk_token
 questions = [{"qid": i, "question": q} for i, q in enumerate(["中国的首都是哪里？", "长城有多长？", "一年有几天？"])]
-settings = {"layout": choice.chat_format, "system_prompt": None, "seed": 0,
+settings = {"chat_format": choice.chat_format, "system_prompt": None, "seed": 0,
             "generate": {"do_sample": False, "max_new_tokens": 24}}
 generate_answers(model, tok, questions[:1], path, settings, batch_size=1, progress=False)
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)

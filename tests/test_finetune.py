@@ -26,12 +26,12 @@ from helpers import training_data as td
 from helpers.config import DATA_DIR, REPO_ROOT as REPO, TutorialError
 from helpers.models import resolve_model
 from helpers.evaluation import chinese_share
-from helpers.prompts import IGNORE_INDEX, encode_prompt
+from helpers.prompts import IGNORE_INDEX, encode
 from scripts.train_lora import StopAfterSteps
 from tests.lesson_code import lesson_definitions, script_module
 
 # Lesson 05 writes its reload check out (section 11): the tests use that code.
-LESSON = lesson_definitions("05_lora_finetune.ipynb", "c43-36")
+LESSON = lesson_definitions("05_lora_finetune.ipynb", "logits_agree")
 probe_logits, logits_agree = LESSON["probe_logits"], LESSON["logits_agree"]
 
 
@@ -69,10 +69,10 @@ TRICKY = {
 
 def test_labels_start_exactly_at_the_answer_on_tricky_rows(tmp_path, choice, tok):
     path = _csv(tmp_path / "tricky.csv", [_row(q, a) for q, a in TRICKY.values()])
-    rows = td.validate_sft_file(path, tok, fmt=choice.chat_format, max_length=512)
+    rows = td.validate_sft_file(path, tok, chat_format=choice.chat_format, max_length=512)
     assert rows.ok and len(rows.rows) == len(TRICKY)
     for (name, (question, answer)), ids, labels in zip(TRICKY.items(), rows.input_ids, rows.labels):
-        prompt = encode_prompt(tok, [{"role": "user", "content": question}], choice.chat_format)
+        prompt = encode(tok, [{"role": "user", "content": question}], choice.chat_format).input_ids
         first = next(i for i, x in enumerate(labels) if x != IGNORE_INDEX)
         assert ids[: len(prompt)] == prompt, f"{name}: training prompt differs from the chat prompt"
         assert first == len(prompt), f"{name}: the mask is off by {first - len(prompt)} tokens"
@@ -94,24 +94,24 @@ def test_mask_boundary_on_many_random_rows(tmp_path, choice, tok):
 
     pairs = [(text(rng.randint(1, 30)), text(rng.randint(1, 20))) for _ in range(200)]
     pd.DataFrame({"question": [q for q, _ in pairs], "answer": [a for _, a in pairs]}).to_csv(tmp_path / "qa.csv", index=False)
-    rows = td.validate_sft_file(tmp_path / "qa.csv", tok, fmt=choice.chat_format, max_length=512)
-    assert rows.layout == "question_answer" and len(rows.rows) == 200, rows.bad[:3]
+    rows = td.validate_sft_file(tmp_path / "qa.csv", tok, chat_format=choice.chat_format, max_length=512)
+    assert rows.schema == "question_answer" and len(rows.rows) == 200, rows.bad[:3]
     for (question, _), ids, labels in zip(pairs, rows.input_ids, rows.labels):
-        prompt = encode_prompt(tok, [{"role": "user", "content": question}], choice.chat_format)
+        prompt = encode(tok, [{"role": "user", "content": question}], choice.chat_format).input_ids
         first = next(i for i, x in enumerate(labels) if x != IGNORE_INDEX)
         assert first == len(prompt) and ids[: len(prompt)] == prompt
         assert ids[-1] == labels[-1] == tok.eos_token_id
 
 
-def test_three_layouts_give_the_same_tokens(tmp_path, choice, tok):
+def test_three_schemas_give_the_same_tokens(tmp_path, choice, tok):
     q, a = "地球的卫星是什么？", "月球。"
     _csv(tmp_path / "text.csv", [_row(q, a)])
     pd.DataFrame({"question": [q], "answer": [a]}).to_csv(tmp_path / "qa.csv", index=False)
     (tmp_path / "m.jsonl").write_text(
         json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}, ensure_ascii=False)
         + "\n", "utf-8")
-    got = [td.validate_sft_file(tmp_path / n, tok, fmt=choice.chat_format) for n in ("text.csv", "qa.csv", "m.jsonl")]
-    assert [g.layout for g in got] == ["text", "question_answer", "messages"]
+    got = [td.validate_sft_file(tmp_path / n, tok, chat_format=choice.chat_format) for n in ("text.csv", "qa.csv", "m.jsonl")]
+    assert [g.schema for g in got] == ["text", "question_answer", "messages"]
     assert got[0].input_ids == got[1].input_ids == got[2].input_ids
     assert got[0].labels == got[1].labels == got[2].labels
 
@@ -133,7 +133,7 @@ def _expected_batch(feats, pad_id, multiple=None):
 def test_library_collator_gives_the_answer_only_batches(choice, tok, multiple):
     """DataCollatorForSeq2Seq (which replaced the hand-made AnswerOnlyCollator) keeps encode's labels,
     the final EOS label included, and pads with <unk>, not EOS."""
-    rows = td.validate_sft_file(DATA_DIR / "dev_sft.csv", tok, fmt=choice.chat_format)
+    rows = td.validate_sft_file(DATA_DIR / "dev_sft.csv", tok, chat_format=choice.chat_format)
     feats = [rows.dataset()[i] for i in range(6)]
     assert len({len(f["input_ids"]) for f in feats}) > 1, "the test needs rows of different lengths"
     batch = DataCollatorForSeq2Seq(tok, label_pad_token_id=IGNORE_INDEX, pad_to_multiple_of=multiple)(feats)
@@ -173,7 +173,7 @@ def test_every_bad_row_is_reported_at_once_and_nothing_is_written(tmp_path, choi
         _row("角色", "回答里又写了一轮\n</s><s>Human: 这是问题吗"),  # 9: a role marker inside the answer
         _row("另一个角色", "他说 <s>Human: 你好"),  # 10: <s> inside the answer
     ])
-    rows = td.validate_sft_file(path, tok, fmt=choice.chat_format, max_length=128)
+    rows = td.validate_sft_file(path, tok, chat_format=choice.chat_format, max_length=128)
     assert [(b.row, b.problem) for b in rows.bad] == [
         (2, "no_assistant"), (3, "empty_answer"), (4, "missing_column"), (5, "too_long"), (6, "format"),
         (8, "special_token"), (9, "special_token"), (10, "special_token")]
@@ -225,10 +225,10 @@ def test_gbk_csv_from_excel_is_read_with_a_notice(tmp_path, choice, tok, capsys)
     text = _row("地球的卫星是什么？", "月球。")
     pd.DataFrame({"text": [text]}).to_csv(tmp_path / "gbk.csv", index=False, encoding="gb18030")
     pd.DataFrame({"text": [text]}).to_csv(tmp_path / "utf8.csv", index=False, encoding="utf-8")
-    rows = td.validate_sft_file(tmp_path / "gbk.csv", tok, fmt=choice.chat_format)
+    rows = td.validate_sft_file(tmp_path / "gbk.csv", tok, chat_format=choice.chat_format)
     notice = capsys.readouterr().out
     assert "GB18030" in notice and "iconv -f gb18030 -t utf-8" in notice
-    assert rows.ok and rows.input_ids == td.validate_sft_file(tmp_path / "utf8.csv", tok, fmt=choice.chat_format).input_ids
+    assert rows.ok and rows.input_ids == td.validate_sft_file(tmp_path / "utf8.csv", tok, chat_format=choice.chat_format).input_ids
     (tmp_path / "binary.csv").write_bytes(b"text\n\xff\xfe\x00\x81")
     with pytest.raises(TutorialError, match="UTF-8"):
         td.validate_sft_file(tmp_path / "binary.csv", tok)
@@ -281,10 +281,10 @@ def test_resume_refuses_checkpoints_of_another_run(small_run, choice, tok, tmp_p
     """Checkpoints of another base model, other settings or other data are never resumed."""
     _, run, _, settings = small_run
     ckpt = ft.checkpoint_dir_for(run.adapter_dir)
-    rows = td.validate_sft_file(DATA_DIR / "train_sft.csv", tok, fmt=choice.chat_format, max_length=settings.max_length)
+    rows = td.validate_sft_file(DATA_DIR / "train_sft.csv", tok, chat_format=choice.chat_format, max_length=settings.max_length)
     same = ft.run_fingerprint(choice, settings, rows) | {"limit_rows": 16}
     assert ft.resume_point(ckpt, same).endswith("checkpoint-6")
-    other_data = td.validate_sft_file(DATA_DIR / "dev_sft.csv", tok, fmt=choice.chat_format)
+    other_data = td.validate_sft_file(DATA_DIR / "dev_sft.csv", tok, chat_format=choice.chat_format)
     other_model = dataclasses.replace(choice, path=str(tmp_path / "llama-2-7b"))
     for fingerprint, what in ((ft.run_fingerprint(choice, settings, other_data) | {"limit_rows": 16}, "data_sha256"),
                               (ft.run_fingerprint(other_model, settings, rows) | {"limit_rows": 16}, "base_model"),
@@ -360,7 +360,7 @@ def test_resume_skips_a_checkpoint_a_kill_or_a_full_disk_cut_off(small_run, choi
         shutil.rmtree(cutoff)
         cutoff.mkdir()
     assert get_last_checkpoint(str(ckpt)).endswith("checkpoint-9"), "what the Trainer alone would resume"
-    rows = td.validate_sft_file(DATA_DIR / "train_sft.csv", tok, fmt=choice.chat_format, max_length=settings.max_length)
+    rows = td.validate_sft_file(DATA_DIR / "train_sft.csv", tok, chat_format=choice.chat_format, max_length=settings.max_length)
     same = ft.run_fingerprint(choice, settings, rows) | {"limit_rows": 16}
     assert ft.resume_point(ckpt, same).endswith("checkpoint-6")
     assert not cutoff.exists() and (ckpt / "incomplete-checkpoint-9").is_dir(), "set aside, nothing deleted"
@@ -532,12 +532,12 @@ def test_settings_live_in_one_place(choice, monkeypatch):
 # --------------------------------------------------------------------------- the tiny model's outcome
 
 
-def _answer(model, tokenizer, questions, settings, fmt):
+def _answer(model, tokenizer, questions, settings, chat_format):
     """Lesson 05's answer_questions: one user turn per question, left padded, sampling seeded."""
     torch.manual_seed(settings.seed)
     answers = []
     for i in range(0, len(questions), settings.generation_batch_size):
-        prompts = [encode_prompt(tokenizer, [{"role": "user", "content": q}], fmt)
+        prompts = [encode(tokenizer, [{"role": "user", "content": q}], chat_format).input_ids
                    for q in questions[i:i + settings.generation_batch_size]]
         batch = tokenizer.pad({"input_ids": prompts}, padding_side="left", return_tensors="pt")
         with torch.no_grad():

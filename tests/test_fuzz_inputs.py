@@ -34,7 +34,7 @@ def tok(tiny_model):
 def _train(tmp_path, tok, name, data: bytes):
     path = tmp_path / name
     path.write_bytes(data)
-    return td.validate_sft_file(path, tok, fmt="llama2")
+    return td.validate_sft_file(path, tok, chat_format="llama2")
 
 
 def _questions(tmp_path, data: bytes):

@@ -40,7 +40,7 @@ def lesson(f16):
     """The lesson's quantize(), with what its cells read (llama_cpp, N_THREADS, Path, os)."""
     import os
 
-    return lesson_definitions(LESSON, "c09-quantize", given={"llama_cpp": require_llama_cpp(), "N_THREADS": 1,
+    return lesson_definitions(LESSON, "quantize", given={"llama_cpp": require_llama_cpp(), "N_THREADS": 1,
                                                             "Path": Path, "os": os})
 
 
@@ -108,7 +108,7 @@ def test_f16_and_q8_0_score_the_dev_answers_as_transformers_does(lesson, f16, ti
 
     q8 = lesson["quantize"](f16, f16.with_name("tiny-Q8_0.gguf"), "Q8_0")
     hf = AutoModelForCausalLM.from_pretrained(tiny.path, dtype=torch.float32).eval()
-    ns = lesson_definitions(LESSON, "c09-agree", "c09-ppl", given={"tokenizer": AutoTokenizer.from_pretrained(tiny.path),
+    ns = lesson_definitions(LESSON, "gguf_agreement", "gguf_perplexity", given={"tokenizer": AutoTokenizer.from_pretrained(tiny.path),
                                                                    "choice": tiny, "hf": hf, "torch": torch})
     dev = [csv_text_to_messages(t) for t in pd.read_csv(DATA_DIR / "dev_sft.csv")["text"]][:16]
     reference = ns["answer_perplexity"](ns["transformers_logits"], dev)["perplexity"]
@@ -125,9 +125,9 @@ def test_lesson_09s_perplexity_is_lesson_06s(tiny):
     model = AutoModelForCausalLM.from_pretrained(tiny.path, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(tiny.path)
     dev = [csv_text_to_messages(t) for t in pd.read_csv(DATA_DIR / "dev_sft.csv")["text"]][:8]
-    six = lesson_definitions("06_evaluation.ipynb", "c41-26", given={"tokenizer": tokenizer, "choice": tiny, "torch": torch,
+    six = lesson_definitions("06_evaluation.ipynb", "answer_perplexity", given={"tokenizer": tokenizer, "choice": tiny, "torch": torch,
                                                                      "F": F, "pd": pd})
-    nine = lesson_definitions(LESSON, "c09-agree", "c09-ppl", given={"tokenizer": tokenizer, "choice": tiny, "hf": model, "torch": torch})
+    nine = lesson_definitions(LESSON, "gguf_agreement", "gguf_perplexity", given={"tokenizer": tokenizer, "choice": tiny, "hf": model, "torch": torch})
     assert nine["answer_perplexity"](nine["transformers_logits"], dev) == six["answer_perplexity"](model, dev)
 
 
@@ -221,7 +221,7 @@ def smollm2_files(tmp_path_factory):
     choice = resolve_model("smollm2-135m", verbose=False)
     folder = tmp_path_factory.mktemp("smollm2-gguf")
     f16 = run_converter(convert_command(choice.path, folder / "f16.gguf"), folder / "f16.gguf")
-    quantize = lesson_definitions(LESSON, "c09-quantize", given={"llama_cpp": require_llama_cpp(), "N_THREADS": 1,
+    quantize = lesson_definitions(LESSON, "quantize", given={"llama_cpp": require_llama_cpp(), "N_THREADS": 1,
                                                                  "Path": Path, "os": os})["quantize"]
     return choice, {"F16": f16, **{k: quantize(f16, folder / f"{k}.gguf", k) for k in ("Q8_0", "Q4_K_M")}}
 
@@ -239,15 +239,15 @@ def test_on_smollm2_quantization_costs_what_was_measured(smollm2_files):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from helpers.evaluation import load_questions
-    from helpers.prompts import encode_prompt
+    from helpers.prompts import encode
 
     choice, paths = smollm2_files
     tokenizer = AutoTokenizer.from_pretrained(choice.path)
     tokenizer.padding_side, tokenizer.pad_token = "left", tokenizer.unk_token
     hf = AutoModelForCausalLM.from_pretrained(choice.path, dtype=torch.float32).eval()
-    ns = lesson_definitions(LESSON, "c09-agree", "c09-ppl", given={"tokenizer": tokenizer, "choice": choice, "hf": hf,
+    ns = lesson_definitions(LESSON, "gguf_agreement", "gguf_perplexity", given={"tokenizer": tokenizer, "choice": choice, "hf": hf,
                                                                    "torch": torch})
-    prompts = [encode_prompt(tokenizer, [{"role": "user", "content": q["question"]}], choice.chat_format)
+    prompts = [encode(tokenizer, [{"role": "user", "content": q["question"]}], choice.chat_format).input_ids
                for q in load_questions()[:12]]
     reference = ns["hf_greedy"](prompts)
     dev = [csv_text_to_messages(t) for t in pd.read_csv(DATA_DIR / "dev_sft.csv")["text"]][:12]

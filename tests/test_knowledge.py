@@ -7,22 +7,20 @@ from __future__ import annotations
 import re
 from types import SimpleNamespace
 
-import nbformat
 import pandas as pd
 import pytest
 import torch
 
 from helpers import knowledge as kn
-from helpers.config import REPO_ROOT
 from helpers.models import resolve_model
 from helpers.evaluation import EvalDataError
-from tests.lesson_code import lesson_definitions
+from tests.lesson_code import lesson_cell, lesson_definitions
 
 LESSON = "06_evaluation.ipynb"
 # Lesson 06's settings (they read the lesson's model, here the tiny one), its OVERALL row name, then section 13's
 # definitions, which take the model and template as arguments.
-L = SimpleNamespace(**lesson_definitions(LESSON, "c41-03", "c41-22", "c41-kc02", "c41-kc06", "c41-kc08", "c41-kc10",
-                                         "c41-kc12", given={"choice": resolve_model("tiny", verbose=False)}))
+L = SimpleNamespace(**lesson_definitions(LESSON, "eval_settings", "score_answers", "knowledge_data", "knowledge_config", "letter_token_ids", "knowledge_check",
+                                         "wilson_interval", given={"choice": resolve_model("tiny", verbose=False)}))
 SUBJECTS = kn.load_knowledge()
 HEADER = "id,question,A,B,C,D,answer,explanation"
 HAN = re.compile(r"[\u4e00-\u9fff]")
@@ -46,8 +44,7 @@ def tiny(tiny_model):
 def _documented_layout() -> tuple[str, str, str]:
     """The three template lines of the lesson's ```text block (header, one example, the question), with the
     literal \\n written there turned into newlines."""
-    cells = {c.id: c.source for c in nbformat.read(REPO_ROOT / "notebooks" / LESSON, as_version=4).cells}
-    block = re.search(r"```text\n(.*?)\n```", cells["c41-kc05"], re.S).group(1)
+    block = re.search(r"```text\n(.*?)\n```", lesson_cell(LESSON, "ceval_prompt_text"), re.S).group(1)
     header, example, question = block.split("\n")
     return tuple(line.replace("\\n", "\n") for line in (header, example, question))
 

@@ -135,7 +135,7 @@ def test_qlora_training_arguments_follow_the_compute_capability(monkeypatch, tmp
 def test_environment_report_follows_the_compute_capability(monkeypatch, tmp_path, capability, says):
     from tests.lesson_code import lesson_definitions
 
-    environment_report = lesson_definitions("00_overview.ipynb", "c15-04")["environment_report"]  # lesson 00 writes it
+    environment_report = lesson_definitions("00_overview.ipynb", "environment_report")["environment_report"]  # lesson 00 writes it
     monkeypatch.setenv("LLAMA_TUTORIAL_HOME", str(tmp_path))
     simulate_gpu(monkeypatch, capability, name="NVIDIA A100" if capability[0] == 8 else "Tesla T4")
     report = environment_report()
@@ -213,8 +213,8 @@ def no_template_folder(tmp_path_factory, tiny_model):
     return random_llama_folder(tmp_path_factory.mktemp("models"), chat_template=False)
 
 
-@pytest.mark.parametrize("fmt", ["llama2", "human_assistant"])
-def test_timing_needs_no_chat_template(no_template_folder, fmt):
+@pytest.mark.parametrize("chat_format", ["llama2", "human_assistant"])
+def test_timing_needs_no_chat_template(no_template_folder, chat_format):
     """FlagAlpha's models ship no chat_template: apply_chat_template raises on them, so the timing
     builds the prompt with the course's own template for the model's chat format."""
     from transformers import AutoTokenizer
@@ -228,9 +228,9 @@ def test_timing_needs_no_chat_template(no_template_folder, fmt):
     prompts = []
     real_generate = model.generate
     model.generate = lambda ids, **k: prompts.append(ids) or real_generate(ids, **k)
-    timing = time_generation(model, tok, "你好", chat_format=fmt, new_tokens=2, warmup=False)
+    timing = time_generation(model, tok, "你好", chat_format=chat_format, new_tokens=2, warmup=False)
     assert timing.new_tokens == 2
-    wanted = build_prompt([{"role": "user", "content": "你好"}], fmt)
+    wanted = build_prompt([{"role": "user", "content": "你好"}], chat_format)
     assert tok.decode(prompts[0][0]).replace(" ", "") == wanted.replace(" ", "")
 
 
@@ -533,8 +533,8 @@ def test_lessons_01_and_02_judge_a_t4_with_the_one_constant():
     from helpers.loading import GIB, LLAMA2_SHAPES, T4_USABLE_GIB, check_fits, estimate_memory
     from tests.lesson_code import lesson_definitions
 
-    lesson01 = lesson_definitions("01_download_weights.ipynb", "c58-07", given={"GIB": GIB})
-    lesson02 = lesson_definitions("02_loading_quantized.ipynb", "c35-13")
+    lesson01 = lesson_definitions("01_download_weights.ipynb", "fits_on_t4", given={"GIB": GIB})
+    lesson02 = lesson_definitions("02_loading_quantized.ipynb", "t4_fits")
     assert lesson01["T4_BUDGET"] == lesson02["T4_FREE"] == int(T4_USABLE_GIB * GIB)
     for shape in ("llama2-7b", "llama2-13b"):
         config = LlamaConfig(**LLAMA2_SHAPES[shape])

@@ -127,3 +127,35 @@ def test_lesson_00s_module_table_is_helpers_lesson_modules():
     assert public == set(LESSON_MODULES), "every public helpers module belongs to a lesson"
     for module, (lesson, _) in LESSON_MODULES.items():
         assert list((REPO_ROOT / "notebooks").glob(f"{lesson}_*.ipynb")), module
+
+
+def test_tested_markers_are_unique_across_the_course_and_first_in_their_cell():
+    """Tests find a lesson's cell by its `#| tested: <name>` marker (tests/lesson_code.py), never by its id:
+    a name is used once in the whole course, and the marker is the cell's first line, where a reader sees it."""
+    from tests.lesson_code import MARKER, lesson_markers
+
+    where: dict[str, str] = {}
+    for path in NOTEBOOKS:
+        for name in lesson_markers(path.name):  # fails on a name marked twice in one lesson
+            assert name not in where, f"the marker `tested: {name}` is in both {where[name]} and {path.name}"
+            where[name] = path.name
+        for cell in nbformat.read(path, as_version=4).cells:
+            for match in MARKER.finditer(cell.source):
+                assert match.start() == 0, f"{path.name}: `{match.group(0)}` must be the first line of its cell"
+    assert len(where) >= 30, where
+
+
+def test_a_missing_or_doubled_marker_fails_naming_the_lesson_and_the_marker(tmp_path, monkeypatch):
+    from tests import lesson_code
+
+    lesson = "99_markers.ipynb"
+    (tmp_path / "notebooks").mkdir()
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("#| tested: twice\nA = 1"),
+                                         nbformat.v4.new_code_cell("#| tested: twice\nA = 2")])
+    nbformat.write(nb, tmp_path / "notebooks" / lesson)
+    monkeypatch.setattr(lesson_code, "REPO_ROOT", tmp_path)
+    with pytest.raises(LookupError, match=rf"{lesson}: the marker `tested: twice` is on more than one cell"):
+        lesson_code.lesson_definitions(lesson, "twice")
+    nbformat.write(nbformat.v4.new_notebook(cells=nb.cells[:1]), tmp_path / "notebooks" / lesson)
+    with pytest.raises(LookupError, match=rf"{lesson}: no cell is marked `tested: missing` \(markers there: twice\)"):
+        lesson_code.lesson_cell(lesson, "missing")

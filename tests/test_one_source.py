@@ -17,7 +17,7 @@ from transformers import BitsAndBytesConfig, TrainerControl, TrainerState
 
 from helpers import download, finetune
 from helpers.loading import quantization_config
-from tests.lesson_code import lesson_calls, lesson_definitions, lesson_expression, script_module
+from tests.lesson_code import lesson_calls, lesson_cell, lesson_definitions, lesson_expression, script_module
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -30,7 +30,7 @@ def _bnb(config: BitsAndBytesConfig) -> dict:
 def test_lesson_05_bitsandbytes_configs_equal_the_helpers(dtype):
     """Lesson 05 writes QLoRA's BitsAndBytesConfig (8-bit, 4-bit nf4 with double quantization); train_adapter
     loads through helpers.loading.quantization_config(..., double_quant=True)."""
-    eight, four = lesson_calls("05_lora_finetune.ipynb", "c43-21", "BitsAndBytesConfig",
+    eight, four = lesson_calls("05_lora_finetune.ipynb", "load_for_lora", "BitsAndBytesConfig",
                                {"BitsAndBytesConfig": BitsAndBytesConfig, "compute_dtype": dtype})
     assert _bnb(eight) == _bnb(quantization_config("8bit", dtype, double_quant=True))
     assert _bnb(four) == _bnb(quantization_config("4bit", dtype, double_quant=True))
@@ -40,8 +40,8 @@ def test_lesson_05_bitsandbytes_configs_equal_the_helpers(dtype):
 def test_lesson_02_bitsandbytes_configs_equal_the_helpers(dtype):
     """Lesson 02 loads in 8-bit and 4-bit inline; every other lesson loads through quantization_config."""
     given = {"BitsAndBytesConfig": BitsAndBytesConfig, "dtype": dtype}
-    (eight,) = lesson_calls("02_loading_quantized.ipynb", "c35-16", "BitsAndBytesConfig", given)
-    (four,) = lesson_calls("02_loading_quantized.ipynb", "c35-24", "BitsAndBytesConfig", given)
+    (eight,) = lesson_calls("02_loading_quantized.ipynb", "load_8bit", "BitsAndBytesConfig", given)
+    (four,) = lesson_calls("02_loading_quantized.ipynb", "load_4bit", "BitsAndBytesConfig", given)
     assert _bnb(eight) == _bnb(quantization_config("8bit", dtype))
     assert _bnb(four) == _bnb(quantization_config("4bit", dtype))
 
@@ -53,7 +53,7 @@ def test_lesson_05_lora_config_equals_the_helpers(name):
     from peft import LoraConfig
 
     settings = finetune.SETTINGS[name]
-    (lesson,) = lesson_calls("05_lora_finetune.ipynb", "c43-25", "LoraConfig", {"LoraConfig": LoraConfig, "settings": settings})
+    (lesson,) = lesson_calls("05_lora_finetune.ipynb", "lora_config", "LoraConfig", {"LoraConfig": LoraConfig, "settings": settings})
     helper = finetune.lora_config(settings)
     assert lesson.to_dict() == helper.to_dict()
     assert set(helper.target_modules) == set(finetune.LLAMA_PROJECTIONS)
@@ -72,7 +72,7 @@ def _stops(callback_class, steps: int) -> list[tuple[int, bool, bool]]:
 @pytest.mark.parametrize("steps", [1, 3, 24])
 def test_stop_after_steps_is_the_same_callback_in_lesson_05_and_the_script(steps):
     """scripts/train_lora.py --stop-after-steps uses the callback lesson 05 writes out (a simulated interruption)."""
-    lesson = lesson_definitions("05_lora_finetune.ipynb", "c43-29")["StopAfterSteps"]
+    lesson = lesson_definitions("05_lora_finetune.ipynb", "stop_after_steps")["StopAfterSteps"]
     script = script_module("train_lora")
     assert _stops(lesson, steps) == _stops(script.StopAfterSteps, steps)
     assert [d for d in _stops(lesson, steps) if d[1]] == [(steps, True, True)], "saves and stops once, at `steps`"
@@ -85,7 +85,7 @@ def test_lesson_01_download_filter_equals_the_helpers():
 
     from helpers.config import REPO_ROOT
 
-    assert lesson_definitions("01_download_weights.ipynb", "c58-24")["ALLOW"] == download.ALLOW_PATTERNS
+    assert lesson_definitions("01_download_weights.ipynb", "allow_patterns")["ALLOW"] == download.ALLOW_PATTERNS
     cells = nbformat.read(REPO_ROOT / "notebooks" / "01_download_weights.ipynb", as_version=4).cells
     line = next(text for c in cells for text in c.source.splitlines() if text.startswith("hf download") and "--include" in text)
     included = line.split("--include", 1)[1].split("--local-dir")[0].split()
@@ -102,7 +102,7 @@ def test_lesson_01_download_filter_equals_the_helpers():
 ])
 def test_lesson_01_filter_rule_equals_the_helpers(files):
     """Lesson 01 writes allow_patterns_for out (section 3); download_model uses helpers.download.allow_patterns_for."""
-    lesson = lesson_definitions("01_download_weights.ipynb", "c58-24")["allow_patterns_for"]
+    lesson = lesson_definitions("01_download_weights.ipynb", "allow_patterns")["allow_patterns_for"]
     assert lesson(files) == download.allow_patterns_for(files)
     assert lesson(list(files)) is not download.ALLOW_PATTERNS, "a fresh list: a caller may change it"
 
@@ -112,7 +112,7 @@ def test_lesson_01_filter_rule_equals_the_helpers(files):
 def test_lesson_01_token_rule_equals_the_helpers(endpoint):
     """The stored token goes to huggingface.co only: lesson 01's TOKEN line and helpers.download.safe_token
     (which download_model and every loading path use) decide alike for every endpoint."""
-    rule = lesson_expression("01_download_weights.ipynb", "c58-11", "TOKEN")
+    rule = lesson_expression("01_download_weights.ipynb", "hub_token", "TOKEN")
     lesson = eval(compile(ast.Expression(rule), "lesson 01", "eval"), {"ENDPOINT": endpoint})
     assert lesson == download.safe_token(endpoint)
 
@@ -131,10 +131,7 @@ def _definition(source: str, name: str) -> str:
 def test_lesson_07_openai_backend_equals_the_helper_lesson_09_uses(name):
     import inspect
 
-    import nbformat
-
     from helpers import chat
-    from helpers.config import REPO_ROOT
 
-    cell = {c.id: c.source for c in nbformat.read(REPO_ROOT / "notebooks" / "07_serving_vllm.ipynb", as_version=4).cells}
-    assert _definition(cell["ae780859"], name) == _definition(inspect.getsource(chat), name)
+    cell = lesson_cell("07_serving_vllm.ipynb", "openai_backend")
+    assert _definition(cell, name) == _definition(inspect.getsource(chat), name)

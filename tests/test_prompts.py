@@ -23,7 +23,6 @@ from helpers.prompts import (
     check_messages,
     csv_text_to_messages,
     encode,
-    encode_prompt,
     load_llama2_tokenizer,
     render_with_answers,
     token_table,
@@ -32,7 +31,7 @@ from helpers.prompts import (
 from helpers.tiny import ensure_tiny_model
 from tests.lesson_code import lesson_definitions
 
-messages_to_csv_text = lesson_definitions("03_prompt_templates.ipynb", "c37-24")["messages_to_csv_text"]  # lesson 03 writes it
+messages_to_csv_text = lesson_definitions("03_prompt_templates.ipynb", "messages_to_csv_text")["messages_to_csv_text"]  # lesson 03 writes it
 
 HYPOTHESIS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
@@ -115,7 +114,7 @@ def test_llama2_equals_apply_chat_template(tok, messages):
     assert enc.text == build_prompt(messages, "llama2")
     ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
     assert enc.input_ids == list(ids)
-    assert encode_prompt(tok, messages, "llama2") == list(ids)
+    assert encode(tok, messages, "llama2").input_ids == list(ids)
 
 
 TEXT = st.text(
@@ -192,12 +191,12 @@ def test_human_assistant_system_prompt_opens_first_human_turn(tok):
     assert enc.input_ids.count(tok.bos_token_id) == 3
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("chat_format", FORMATS)
 @pytest.mark.parametrize("answer", BOUNDARY_ANSWERS)
-def test_answer_boundary_is_exact(tok, fmt, answer):
+def test_answer_boundary_is_exact(tok, chat_format, answer):
     history = [S("sys"), U("上一问"), A("上一答"), U("问题")]
-    full = encode(tok, history + [A(answer)], fmt, add_generation_prompt=False)
-    prompt = encode_prompt(tok, history, fmt)
+    full = encode(tok, history + [A(answer)], chat_format, add_generation_prompt=False)
+    prompt = encode(tok, history, chat_format).input_ids
     # The generation prompt is a prefix of the training sequence, and the labels start exactly
     # where it ends: the model is trained on precisely the tokens it is asked to produce.
     assert full.input_ids[: len(prompt)] == prompt
@@ -205,7 +204,7 @@ def test_answer_boundary_is_exact(tok, fmt, answer):
     first_answer_run = label_runs(full)[0]
     assert full.labels[: len(prompt)].count(IGNORE_INDEX) == len(prompt) - len(first_answer_run)
     assert full.input_ids[-1] == tok.eos_token_id and full.labels[-1] == tok.eos_token_id
-    llama_like = fmt != "human_assistant"
+    llama_like = chat_format != "human_assistant"
     expected = answer.strip() if llama_like else answer + "\n"
     decoded = tok.decode(full.input_ids[len(prompt) :], skip_special_tokens=True)
     assert (decoded.strip() if llama_like else decoded) == expected
@@ -214,7 +213,7 @@ def test_answer_boundary_is_exact(tok, fmt, answer):
 def test_answer_tokens_follow_the_prompt(tok):
     history = [U("问题")]
     enc = encode(tok, history + [A("答案")], "llama2", add_generation_prompt=False)
-    prompt = encode_prompt(tok, history, "llama2")
+    prompt = encode(tok, history, "llama2").input_ids
     assert enc.input_ids[:len(prompt)] == prompt and enc.answer_token_count == len(enc.input_ids) - len(prompt)
     assert encode(tok, history, "llama2").answer_token_count == 0
 
@@ -245,22 +244,22 @@ def test_double_bos_trap_and_its_fix(tok_adds_bos):
     assert enc.text == row and enc.input_ids == fixed
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
-def test_encode_does_not_depend_on_add_bos_token(tok_adds_bos, fmt):
+@pytest.mark.parametrize("chat_format", FORMATS)
+def test_encode_does_not_depend_on_add_bos_token(tok_adds_bos, chat_format):
     without = load_tiny_tokenizer(False)
     assert without("x")["input_ids"][0] != without.bos_token_id, "this tokenizer must not add a BOS itself"
     messages = [S("系统"), U("问"), A("答"), U("再问")]
-    plain, adds_bos = encode(without, messages, fmt), encode(tok_adds_bos, messages, fmt)
+    plain, adds_bos = encode(without, messages, chat_format), encode(tok_adds_bos, messages, chat_format)
     assert plain == adds_bos
     assert adds_bos.input_ids[:2] != [tok_adds_bos.bos_token_id] * 2
     assert adds_bos.input_ids.count(tok_adds_bos.bos_token_id) == adds_bos.text.count("<s>")
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("chat_format", FORMATS)
 @pytest.mark.parametrize("special", ["<s>", "</s>", "<unk>"])
-def test_literal_special_tokens_are_refused(tok, fmt, special):
+def test_literal_special_tokens_are_refused(tok, chat_format, special):
     with pytest.raises(PromptFormatError) as err:
-        encode(tok, [U("问"), A(f"答案里有 {special} 标记")], fmt)
+        encode(tok, [U("问"), A(f"答案里有 {special} 标记")], chat_format)
     message = str(err.value)
     assert "第 2 条" in message and "Message 2" in message and special in message
     assert isinstance(err.value, TutorialError)
@@ -399,12 +398,12 @@ def test_truncate_history_drops_oldest_whole_turns(tok):
     for i in range(5):
         messages += [U(f"第 {i} 个问题，稍微长一点的问题文本"), A(f"第 {i} 个回答，稍微长一点的回答文本")]
     messages.append(U("最新的问题"))
-    full = len(encode_prompt(tok, messages, "llama2"))
+    full = len(encode(tok, messages, "llama2").input_ids)
     kept, dropped = truncate_history(tok, messages, full - 1, "llama2")
     assert dropped == messages[1:3], "exactly the oldest turn (question and answer) is dropped"
     assert kept == [messages[0]] + messages[3:]
     assert truncate_history(tok, messages, full, "llama2") == (messages, [])
-    minimal = len(encode_prompt(tok, [messages[0], messages[-1]], "llama2"))
+    minimal = len(encode(tok, [messages[0], messages[-1]], "llama2").input_ids)
     assert truncate_history(tok, messages, minimal, "llama2") == ([messages[0], messages[-1]], messages[1:-1])
     with pytest.raises(PromptFormatError, match="max_tokens"):
         truncate_history(tok, messages, minimal - 1, "llama2")
@@ -415,27 +414,27 @@ SHORT = st.text(alphabet=st.sampled_from(list("你好世界问题回答 abc123\n
 
 @HYPOTHESIS
 @given(
-    fmt=st.sampled_from(FORMATS),
+    chat_format=st.sampled_from(FORMATS),
     system=st.one_of(st.none(), SHORT),
     turns=st.lists(st.tuples(SHORT, SHORT), min_size=0, max_size=5),
     last=SHORT,
     max_tokens=st.integers(min_value=5, max_value=200),
 )
-def test_truncate_history_property(tok, fmt, system, turns, last, max_tokens):
-    check_truncation(tok, fmt, system, turns, last, max_tokens)
+def test_truncate_history_property(tok, chat_format, system, turns, last, max_tokens):
+    check_truncation(tok, chat_format, system, turns, last, max_tokens)
 
 
-def check_truncation(tok, fmt, system, turns, last, max_tokens):
+def check_truncation(tok, chat_format, system, turns, last, max_tokens):
     head = [S(system)] if system is not None else []
     body = [m for q, a in turns for m in (U(q), A(a))] + [U(last)]
     messages = head + body
     try:
-        kept, dropped = truncate_history(tok, messages, max_tokens, fmt)
+        kept, dropped = truncate_history(tok, messages, max_tokens, chat_format)
     except PromptFormatError:
         # Refused only when the system prompt plus the latest question alone do not fit.
-        assert len(encode_prompt(tok, head + body[-1:], fmt)) > max_tokens
+        assert len(encode(tok, head + body[-1:], chat_format).input_ids) > max_tokens
         return
-    assert len(encode_prompt(tok, kept, fmt)) <= max_tokens, "the result always fits"
+    assert len(encode(tok, kept, chat_format).input_ids) <= max_tokens, "the result always fits"
     assert kept[-1] is body[-1], "it always ends with the latest user turn"
     assert kept[: len(head)] == head, "the system prompt is kept"
     k = len(dropped)
@@ -443,7 +442,7 @@ def check_truncation(tok, fmt, system, turns, last, max_tokens):
     assert kept == head + body[k:]
     if k:
         # Nothing was dropped without need: one more turn would not have fit.
-        assert len(encode_prompt(tok, head + body[k - 2 :], fmt)) > max_tokens
+        assert len(encode(tok, head + body[k - 2 :], chat_format).input_ids) > max_tokens
 
 
 # --------------------------------------------------------------------------- token table
@@ -467,9 +466,9 @@ def test_article_format_is_the_articles_prompt_character_for_character(tok_adds_
     assert text == "<s>" + article_prompt(question)
     assert article_prompt(question).startswith("[INST] \n<<SYS>>\nYou are a helpful") and text.endswith(f"\n\n{question}\n[/INST]")
     assert SYSTEM_PROMPT_ARTICLE.count("The answer always been translate into Chinese language.") == 2
-    # What the article sent (its text, BOS added by the tokenizer) is what encode_prompt builds.
+    # What the article sent (its text, BOS added by the tokenizer) is what encode(..., "article") builds.
     sent = tok_adds_bos(article_prompt(question))["input_ids"]
-    assert encode_prompt(tok_adds_bos, [S(SYSTEM_PROMPT_ARTICLE), U(question)], "article") == sent
+    assert encode(tok_adds_bos, [S(SYSTEM_PROMPT_ARTICLE), U(question)], "article").input_ids == sent
     # It is not the standard template: the two differ only in whitespace around [INST] and the question.
     standard = build_prompt([S(SYSTEM_PROMPT_ARTICLE), U(question)], "llama2")
     assert standard != text and standard.split() == text.split()
@@ -514,14 +513,14 @@ REAL_TEXT = st.text(alphabet=st.sampled_from(list("你好世界中文模型回�
 
 @pytest.mark.vocab
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(fmt=st.sampled_from(FORMATS), system=st.one_of(st.none(), REAL_TEXT),
+@given(chat_format=st.sampled_from(FORMATS), system=st.one_of(st.none(), REAL_TEXT),
        history=st.lists(st.tuples(REAL_TEXT, REAL_TEXT.filter(str.strip)), max_size=2),
        question=REAL_TEXT, answer=REAL_TEXT.filter(str.strip))
-def test_real_vocabulary_mask_covers_exactly_the_answer(real_tok, fmt, system, history, question, answer):
+def test_real_vocabulary_mask_covers_exactly_the_answer(real_tok, chat_format, system, history, question, answer):
     head = ([S(system)] if system is not None else []) + [m for q, a in history for m in (U(q), A(a))]
     asked = head + [U(question)]
-    prompt = encode_prompt(real_tok, asked, fmt)
-    full = encode(real_tok, asked + [A(answer)], fmt, add_generation_prompt=False)
+    prompt = encode(real_tok, asked, chat_format).input_ids
+    full = encode(real_tok, asked + [A(answer)], chat_format, add_generation_prompt=False)
     # The prompt the model is asked with is a prefix of the training sequence ...
     assert full.input_ids[: len(prompt)] == prompt
     # ... the last answer's labels start exactly where it ends, and they are the tokens themselves.
@@ -534,11 +533,11 @@ def test_real_vocabulary_mask_covers_exactly_the_answer(real_tok, fmt, system, h
     assert len(runs) == len(answers)
     for run, expected in zip(runs, answers):
         decoded = real_tok.decode(run, skip_special_tokens=True)
-        if fmt == "human_assistant":
+        if chat_format == "human_assistant":
             assert decoded.strip(" ") == (expected + "\n").strip(" ")
         else:
             assert decoded.strip() == expected.strip()
-    if fmt == "llama2":
+    if chat_format == "llama2":
         assert full.input_ids == list(real_tok.apply_chat_template(asked + [A(answer)], tokenize=True, return_dict=False))
 
 
@@ -555,10 +554,10 @@ def test_real_vocabulary_csv_rows_are_token_exact(real_tok, name):
 
 @pytest.mark.vocab
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(fmt=st.sampled_from(FORMATS), turns=st.lists(st.tuples(SHORT, SHORT), max_size=4), last=SHORT,
+@given(chat_format=st.sampled_from(FORMATS), turns=st.lists(st.tuples(SHORT, SHORT), max_size=4), last=SHORT,
        max_tokens=st.integers(min_value=10, max_value=120))
-def test_real_vocabulary_truncation(real_tok, fmt, turns, last, max_tokens):
-    check_truncation(real_tok, fmt, "系统提示", turns, last, max_tokens)
+def test_real_vocabulary_truncation(real_tok, chat_format, turns, last, max_tokens):
+    check_truncation(real_tok, chat_format, "系统提示", turns, last, max_tokens)
 
 
 def test_missing_vocabulary_says_how_to_get_it(monkeypatch, tmp_path):
@@ -597,29 +596,29 @@ LLAMA3_TEMPLATE = (  # Meta's Llama-3-Instruct template, without its date/tools 
 MULTI_TURN = [S("系统提示"), U("第一个问题？"), A("第一个回答。"), U("Second question"), A("Second answer, 二。")]
 
 
-def generation_block_labels(tokenizer, messages, fmt):
+def generation_block_labels(tokenizer, messages, chat_format):
     """The reference: transformers' own mask from the course template's {% generation %} blocks."""
-    out = tokenizer.apply_chat_template(list(messages), chat_template=TEMPLATES[fmt], tokenize=True, return_dict=True,
+    out = tokenizer.apply_chat_template(list(messages), chat_template=TEMPLATES[chat_format], tokenize=True, return_dict=True,
                                         add_generation_prompt=False, return_assistant_tokens_mask=True)
     ids = list(out["input_ids"])
     labels = [t if m else IGNORE_INDEX for t, m in zip(ids, out["assistant_masks"])]
-    return ([tokenizer.bos_token_id] + ids, [IGNORE_INDEX] + labels) if fmt == "article" else (ids, labels)
+    return ([tokenizer.bos_token_id] + ids, [IGNORE_INDEX] + labels) if chat_format == "article" else (ids, labels)
 
 
-@pytest.mark.parametrize("fmt", ["llama2", "article", "human_assistant"])
+@pytest.mark.parametrize("chat_format", ["llama2", "article", "human_assistant"])
 @pytest.mark.parametrize("messages", CONVERSATIONS[:6] + [MULTI_TURN], ids=range(7))
-def test_answer_mask_equals_the_generation_block_mask(tok, fmt, messages):
+def test_answer_mask_equals_the_generation_block_mask(tok, chat_format, messages):
     if messages[-1]["role"] != "assistant":
         messages = messages + [A("补上的回答")]
-    enc = encode(tok, messages, fmt, add_generation_prompt=False)
-    assert (enc.input_ids, enc.labels) == generation_block_labels(tok, messages, fmt)
+    enc = encode(tok, messages, chat_format, add_generation_prompt=False)
+    assert (enc.input_ids, enc.labels) == generation_block_labels(tok, messages, chat_format)
 
 
 def test_metas_template_without_generation_blocks_gives_the_course_labels(tok):
     """The tiny tokenizer ships Meta's Llama-2 template (no {% generation %}): "model" must label the same tokens."""
     assert "generation" not in tok.chat_template
     for messages in [MULTI_TURN, [U("问"), A("答")]]:
-        own, course = (encode(tok, messages, fmt, add_generation_prompt=False) for fmt in ("model", "llama2"))
+        own, course = (encode(tok, messages, chat_format, add_generation_prompt=False) for chat_format in ("model", "llama2"))
         assert (own.input_ids, own.labels) == (course.input_ids, course.labels)
 
 
@@ -640,7 +639,7 @@ def test_chatml_labels_each_answer_and_its_end_token(smol_tok):
     ids = smol_tok.apply_chat_template(MULTI_TURN, tokenize=True, return_dict=False)
     assert enc.input_ids == list(ids), "the same tokens as the model's own apply_chat_template"
     assert labelled_text(smol_tok, enc) == ["第一个回答。<|im_end|>", "Second answer, 二。<|im_end|>"]
-    prompt = encode_prompt(smol_tok, [U("你好")], "model")
+    prompt = encode(smol_tok, [U("你好")], "model").input_ids
     assert smol_tok.decode(prompt).endswith("<|im_start|>user\n你好<|im_end|>\n<|im_start|>assistant\n")
     assert "You are a helpful AI assistant named SmolLM" in smol_tok.decode(prompt), "its default system prompt"
 

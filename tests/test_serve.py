@@ -28,7 +28,7 @@ from helpers import serve
 from helpers.config import REPO_ROOT, TutorialError
 from helpers.models import resolve_model
 from helpers.evaluation import load_questions, question_messages
-from helpers.prompts import SYSTEM_PROMPT_ARTICLE, encode_prompt
+from helpers.prompts import SYSTEM_PROMPT_ARTICLE, encode
 from helpers.serve import check_adapter, group_members, port_is_free, start_server
 from tests.lesson_code import lesson_definitions, script_module
 
@@ -83,7 +83,7 @@ def hf(choice):
 
 def _prompts(tokenizer, choice):
     questions = load_questions()[:N_QUESTIONS]
-    return [encode_prompt(tokenizer, question_messages(q["question"], SYSTEM_PROMPT_ARTICLE), choice.chat_format)
+    return [encode(tokenizer, question_messages(q["question"], SYSTEM_PROMPT_ARTICLE), choice.chat_format).input_ids
             for q in questions]
 
 
@@ -404,7 +404,7 @@ def test_lesson_07_facts_match_the_pinned_vllm():
     field = next(n for n in ast.walk(cache) if isinstance(n, ast.AnnAssign)
                  and getattr(n.target, "id", None) == "gpu_memory_utilization")
     default = next(k.value.value for k in field.value.keywords if k.arg == "default")
-    assert lesson_definitions("07_serving_vllm.ipynb", "57e00500")["GPU_UTILIZATION"] == default == 0.92
+    assert lesson_definitions("07_serving_vllm.ipynb", "vllm_memory")["GPU_UTILIZATION"] == default == 0.92
 
     ranks = [e.value for e in _assigned(_pinned_vllm_source("config/lora.py"), "MaxLoRARanks").slice.elts]
     assert tuple(ranks) == serve.LORA_RANKS
@@ -449,7 +449,7 @@ def test_stream_equals_non_streamed_answer(server):
 def test_openai_backend_follows_the_chat_widget_contract(server):
     from helpers.chat import GenerationParams
 
-    openai_backend = lesson_definitions("07_serving_vllm.ipynb", "ae780859")["openai_backend"]  # lesson 07 writes it
+    openai_backend = lesson_definitions("07_serving_vllm.ipynb", "openai_backend")["openai_backend"]  # lesson 07 writes it
     backend = openai_backend(server.client(timeout=60), "tiny")
     stream = backend([{"role": "user", "content": "你好"}], GenerationParams(do_sample=False, max_new_tokens=16),
                      threading.Event())

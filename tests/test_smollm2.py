@@ -13,7 +13,7 @@ from helpers import tiny
 from helpers.config import TutorialError
 from helpers.models import resolve_model
 from helpers.evaluation import chinese_share
-from helpers.prompts import encode_prompt
+from helpers.prompts import encode
 from tests.model_fixtures import random_llama_folder
 
 
@@ -54,7 +54,7 @@ def test_answers_a_chinese_question_in_english(folder):
     course's English threshold of 0.2 Chinese), as the real Llama-2-7b-chat often does: the gap lesson 05 closes."""
     tok = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    ids = torch.tensor([encode_prompt(tok, [{"role": "user", "content": "请用中文介绍一下北京。"}], "model")])
+    ids = torch.tensor([encode(tok, [{"role": "user", "content": "请用中文介绍一下北京。"}], "model").input_ids])
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=60, do_sample=False, pad_token_id=tok.unk_token_id)
     answer = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
@@ -78,7 +78,7 @@ def test_failed_conversion_caches_nothing(monkeypatch, tmp_path):
     assert not any((tmp_path / "smollm2-135m").glob("*/model.safetensors"))
 
 
-@pytest.mark.parametrize("with_template, fmt", [(True, "model"), (False, "llama2")])
-def test_a_folder_is_prompted_with_its_own_template_when_it_has_one(tmp_path, with_template, fmt, tiny_model):
+@pytest.mark.parametrize("with_template, chat_format", [(True, "model"), (False, "llama2")])
+def test_a_folder_is_prompted_with_its_own_template_when_it_has_one(tmp_path, with_template, chat_format, tiny_model):
     choice = resolve_model(str(random_llama_folder(tmp_path, chat_template=with_template)), verbose=False)
-    assert choice.chat_format == fmt
+    assert choice.chat_format == chat_format

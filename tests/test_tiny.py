@@ -153,11 +153,11 @@ def test_lesson_00_answer_is_english_like_for_the_tiny_model():
     the lesson's Chinese question in English-like text, as it was trained to."""
     from helpers.models import resolve_model
     from helpers.loading import load_model_and_tokenizer
-    from helpers.prompts import encode_prompt
+    from helpers.prompts import encode
 
     choice = resolve_model("tiny", verbose=False)
     model, tok = load_model_and_tokenizer(choice)
-    ids = torch.tensor([encode_prompt(tok, [{"role": "user", "content": "请用中文介绍一下长城。"}], choice.chat_format)])
+    ids = torch.tensor([encode(tok, [{"role": "user", "content": "请用中文介绍一下长城。"}], choice.chat_format).input_ids])
     with torch.no_grad():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=48, do_sample=False)
     answer = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
