@@ -305,7 +305,7 @@ def test_plan_run_says_where_a_run_saves_and_whether_it_resumes(small_run, choic
 
     _, run, _, settings = small_run
     monkeypatch.setenv("LLAMA_TUTORIAL_OUTPUT", str(tmp_path))
-    rows = td.validate_sft_file(DATA_DIR / "train_sft.csv", tok, fmt=choice.chat_format, max_length=settings.max_length)
+    rows = td.validate_sft_file(DATA_DIR / "train_sft.csv", tok, chat_format=choice.chat_format, max_length=settings.max_length)
     same = {"limit_rows": 16}  # what train_adapter adds to the fingerprint for small_run
 
     fresh = ft.plan_run(choice, settings, rows, extra=same)
