@@ -7,6 +7,7 @@ import gc
 import json
 import logging
 import os
+from collections import namedtuple
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -211,15 +212,19 @@ def check_fits(config, mode: str, dtype: torch.dtype | None = None, *, budget_by
         mode=mode, needed_gib=round(est.total / GIB, 2), available_gib=round(budget_bytes / GIB, 2), budget=budget)
 
 
-def missing_weights(folder: str | os.PathLike) -> list[str]:
+# A file a model folder lacks or has damaged: its name, and what is wrong with it in Chinese and in English.
+MissingFile = namedtuple("MissingFile", "name zh en")
+
+
+def missing_weights(folder: str | os.PathLike) -> list[MissingFile]:
     """What a local model folder lacks (``[]``: complete): ``config.json``, then the files lesson 01's
     ``DOWNLOAD_MARKER`` lists at their sizes, or else every shard readable by safetensors (lesson 02)."""
     folder = Path(folder)
     if not (folder / "config.json").is_file():
-        return ["config.json"]
+        return [MissingFile("config.json", "不存在", "absent")]
     try:
         listed = json.loads((folder / DOWNLOAD_MARKER).read_text("utf-8"))["files"]
-        return [f"{name}（应有 {info.get('size')} 字节 / {info.get('size')} bytes expected）"
+        return [MissingFile(name, f"应有 {info.get('size')} 字节", f"{info.get('size')} bytes expected")
                 for name, info in listed.items()
                 if not (folder / name).is_file() or info.get("size") not in (None, (folder / name).stat().st_size)]
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
@@ -230,14 +235,15 @@ def missing_weights(folder: str | os.PathLike) -> list[str]:
         try:
             shards = sorted(set(json.loads(index.read_text("utf-8"))["weight_map"].values()))
         except (ValueError, KeyError) as err:
-            return [f"{index.name}（已损坏 / damaged: {err}）"]
+            return [MissingFile(index.name, f"已损坏：{err}", f"damaged: {err}")]
     problems = []
     for shard in shards:
         try:
             with safe_open(folder / shard, "pt"):
                 pass
         except (SafetensorError, OSError) as err:
-            problems.append(f"{shard}（{'不存在 / absent' if not (folder / shard).exists() else err}）")
+            absent = not (folder / shard).exists()
+            problems.append(MissingFile(shard, "不存在" if absent else str(err), "absent" if absent else str(err)))
     return problems
 
 
@@ -249,13 +255,14 @@ def preflight_check(path: str | os.PathLike, mode: str = "full", *, dtype: torch
 
     device, folder = device or pick_device(), Path(path).expanduser()
     if folder.is_dir() and (missing := missing_weights(folder)):
-        shown = shown_en = "; ".join(missing[:5])
+        shown = "; ".join(f"{m.name}（{m.zh}）" for m in missing[:5])
+        shown_en = "; ".join(f"{m.name} ({m.en})" for m in missing[:5])
         if len(missing) > 5:
             shown, shown_en = f"{shown} …（共 {len(missing)} 项）", f"{shown} ... ({len(missing)} in all)"
         raise TutorialError("load.incomplete_folder",
             f"{folder} 不是完整的模型文件夹，缺少或不完整：{shown}。第 01 课的下载可以续传：重新运行它的下载单元格即可补齐。",
             f"{folder} is not a complete model folder; missing or incomplete: {shown_en}. Lesson 01's download "
-            "resumes: run its download cell again to fetch what is missing.", folder=str(folder), missing=missing)
+            "resumes: run its download cell again to fetch what is missing.", folder=str(folder), missing=[m.name for m in missing])
     try:
         config = AutoConfig.from_pretrained(str(path), trust_remote_code=False)
     except (OSError, ValueError) as err:

@@ -69,7 +69,7 @@ class ModelChoice:
         return "model"
 
 
-def _local_weights(profile: Profile) -> tuple[Path | None, list[str]]:
+def _local_weights(profile: Profile) -> tuple[Path | None, list]:
     """A complete copy of the profile's weights (lesson 01's folder, the Hub cache), or what it lacks."""
     from huggingface_hub import try_to_load_from_cache
 
@@ -140,7 +140,7 @@ def _resolve(spec: str) -> ModelChoice:
         if local is not None:
             return ModelChoice(profile.name, str(local), f"{how}，使用本地权重 {local}", profile)
         # An unfinished lesson-01 download is not the model; say what it lacks (lesson 01 resumes it).
-        unfinished = f"（{models_dir() / profile.name} 下载未完成，缺 {'; '.join(missing[:3])}）" if missing else ""
+        unfinished = f"（{models_dir() / profile.name} 下载未完成，缺 {'; '.join(m.name for m in missing[:3])}）" if missing else ""
         if spec != "auto" or _hub_reachable(profile.repo_id):
             return ModelChoice(profile.name, profile.repo_id, f"{how}{unfinished}，从 Hub 加载 {profile.repo_id}", profile)
         return _cpu_model(f"auto：GPU {gpu[0]} 可用，但拿不到完整的 Llama-2 权重{unfinished}（先做第 01 课下载），"

@@ -30,8 +30,8 @@ HAN = re.compile(r"[\u4e00-\u9fff]")
 
 
 def _bilingual(err) -> bool:
-    """The error has a code, a Chinese message and an English one (a word of four letters, no Han character)."""
-    return bool(err.code and HAN.search(err.zh) and re.search(r"[A-Za-z]{4,}", err.en) and not HAN.search(err.en))
+    """The error has a code, a Chinese message and an English one (with a word of four letters)."""
+    return bool(err.code and HAN.search(err.zh) and re.search(r"[A-Za-z]{4,}", err.en))
 
 
 # --------------------------------------------------------------------------- language metric
