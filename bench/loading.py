@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from helpers.config import TutorialError, bilingual, output_dir
+from helpers.config import TutorialError, output_dir
 from helpers.loading import (
     GIB,
     LLAMA2_SHAPES,
@@ -217,10 +217,8 @@ def run_benchmark(config: str = "tiny", *, new_tokens: int | None = None, batche
     ``shape`` overrides the Llama-2 shape of a non-tiny config and ``require_cuda=False`` lets
     that path run on the CPU: both only so tests can run the random-checkpoint path small."""
     if config not in CONFIGS:
-        raise TutorialError(
-            bilingual(f"不认识的 --config {config!r}，可选：{', '.join(CONFIGS)}",
-                      f"Unknown --config {config!r}; choose one of {', '.join(CONFIGS)}")
-        )
+        raise TutorialError("bench.unknown_config", f"不认识的 --config {config!r}，可选：{', '.join(CONFIGS)}",
+                            f"Unknown --config {config!r}; choose one of {', '.join(CONFIGS)}", config=config)
     quiet_bitsandbytes()
     device = pick_device()
     dtype = pick_dtype(device)
@@ -243,12 +241,12 @@ def run_benchmark(config: str = "tiny", *, new_tokens: int | None = None, batche
     else:
         if device != "cuda" and require_cuda:
             raise TutorialError(
-                bilingual(
-                    f"--config {config} 要在 CUDA GPU 上运行（它会构建 {config} 大小的随机权重模型）；"
-                    "这台机器没有 GPU。在 CPU 上请用 --config tiny。",
-                    f"--config {config} needs a CUDA GPU (it builds a random-weight model of {config}'s size); "
-                    "this machine has none. On a CPU use --config tiny.",
-                )
+                "bench.needs_cuda",
+                f"--config {config} 要在 CUDA GPU 上运行（它会构建 {config} 大小的随机权重模型）；"
+                "这台机器没有 GPU。在 CPU 上请用 --config tiny。",
+                f"--config {config} needs a CUDA GPU (it builds a random-weight model of {config}'s size); "
+                "this machine has none. On a CPU use --config tiny.",
+                config=config,
             )
         shape = shape or LLAMA2_SHAPES[config]
         model_config = llama_config(shape)

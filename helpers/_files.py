@@ -20,7 +20,7 @@ import warnings
 from pathlib import Path
 
 from helpers._locks import acquire
-from helpers.config import TutorialError, bilingual
+from helpers.config import TutorialError, localized
 
 # ENOSPC: no space left; EFBIG: over a file-size limit (ulimit -f, a FAT32 stick); EDQUOT: over quota.
 FULL_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
@@ -66,13 +66,13 @@ def reporting_full_disk(folder: str | Path, what: tuple[str, str] = ("文件", "
             raise
         folder = Path(folder)
         reason = getattr(err, "strerror", None) or str(err).splitlines()[0][:200]
-        raise DiskFullError(bilingual(
+        raise DiskFullError("output.disk_full",
             f"往 {folder} 写{what[0]}时失败：磁盘满了，或者超过了文件大小的上限（{reason}）。"
             f"那里现在还剩 {_free_space(folder)}。已有的结果没有改动。腾出空间后再运行这一格；或者把输出放到"
             "空间更大的磁盘上（设置环境变量 LLAMA_TUTORIAL_OUTPUT）。",
             f"Writing {what[1]} to {folder} failed: the disk is full or a file-size limit was reached ({reason}). "
             f"{_free_space(folder)} is free there now. Nothing you had was changed. Free some space and run the "
-            "cell again, or put the outputs on a bigger disk (set LLAMA_TUTORIAL_OUTPUT).")) from err
+            "cell again, or put the outputs on a bigger disk (set LLAMA_TUTORIAL_OUTPUT).", folder=str(folder), reason=reason) from err
 
 
 def _remove(path: Path) -> None:
@@ -92,7 +92,7 @@ def recover(target: str | Path) -> Path | None:
     if aside and not target.exists() and not target.is_symlink():
         restored = aside.pop()  # killed after setting the old folder aside, before the new one was in place
         os.replace(restored, target)
-        warnings.warn(bilingual(
+        warnings.warn(localized(
             f"上一次保存到 {target} 时被中断了：新的结果没有写完，原来的内容已经放回原处。",
             f"The last save to {target} was interrupted before the new files were in place; the previous "
             "contents are back where they were."), stacklevel=3)
@@ -113,11 +113,11 @@ def refuse_existing(target: str | Path, what: tuple[str, str]) -> None:
     """Raise :class:`OutputExistsError` when ``target`` holds something (an empty folder counts as free)."""
     target = Path(target)
     if target.exists() and (target.is_file() or any(target.iterdir())):
-        raise OutputExistsError(bilingual(
+        raise OutputExistsError("output.exists",
             f"{what[0]}目录 {target} 已经存在，为了不覆盖你已有的结果，这里停下了。确实要覆盖请传 overwrite=True"
             "（笔记本里把 OVERWRITE 设为 True），或者换一个目录名。",
             f"The {what[1]} folder {target} already exists; stopping so it is not overwritten. Pass "
-            "overwrite=True (OVERWRITE = True in the notebook) or choose another folder."))
+            "overwrite=True (OVERWRITE = True in the notebook) or choose another folder.", target=str(target))
 
 
 def save_folder(target: str | Path, objects: list, *, overwrite: bool, what: tuple[str, str],
@@ -179,7 +179,7 @@ def set_incomplete_checkpoints_aside(ckpt_dir: str | Path) -> list[Path]:
             target, k = folder.with_name(f"incomplete-{folder.name}-{k}"), k + 1
         folder.rename(target)
         moved.append(target)
-        warnings.warn(bilingual(
+        warnings.warn(localized(
             f"{folder.name} 没有写完（训练在保存时被中断，或磁盘满了），已改名为 {target.name} 放在一边；"
             "从最新的完整检查点继续。确认不需要它以后可以删除。",
             f"{folder.name} was not written completely (the save was interrupted or the disk was full); it is set "

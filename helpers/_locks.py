@@ -14,7 +14,7 @@ import hashlib
 import os
 from pathlib import Path
 
-from helpers.config import TutorialError, bilingual, home_dir
+from helpers.config import TutorialError, home_dir
 
 
 def lock_dir() -> Path:
@@ -90,10 +90,10 @@ def acquire(target: str | Path, *, kind: str = "write", wait: bool = True) -> Fi
         except OSError as err:
             if err.errno != errno.ELOOP:
                 raise
-            raise TutorialError(bilingual(
+            raise TutorialError("lock.symlink",
                 f"锁文件 {path} 是一个符号链接，不是本课程创建的文件。为了安全没有打开它；请检查后删除它再重试。",
                 f"The lock file {path} is a symbolic link the course did not make. It was not opened, for safety; "
-                "check it, delete it and try again.")) from None
+                "check it, delete it and try again.", path=str(path)) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:

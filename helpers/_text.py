@@ -14,6 +14,8 @@ from __future__ import annotations
 import json
 import re
 
+from helpers.config import localized
+
 QUOTE_LIMIT = 120
 # C0 controls but tab, newline and carriage return; DEL; C1 controls; lone (unpaired) surrogates.
 _BAD = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff]")
@@ -74,8 +76,11 @@ class DecodeProblem(ValueError):
     """Raised by :func:`decode`; ``.zh`` and ``.en`` say what the file is and what to do."""
 
     def __init__(self, zh: str, en: str):
-        super().__init__(f"{zh}\n{en}")
+        super().__init__(zh)
         self.zh, self.en = zh, en
+
+    def __str__(self) -> str:
+        return localized(self.zh, self.en)
 
 
 def decode(raw: bytes, name: str, *, allow_gb18030: bool = True) -> tuple[str, str | None]:

@@ -21,7 +21,7 @@ from typing import Callable, Iterator
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
-from helpers.config import TutorialError, bilingual
+from helpers.config import TutorialError, localized
 from helpers.prompts import SYSTEM_PROMPT_ARTICLE, encode, truncate_history
 
 UPDATE_INTERVAL_S = 0.05  # the widget re-renders at most this often (one update per token floods the browser)
@@ -71,8 +71,9 @@ class ReplyStream:
         self.stop_event, self.generate_kwargs = stop_event or threading.Event(), generate_kwargs
         room = (max_context_tokens or model.config.max_position_embeddings) - int(self.params.max_new_tokens)
         if room <= 0:
-            raise TutorialError(bilingual(f"max_new_tokens={self.params.max_new_tokens} 占满了上下文窗口，请调小。",
-                                          f"max_new_tokens={self.params.max_new_tokens} fills the context window: lower it."))
+            raise TutorialError("chat.no_room", f"max_new_tokens={self.params.max_new_tokens} 占满了上下文窗口，请调小。",
+                                          f"max_new_tokens={self.params.max_new_tokens} fills the context window: lower it.",
+                                max_new_tokens=self.params.max_new_tokens)
         self.messages, self.dropped = truncate_history(tokenizer, messages, room, chat_format)  # may raise PromptFormatError
         self.prompt_ids = encode(tokenizer, self.messages, chat_format).input_ids
         self.text, self.token_ids, self.token_count, self.elapsed_s = "", [], 0, 0.0
@@ -169,14 +170,15 @@ def local_backend(model, tokenizer, chat_format: str = "llama2", **options) -> C
 
 
 def explain_error(err: BaseException, *, detail: bool = True) -> str:
-    """A bilingual message for an error that ended a reply; ``detail=False`` leaves out the exception's text."""
-    if isinstance(err, TutorialError):  # the course's own message, already bilingual
+    """The message, in the learner's language, for an error that ended a reply; ``detail=False`` leaves out the
+    exception's text."""
+    if isinstance(err, TutorialError):  # the course's own message
         return str(err)
-    what = f"（{type(err).__name__}: {err}）" if detail else ""
+    what, what_en = (f"（{type(err).__name__}: {err}）", f" ({type(err).__name__}: {err})") if detail else ("", "")
     if isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower():
-        return bilingual(f"显存不足，回答没有生成完{what}。请调小 max_new_tokens、清空对话，或用 4-bit 加载（第 02 课）。",
-                         "Out of memory: lower max_new_tokens, clear the chat, or load the model in 4-bit (lesson 02).")
-    return bilingual(f"生成时出错{what}。请检查生成参数后再试。", "Generation failed: check the parameters and try again.")
+        return localized(f"显存不足，回答没有生成完{what}。请调小 max_new_tokens、清空对话，或用 4-bit 加载（第 02 课）。",
+                         f"Out of memory{what_en}: lower max_new_tokens, clear the chat, or load the model in 4-bit (lesson 02).")
+    return localized(f"生成时出错{what}。请检查生成参数后再试。", f"Generation failed{what_en}: check the parameters and try again.")
 
 
 class ChatWidget:
@@ -192,7 +194,7 @@ class ChatWidget:
         import ipywidgets as w
 
         if backend is None and (model is None or tokenizer is None):
-            raise TutorialError(bilingual("请给 ChatWidget 模型和分词器，或 backend=...。", "Pass a model and a tokenizer, or backend=..."))
+            raise TutorialError("chat.no_model", "请给 ChatWidget 模型和分词器，或 backend=...。", "Pass a model and a tokenizer, or backend=...")
         self.backend = backend or local_backend(model, tokenizer, chat_format)
         self.update_interval, self.base_params = update_interval, params or GenerationParams()
         self.history: list[dict] = []  # finished user/assistant turns: what the next prompt includes

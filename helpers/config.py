@@ -12,13 +12,45 @@ DATA_DIR = REPO_ROOT / "data"
 DOWNLOAD_MARKER = Path(".cache") / "llama2-tutorial" / "verified.json"
 
 
+LANGUAGE_ENV = "LLAMA_TUTORIAL_LANG"  # "zh" (default) or "en": the language errors and notices are shown in
+
+
+def language() -> str:
+    """The language the series shows its errors in: ``en`` when ``LLAMA_TUTORIAL_LANG=en``, otherwise ``zh``."""
+    return "en" if os.environ.get(LANGUAGE_ENV, "").strip().lower() == "en" else "zh"
+
+
+def localized(zh: str, en: str, lang: str | None = None) -> str:
+    """The one of two texts (a notice, a warning) in the language :func:`language` picks."""
+    return en if (lang or language()) == "en" else zh
+
+
 class TutorialError(RuntimeError):
-    """An error a learner can fix; its message is in Chinese and English and names the next step."""
+    """An error a learner can fix (notebooks/00_overview.ipynb): a short dotted ``code`` named for the problem
+    (``data.empty_file``), the message in Chinese (``zh``) and in English (``en``), each already written out and
+    naming the next step, and the values it is about (``fields``). ``str(err)`` is the Chinese message, or the
+    English one with ``LLAMA_TUTORIAL_LANG=en``. Code that reacts to an error reads ``code``, never the text."""
+
+    def __init__(self, code: str, zh: str, en: str, **fields):
+        super().__init__(code)  # one argument: OSError and FileExistsError subclasses take it as the message
+        self.code, self.zh, self.en, self.fields = code, zh, en, fields
+
+    def message(self, lang: str | None = None) -> str:
+        """The message in ``lang`` (``zh`` or ``en``), by default in the language :func:`language` picks."""
+        return localized(self.zh, self.en, lang)
+
+    def __str__(self) -> str:
+        return self.message()
+
+    def __reduce__(self):  # pickling (worker processes) rebuilds the same error, whatever a subclass's __init__ takes
+        return _rebuild, (type(self), self.code, self.zh, self.en, self.fields, self.__dict__)
 
 
-def bilingual(zh: str, en: str) -> str:
-    """Join a Chinese and an English message the way every error in the series is written."""
-    return f"{zh}\n{en}"
+def _rebuild(cls, code, zh, en, fields, state):
+    err = (OSError if issubclass(cls, OSError) else cls).__new__(cls)  # OSError's layout needs its own __new__
+    TutorialError.__init__(err, code, zh, en, **fields)
+    err.__dict__.update(state)
+    return err
 
 
 def home_dir() -> Path:

@@ -16,7 +16,7 @@ from pathlib import Path, PurePosixPath
 from urllib.parse import urlsplit
 
 from helpers._text import quote
-from helpers.config import DOWNLOAD_MARKER, HUGGINGFACE_CO, TutorialError, bilingual, models_dir, output_dir
+from helpers.config import DOWNLOAD_MARKER, HUGGINGFACE_CO, TutorialError, models_dir, output_dir
 from helpers.models import PROFILES
 from helpers.local_hub import LOCAL_BIN_REPO, LOCAL_REPO
 
@@ -28,7 +28,9 @@ NAME_MAX = 255  # bytes in one path component: ext4, XFS, APFS, NTFS (in UTF-16 
 DISK_RESERVE_BYTES = 512 * 1024**2  # keep this much free after a download
 WEIGHT_SUFFIXES = (".safetensors", ".bin")  # weight files a Transformers or PEFT repo holds
 
-MESSAGES = {  # kind: (what happened, next step), each in Chinese and English; {repo} {endpoint} {target} {detail}
+# kind (the error's code is download.<kind>): what happened and the next step in Chinese, the same two in English;
+# filled from the fields {repo} {endpoint} {target} {detail}.
+MESSAGES = {
     "gated_no_token": ("{repo} 是受限（gated）仓库：要用获批的账号登录才能下载，而这次请求没有带 token。",
                        "在 {endpoint}/{repo} 同意许可并申请访问；获批后在 https://huggingface.co/settings/tokens 创建一个只读、只限这几个仓库的细粒度 token，运行 `hf auth login` 或传 token=\"hf_...\"，再运行这个单元格。",
                        "{repo} is gated: you must log in with an account that was granted access, and this request carried no token.",
@@ -97,12 +99,15 @@ MESSAGES = {  # kind: (what happened, next step), each in Chinese and English; {
 
 
 class DownloadError(TutorialError):
-    """A download problem the learner can fix; ``kind`` is a key of :data:`MESSAGES` (notebooks/01_download_weights.ipynb)."""
+    """A download problem the learner can fix (notebooks/01_download_weights.ipynb); ``kind`` is a key of
+    :data:`MESSAGES` and the code is ``download.<kind>``. ``detail`` is one text, or a (Chinese, English) pair."""
 
     def __init__(self, kind: str, *, original: BaseException | None = None, **fields):
         fields = {"repo": "", "endpoint": "", "target": "", "detail": "", **fields}
-        zh, zh_next, en, en_next = (text.format(**fields) for text in MESSAGES[kind])
-        super().__init__(bilingual(f"{zh}\n下一步：{zh_next}", f"{en}\nNext step: {en_next}"))
+        detail = fields["detail"] if isinstance(fields["detail"], tuple) else (fields["detail"],) * 2
+        zh, zh_next = (text.format(**{**fields, "detail": detail[0]}) for text in MESSAGES[kind][:2])
+        en, en_next = (text.format(**{**fields, "detail": detail[1]}) for text in MESSAGES[kind][2:])
+        super().__init__(f"download.{kind}", f"{zh}\n下一步：{zh_next}", f"{en}\nNext step: {en_next}", **fields)
         self.kind, self.original = kind, original
 
 
@@ -232,10 +237,10 @@ def check_target(target, repo_id: str, commit: str, overwrite: bool = False) -> 
     if overwrite or not target.is_dir() or not any(target.iterdir()):
         return marker
     if marker is None and not (target / ".cache" / "huggingface").is_dir():
-        raise DownloadError("existing", target=target, detail="不是下载工具建的文件夹 / not made by a download")
+        raise DownloadError("existing", target=target, detail=("不是下载工具建的文件夹", "not made by a download"))
     if marker is not None and (marker["repo_id"], marker["commit"]) != (repo_id, commit):
-        detail = f"{marker['repo_id']} @ {marker['commit'][:10]}，现在是 / now {repo_id} @ {commit[:10]}"
-        raise DownloadError("existing", target=target, detail=detail)
+        was, now = f"{marker['repo_id']} @ {marker['commit'][:10]}", f"{repo_id} @ {commit[:10]}"
+        raise DownloadError("existing", target=target, detail=(f"{was}，现在是 {now}", f"{was}, now {now}"))
     return marker
 
 
@@ -246,7 +251,8 @@ def check_disk(needed: int, target, free: int | None = None) -> None:
         path = path.parent
     free = shutil.disk_usage(path).free if free is None else free
     if free < needed + DISK_RESERVE_BYTES:
-        raise DownloadError("disk", target=target, detail=f"{needed / 2**20:.1f} MiB（空闲 / free {free / 2**20:.1f} MiB）")
+        raise DownloadError("disk", target=target, needed=needed, free=free,
+                            detail=(f"{needed / 2**20:.1f} MiB（空闲 {free / 2**20:.1f} MiB）", f"{needed / 2**20:.1f} MiB ({free / 2**20:.1f} MiB free)"))
 
 
 def default_target(repo_id: str) -> Path:

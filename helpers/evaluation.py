@@ -12,7 +12,7 @@ from pathlib import Path
 
 from helpers._files import reporting_full_disk
 from helpers._text import DecodeProblem, bad_character_in, decode, json_loads, quote
-from helpers.config import DATA_DIR, TutorialError, bilingual
+from helpers.config import DATA_DIR, TutorialError
 from helpers.prompts import SYSTEM_PROMPT_ARTICLE, article_prompt, encode
 
 HAN_RE = re.compile(  # Han ideographs: CJK Unified Ideographs, Extensions A-F and compatibility ideographs
@@ -74,18 +74,18 @@ class EvalDataError(TutorialError, ValueError):
     """A question or answers file that cannot be used; the message names the file, the item and the fix."""
 
 
-def _fail(zh: str, en: str):
-    raise EvalDataError(bilingual(zh, en))
+def _fail(code: str, zh: str, en: str, **fields):
+    raise EvalDataError(code, zh, en, **fields)
 
 
 def read_text(path: Path, what: tuple[str, str]) -> str:
     """A UTF-8 file's text, or an :class:`EvalDataError` for a missing or non-UTF-8 file (notebooks/06_evaluation.ipynb)."""
     if not path.is_file():
-        _fail(f"找不到{what[0]}文件 {path}。请检查路径。", f"The {what[1]} file {path} does not exist. Check the path.")
+        _fail("eval.file_not_found", f"找不到{what[0]}文件 {path}。请检查路径。", f"The {what[1]} file {path} does not exist. Check the path.")
     try:  # no newline translation: a \r inside an answer stays
         return decode(path.read_bytes(), str(path), allow_gb18030=False)[0]
     except DecodeProblem as err:
-        _fail(err.zh, err.en)
+        _fail("eval.encoding", err.zh, err.en)
 
 
 def load_questions(path: str | Path | None = None) -> list[dict]:
@@ -95,14 +95,14 @@ def load_questions(path: str | Path | None = None) -> list[dict]:
     try:
         data = json_loads(text)
     except json.JSONDecodeError as err:
-        _fail(f"{path} 不是合法的 JSON：第 {err.lineno} 行第 {err.colno} 列 {err.msg}。常见原因：多余的逗号、单引号、缺少括号。",
+        _fail("eval.invalid_json", f"{path} 不是合法的 JSON：第 {err.lineno} 行第 {err.colno} 列 {err.msg}。常见原因：多余的逗号、单引号、缺少括号。",
               f"{path} is not valid JSON: line {err.lineno}, column {err.colno}: {err.msg}. "
               "Common causes: a trailing comma, single quotes, a missing bracket.")
     except ValueError:
-        _fail(f"{path} 的 JSON 嵌套层数太多，不是问题列表。", f"{path} nests JSON too deeply to be a list of questions.")
+        _fail("eval.nested_too_deep", f"{path} 的 JSON 嵌套层数太多，不是问题列表。", f"{path} nests JSON too deeply to be a list of questions.")
     if not isinstance(data, list) or not data:
         keys = quote(", ".join(map(str, data))) if isinstance(data, dict) else ""
-        _fail(f"{path} 应是非空的问题列表 [{{\"qid\": 1, \"question\": ...}}, ...]，而不是对象或空列表（{keys}）。",
+        _fail("eval.not_a_list", f"{path} 应是非空的问题列表 [{{\"qid\": 1, \"question\": ...}}, ...]，而不是对象或空列表（{keys}）。",
               f"{path} must be a non-empty list [{{\"qid\": 1, \"question\": ...}}, ...], not an object or [] ({keys}).")
     questions, seen = [], {}
     for n, item in enumerate(data, 1):
@@ -112,16 +112,16 @@ def load_questions(path: str | Path | None = None) -> list[dict]:
         bad += ["reference"] if not isinstance(item.get("reference") or "", str) else []
         bad += ["task"] if item.get("task") not in (None, TASK_TRANSLATE_TO_EN) else []
         if bad:
-            _fail(f"{path} 第 {n} 题的 {', '.join(bad)} 缺失或无效。每题是一个对象：{', '.join(REQUIRED_FIELDS)} 不能为空；"
+            _fail("eval.bad_item", f"{path} 第 {n} 题的 {', '.join(bad)} 缺失或无效。每题是一个对象：{', '.join(REQUIRED_FIELDS)} 不能为空；"
                   f"reference 为字符串或 null；task 为 null 或 \"{TASK_TRANSLATE_TO_EN}\"。",
                   f"{path}, item {n}: {', '.join(bad)} missing or invalid. Each item is an object with non-empty "
                   f"{', '.join(REQUIRED_FIELDS)}; reference a string or null; task null or \"{TASK_TRANSLATE_TO_EN}\".")
         bad = bad_character_in(item)
         if bad:
-            _fail(f"{path} 第 {n} 题：{bad[0]}。删掉它再运行。", f"{path}, item {n}: {bad[1]}. Remove it and run again.")
+            _fail("eval.control_character", f"{path} 第 {n} 题：{bad[0]}。删掉它再运行。", f"{path}, item {n}: {bad[1]}. Remove it and run again.")
         if item["qid"] in seen:
             qid = quote(repr(item["qid"]))
-            _fail(f"{path} 第 {n} 题的 qid {qid} 与第 {seen[item['qid']]} 题重复。续跑靠 qid 认题，必须唯一。",
+            _fail("eval.duplicate_qid", f"{path} 第 {n} 题的 qid {qid} 与第 {seen[item['qid']]} 题重复。续跑靠 qid 认题，必须唯一。",
                   f"{path}, item {n}: qid {qid} repeats item {seen[item['qid']]}. qids must be unique (resuming relies on them).")
         seen[item["qid"]] = n
         task = item["task"] if "task" in item else (TASK_TRANSLATE_TO_EN if TRANSLATE_TO_EN_RE.search(item["question"]) else None)
@@ -162,7 +162,8 @@ def read_answers(path: str | Path, *, drop_cut_line: bool = False) -> list[dict]
         if isinstance(rec, dict) and {"qid", "answer"} <= rec.keys():
             records.append(rec)
         elif rec is not None or n < len(lines):
-            _fail(f"回答文件 {path} 第 {n} 行不是完整的回答记录（含 qid 和 answer 的 JSON）。文件不会被改写：请修好这一行，或写到另一个文件。",
+            _fail("eval.bad_answer_record",
+                  f"回答文件 {path} 第 {n} 行不是完整的回答记录（含 qid 和 answer 的 JSON）。文件不会被改写：请修好这一行，或写到另一个文件。",
                   f"Answers file {path} line {n} is not a complete answer record (JSON with qid and answer). "
                   "The file is not rewritten: fix that line or write to another file.")
         else:  # the last line, undecodable or unparsable: a write cut off by a kill or a full disk
@@ -183,8 +184,8 @@ def generate_answers(model, tokenizer, questions: list[dict], answers_path: str 
     from tqdm.auto import tqdm
 
     if tokenizer.padding_side != "left" or tokenizer.pad_token_id in (None, tokenizer.eos_token_id):
-        raise TutorialError(bilingual("批量生成要在左侧用 <unk>（不是 </s>）填充：设置 tokenizer.padding_side = \"left\" 和 pad_token = unk_token。",
-                                      "Batched generation pads on the left with <unk> (not </s>): set padding_side = \"left\", pad_token = unk_token."))
+        raise TutorialError("eval.padding", "批量生成要在左侧用 <unk>（不是 </s>）填充：设置 tokenizer.padding_side = \"left\" 和 pad_token = unk_token。",
+                                      "Batched generation pads on the left with <unk> (not </s>): set padding_side = \"left\", pad_token = unk_token.")
     gen = settings["generate"]
     if not gen.get("do_sample"):  # Llama-2's generation_config samples; greedy decoding ignores these
         gen = {"temperature": None, "top_p": None, "top_k": None, **gen}

@@ -18,7 +18,7 @@ from helpers._compat import allow_indexed_cpu_locations
 from helpers._files import OutputExistsError  # noqa: F401 (lesson 05 imports it from here, with save_adapter)
 from helpers._files import recover_all, refuse_existing, reporting_full_disk, save_folder, set_incomplete_checkpoints_aside
 from helpers._locks import claim
-from helpers.config import DATA_DIR, TutorialError, bilingual, output_dir
+from helpers.config import DATA_DIR, TutorialError, localized, output_dir
 from helpers.multigpu import adapter_state_dict, sharded_training
 from helpers.prompts import IGNORE_INDEX
 from helpers.training_data import SFTRows, validate_sft_file
@@ -106,7 +106,7 @@ def settings_for(choice=None, *, device: str | None = None) -> TrainSettings:
     if choice is not None:
         import warnings
 
-        warnings.warn(bilingual(f"{choice.name} 在 CPU 上微调会非常慢。", f"Fine-tuning {choice.name} on a CPU is very slow."),
+        warnings.warn(localized(f"{choice.name} 在 CPU 上微调会非常慢。", f"Fine-tuning {choice.name} on a CPU is very slow."),
                       stacklevel=2)
     return SETTINGS["cpu_tiny"]
 
@@ -127,7 +127,7 @@ def _free_dir(name: str, overwrite: bool, take) -> Path:
         path = output_dir() / (name if n == 1 else f"{name}-{n}")
         if (overwrite and n == 1 or not path.exists()) and take(path):
             return path
-    raise TutorialError(bilingual(f"{name} 的编号已用完。", f"No free name next to {name}."))
+    raise TutorialError("output.no_free_name", f"{name} 的编号已用完。", f"No free name next to {name}.", name=str(name))
 
 
 def new_adapter_dir(overwrite: bool = False, *, name: str = ADAPTER_DIR_NAME, fingerprint: dict | None = None) -> Path:
@@ -219,7 +219,7 @@ def _holds_another_run(ckpt_dir: str | Path, fingerprint: dict) -> bool:
 def resume_point(ckpt_dir: str | Path, fingerprint: dict) -> str | None:
     """The newest complete checkpoint of an interrupted run *of this same run* (None: a fresh start);
     incomplete ones are set aside (:func:`set_incomplete_checkpoints_aside`). Stores ``fingerprint`` in
-    ``ckpt_dir`` and refuses another run's checkpoints with a bilingual error that names a free folder.
+    ``ckpt_dir`` and refuses another run's checkpoints with an error (``train.other_run``) that names a free folder.
     Introduced in notebooks/05_lora_finetune.ipynb."""
     from transformers.trainer_utils import get_last_checkpoint
 
@@ -235,14 +235,15 @@ def resume_point(ckpt_dir: str | Path, fingerprint: dict) -> str | None:
         free = next(ckpt_dir.with_name(f"{base}-{n}") for n in range(2, 10_000)
                     if not ckpt_dir.with_name(f"{base}-{n}").exists()
                     and not checkpoint_dir_for(ckpt_dir.with_name(f"{base}-{n}")).exists())
-        raise TutorialError(bilingual(
+        raise TutorialError("train.other_run",
             f"{ckpt_dir} 里的检查点属于另一次训练（不同的：{what}），这次不能接着它训练；那次训练仍可以用原来的设置继续，"
             f"所以这里什么都没有改动。要用新设置训练，换一个适配器目录，例如 {free.name}"
             f"（第 05 课：ADAPTER_DIR = new_adapter_dir(name=\"{free.name}\")；train_adapter(..., adapter_dir=...)）。",
             f"The checkpoints in {ckpt_dir} belong to another run (different {what}); that run can still be resumed "
             f"with its own settings, so nothing was changed. To train with the new settings use another adapter "
             f"folder, for instance {free.name} (lesson 05: ADAPTER_DIR = new_adapter_dir(name=\"{free.name}\"); "
-            "train_adapter(..., adapter_dir=...))."))
+            "train_adapter(..., adapter_dir=...)).",
+            checkpoints=str(ckpt_dir), differs=[k for k in fingerprint if old.get(k) != fingerprint[k]], free=free.name)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     if old != fingerprint:  # all ranks of a torchrun get here at once: a reader sees the whole file or none
         tmp = stored.with_name(f".{stored.name}.{os.getpid()}")
@@ -359,8 +360,8 @@ def load_base(choice, settings: TrainSettings, *, for_training: bool = True):
     storage, place = None, {"device_map": {"": rank}}
     if sharded:
         if settings.quantization != "4bit":
-            raise TutorialError(bilingual("FSDP / ZeRO-3 只能配合 4-bit QLoRA（bnb_4bit_quant_storage），不能配合 8-bit。",
-                                          "FSDP / ZeRO-3 work with 4-bit QLoRA (bnb_4bit_quant_storage), not 8-bit."))
+            raise TutorialError("train.fsdp_needs_4bit", "FSDP / ZeRO-3 只能配合 4-bit QLoRA（bnb_4bit_quant_storage），不能配合 8-bit。",
+                                          "FSDP / ZeRO-3 work with 4-bit QLoRA (bnb_4bit_quant_storage), not 8-bit.")
         # bitsandbytes' FSDP-QLoRA guide: FSDP shards only float storage, so the packed 4-bit weights are stored in
         # a float dtype, the same as the model's other weights; with fp16 mixed precision, peft's guide says float32.
         storage = torch.float32 if dtype == torch.float16 else dtype
@@ -426,7 +427,7 @@ def train_adapter(choice, adapter_dir: str | Path | None = None, *, settings: Tr
     if resumed_from and args.world_size > 1 and args.device.type == "cpu":
         allow_indexed_cpu_locations()  # transformers < 5.18 (Colab's 5.15) would fail to load optimizer.pt
     if verbose and resumed_from:
-        print(f"从检查点继续训练 / resuming from {resumed_from}")
+        print(localized(f"从检查点继续训练：{resumed_from}", f"resuming from {resumed_from}"))
     with reporting_full_disk(ckpt_dir, ("检查点", "checkpoints")):
         trainer.train(resume_from_checkpoint=resumed_from)
     dev = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h] or [None]
@@ -439,7 +440,7 @@ def train_adapter(choice, adapter_dir: str | Path | None = None, *, settings: Tr
     if save and trainer.is_world_process_zero():
         save_adapter(model, adapter_dir, overwrite=overwrite, info=info, state_dict=gathered)
         if verbose:
-            print(f"LoRA 适配器已保存 / adapter saved: {adapter_dir}（{info['seconds']} 秒）")
+            print(localized(f"LoRA 适配器已保存：{adapter_dir}（{info['seconds']} 秒）", f"adapter saved: {adapter_dir} ({info['seconds']} s)"))
     trainer.adapter_dir, trainer.resumed_from, trainer.info = adapter_dir, resumed_from, info
     return trainer
 
@@ -451,7 +452,7 @@ def ensure_adapter(choice) -> Path:
     found = latest_adapter(choice)
     if found:
         return found
-    print("还没有第 05 课为这个模型训练的 LoRA 适配器，现在训练一个 / training lesson 05's adapter now")
+    print(localized("还没有第 05 课为这个模型训练的 LoRA 适配器，现在训练一个", "training lesson 05's adapter now"))
     return train_adapter(choice).adapter_dir
 
 
@@ -463,9 +464,9 @@ def load_with_adapter(choice, adapter_dir: str | Path, *, as_trained: bool = Fal
     from transformers import AutoTokenizer
 
     if not (Path(adapter_dir) / "adapter_config.json").exists():
-        raise TutorialError(bilingual(
+        raise TutorialError("adapter.missing",
             f"{adapter_dir} 里没有 adapter_config.json：先运行第 05 课，或调用 ensure_adapter()。",
-            f"{adapter_dir} holds no adapter_config.json: run lesson 05 or call ensure_adapter()."))
+            f"{adapter_dir} holds no adapter_config.json: run lesson 05 or call ensure_adapter().", adapter_dir=str(adapter_dir))
     base = load_base(choice, settings_for(choice), for_training=as_trained)
     model = PeftModel.from_pretrained(base, str(adapter_dir))
     return model.eval(), prepare_tokenizer(AutoTokenizer.from_pretrained(choice.path))

@@ -15,7 +15,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from helpers.config import REPO_ROOT, TutorialError, bilingual, home_dir
+from helpers.config import REPO_ROOT, TutorialError, home_dir
 
 LLAMA_CPP_PYTHON = "0.3.36"  # pinned, with the sdist's hash, in scripts/llama-cpp-requirements.txt
 REQUIREMENTS = REPO_ROOT / "scripts" / "llama-cpp-requirements.txt"
@@ -50,10 +50,10 @@ def converter(name: str = "convert_hf_to_gguf.py") -> Path:
     """The path of one of llama.cpp's converter scripts (``make gguf-env`` or :func:`ensure_tools` puts them there)."""
     path = tools_dir() / name
     if not path.is_file():
-        raise GGUFError(bilingual(
+        raise GGUFError("gguf.converter_missing",
             f"找不到 llama.cpp 的转换脚本 {path}：在仓库根目录运行 `make gguf-env`（Colab 上运行本课的安装单元格）。",
             f"llama.cpp's converter {path} is missing: run `make gguf-env` at the repository root (on Colab, this "
-            "lesson's install cell)."))
+            "lesson's install cell).", path=str(path))
     return path
 
 
@@ -62,11 +62,11 @@ def require_llama_cpp():
     try:
         import llama_cpp
     except ImportError as err:
-        raise GGUFError(bilingual(
+        raise GGUFError("gguf.not_installed",
             "没有安装 llama-cpp-python：在仓库根目录运行 `make gguf-env`（第一次会从源码编译 llama.cpp，2 核约 4–5 分钟），"
             "Colab 上运行本课的安装单元格。",
             "llama-cpp-python is not installed: run `make gguf-env` at the repository root (the first time it builds "
-            "llama.cpp from source, about 4-5 minutes on 2 cores); on Colab, run this lesson's install cell.")) from err
+            "llama.cpp from source, about 4-5 minutes on 2 cores); on Colab, run this lesson's install cell.") from err
     if llama_cpp.__version__ != LLAMA_CPP_PYTHON:
         import warnings
 
@@ -201,30 +201,30 @@ def read_gguf(path: str | Path) -> dict:
     tensor count and the count of each tensor type. A missing, foreign or cut-off file gets a :class:`GGUFError`."""
     path = Path(path)
     if not path.is_file():
-        raise GGUFError(bilingual(f"找不到 GGUF 文件 {path}：先运行本课的转换单元格，或检查路径。",
-                                  f"No GGUF file at {path}: run this lesson's conversion cell first, or check the path."))
+        raise GGUFError("gguf.not_found", f"找不到 GGUF 文件 {path}：先运行本课的转换单元格，或检查路径。",
+                                  f"No GGUF file at {path}: run this lesson's conversion cell first, or check the path.", path=str(path))
     with open(path, "rb") as fh:
         magic = fh.read(4)
     if magic != GGUF_MAGIC:
-        raise GGUFError(bilingual(
+        raise GGUFError("gguf.not_gguf",
             f"{path} 不是 GGUF 文件（开头是 {magic!r}，应为 b'GGUF'）。safetensors/bin 权重要先用 convert_hf_to_gguf.py 转换。",
             f"{path} is not a GGUF file (it starts with {magic!r}, not b'GGUF'). Convert safetensors/bin weights "
-            "with convert_hf_to_gguf.py first."))
+            "with convert_hf_to_gguf.py first.", path=str(path))
     from gguf import GGUFReader
 
     try:
         reader = GGUFReader(path)
     except (ValueError, IndexError, OSError) as err:
-        raise GGUFError(bilingual(
+        raise GGUFError("gguf.damaged",
             f"{path} 不完整或已损坏（{path.stat().st_size:,} 字节，读取时出错：{err}）。多半是转换或下载被打断：删掉它，重新生成。",
             f"{path} is incomplete or damaged ({path.stat().st_size:,} bytes; reading failed: {err}). Most likely an "
-            "interrupted conversion or download: delete it and make it again.")) from err
+            "interrupted conversion or download: delete it and make it again.", path=str(path)) from err
     end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
     if end > path.stat().st_size:
-        raise GGUFError(bilingual(
+        raise GGUFError("gguf.truncated",
             f"{path} 被截断了：张量数据应到第 {end:,} 字节，文件只有 {path.stat().st_size:,} 字节。删掉它，重新生成。",
             f"{path} is truncated: its tensors end at byte {end:,} but the file has {path.stat().st_size:,}. Delete it "
-            "and make it again."))
+            "and make it again.", path=str(path))
 
     def field(name):
         f = reader.get_field(name)
@@ -255,12 +255,12 @@ def run_converter(args: list[str], outfile: str | Path, *, overwrite: bool = Fal
         result = subprocess.run(args, capture_output=True, text=True, errors="replace")
         if result.returncode != 0:
             tail = "\n".join((result.stdout + result.stderr).strip().splitlines()[-12:])
-            hint = ("这个架构 llama.cpp 的转换脚本不支持（见 conversion/ 里的模型类）。/ llama.cpp's converter does not "
-                    "support this architecture (see the model classes in conversion/)."
-                    if "not supported" in tail else "")
-            raise GGUFError(bilingual(f"转换失败（退出码 {result.returncode}），没有写出 {outfile}。{hint}",
-                                      f"The conversion failed (exit code {result.returncode}); {outfile} was not written.")
-                            + "\n" + tail)
+            unsupported = "not supported" in tail
+            hint = "这个架构 llama.cpp 的转换脚本不支持（见 conversion/ 里的模型类）。" if unsupported else ""
+            hint_en = " llama.cpp's converter does not support this architecture (see the model classes in conversion/)." if unsupported else ""
+            raise GGUFError("gguf.conversion_failed", f"转换失败（退出码 {result.returncode}），没有写出 {outfile}。{hint}\n{tail}",
+                            f"The conversion failed (exit code {result.returncode}); {outfile} was not written.{hint_en}\n{tail}",
+                            returncode=result.returncode, outfile=str(outfile), unsupported=unsupported, log=tail)
         read_gguf(tmp)  # a whole, readable file before it takes the name
         os.replace(tmp, outfile)
     finally:
@@ -297,8 +297,8 @@ def start_server(gguf_path: str | Path, *, alias: str = "gguf", n_threads: int =
         return serve._SERVERS[key]
     port = serve.free_port() if port is None else port
     if not serve.port_is_free(port):
-        raise TutorialError(bilingual(f"端口 {port} 已被占用。换一个端口，或不传 port 自动挑选。",
-                                      f"Port {port} is already in use. Pick another port, or pass none to get a free one."))
+        raise TutorialError("gguf.port_in_use", f"端口 {port} 已被占用。换一个端口，或不传 port 自动挑选。",
+                                      f"Port {port} is already in use. Pick another port, or pass none to get a free one.", port=port)
     api_key = secrets.token_urlsafe(16)
     workdir = serve.new_workdir(f"llama-cpp-{port}-")
     # The key goes in the environment (pydantic-settings reads API_KEY), not on the command line `ps` shows.

@@ -7,13 +7,14 @@ import gc
 import json
 import logging
 import os
+from collections import namedtuple
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 
-from helpers.config import DOWNLOAD_MARKER, TutorialError, bilingual
+from helpers.config import DOWNLOAD_MARKER, TutorialError
 
 GIB = 1024**3
 MODES = ("full", "8bit", "4bit")  # "full" is the device's dtype (pick_dtype)
@@ -79,10 +80,10 @@ def pick_attn_implementation(device: str | None = None) -> str:
 def mode_label(mode: str, dtype: torch.dtype) -> str:
     """Table label of a mode: the dtype's name for "full", "8-bit", "4-bit nf4"."""
     if mode not in MODES:
-        raise TutorialError(bilingual(
+        raise TutorialError("load.unknown_mode",
             f"不认识的加载方式 {mode!r}，可选：{', '.join(MODES)}（full 表示不量化）。",
             f"Unknown loading mode {mode!r}; choose one of {', '.join(MODES)} (full = no quantization).",
-        ))
+        mode=mode)
     full = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}.get(dtype, str(dtype))
     return {"full": full, "8bit": "8-bit", "4bit": "4-bit nf4"}[mode]
 
@@ -110,7 +111,7 @@ def quantization_config(mode: str | None, dtype: torch.dtype, *, double_quant: b
 
 def check_bitsandbytes(device: str | None = None) -> str:
     """Quantize a small tensor on ``device`` with bitsandbytes; return its backend ("CUDA", "CPU")
-    or raise a bilingual error naming the fix (notebooks/02_loading_quantized.ipynb)."""
+    or raise an error naming the fix (notebooks/02_loading_quantized.ipynb)."""
     device = device or pick_device()
     quiet_bitsandbytes()
     try:
@@ -121,13 +122,13 @@ def check_bitsandbytes(device: str | None = None) -> str:
         bnbf.quantize_4bit(probe, quant_type="nf4")
         bnbf.int8_vectorwise_quant(probe.half())
     except Exception as err:  # not installed, a broken native library, or no backend for the device
-        raise TutorialError(bilingual(
+        raise TutorialError("load.bitsandbytes",
             f"bitsandbytes 在 {device} 上不能量化（{type(err).__name__}: {err}）。请 `pip install -U bitsandbytes`"
             "（本课程用 0.50 测试）并重启内核；GPU 上 `python -m bitsandbytes` 可以诊断；或者先不量化加载。",
             f"bitsandbytes cannot quantize on {device} ({type(err).__name__}: {err}). Run `pip install -U "
             "bitsandbytes` (tested with 0.50) and restart the kernel; on a GPU `python -m bitsandbytes` "
             "diagnoses it; or load without quantization.",
-        )) from err
+        device=str(device)) from err
     return getattr(bitsandbytes.cextension, "BNB_BACKEND", "?")
 
 
@@ -189,41 +190,47 @@ def check_fits(config, mode: str, dtype: torch.dtype | None = None, *, budget_by
     device = device or pick_device()
     dtype = dtype or pick_dtype(device)
     est = estimate_memory(config, mode, dtype, batch=batch, context_tokens=context_tokens)
-    where = "给定的预算 / the given budget"
+    budget, where, where_en = "given", "给定的预算", "the given budget"
     if budget_bytes is None and device == "cuda":
-        budget_bytes, where = torch.cuda.mem_get_info()[0], "本机 GPU 的空闲显存 / free GPU memory here"
+        budget, where, where_en = "free_gpu_memory", "本机 GPU 的空闲显存", "free GPU memory here"
+        budget_bytes = torch.cuda.mem_get_info()[0]
     elif budget_bytes is None:
         import psutil  # a dependency of accelerate
 
-        budget_bytes, where = psutil.virtual_memory().available, "本机可用内存 / available RAM here"
+        budget, where, where_en = "available_ram", "本机可用内存", "available RAM here"
+        budget_bytes = psutil.virtual_memory().available
     if est.total <= budget_bytes:
         return est
     four = estimate_memory(config, "4bit", dtype, batch=batch, context_tokens=context_tokens).total / GIB
     q4 = 'BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")'
     offload = f'from_pretrained(..., device_map="auto", max_memory={{0: "{max(int(budget_bytes / GIB) - 1, 1)}GiB", "cpu": "48GiB"}})'
-    raise ModelTooLargeError(bilingual(
+    raise ModelTooLargeError("load.too_large",
         f"按估算，{est.params / 1e9:.2f}B 参数的模型用 {est.label} 加载约需 {est.total / GIB:.1f} GiB（权重 {est.weights / GIB:.1f}"
         f" + KV 缓存 {est.kv_cache / GIB:.1f} + 激活 {est.activations / GIB:.1f}，再加 {SAFETY_MARGIN:.0%} 余量），可用的只有 "
         f"{budget_bytes / GIB:.1f} GiB（{where}）。为避免溢出，先不加载。可以：" + (f"改用 4-bit {q4}（约需 {four:.1f} GiB）；"
         if mode != "4bit" else "") + f"换更小的模型（13B 换 7B，或 LLAMA_TUTORIAL_MODEL=tiny）；把放不下的层卸载到 CPU："
         f"{offload}（慢得多）；缩短上下文或减小批大小（现按批大小 {est.batch}、{est.context_tokens} 个 token 预留 KV 缓存）。",
         f"By estimate, this {est.params / 1e9:.2f}B-parameter model needs about {est.total / GIB:.1f} GiB in {est.label}, "
-        f"but only {budget_bytes / GIB:.1f} GiB is available ({where}). Not loading, to avoid an out-of-memory crash. "
+        f"but only {budget_bytes / GIB:.1f} GiB is available ({where_en}). Not loading, to avoid an out-of-memory crash. "
         "Options: " + (f"4-bit with {q4} (about {four:.1f} GiB); " if mode != "4bit" else "") + "a smaller model (7B "
         f"instead of 13B, or LLAMA_TUTORIAL_MODEL=tiny); offload to CPU RAM with {offload} (much slower); a shorter "
         f"context or smaller batch (batch={est.batch}, {est.context_tokens} tokens of KV cache reserved).",
-    ))
+        mode=mode, needed_gib=round(est.total / GIB, 2), available_gib=round(budget_bytes / GIB, 2), budget=budget)
 
 
-def missing_weights(folder: str | os.PathLike) -> list[str]:
+# A file a model folder lacks or has damaged: its name, and what is wrong with it in Chinese and in English.
+MissingFile = namedtuple("MissingFile", "name zh en")
+
+
+def missing_weights(folder: str | os.PathLike) -> list[MissingFile]:
     """What a local model folder lacks (``[]``: complete): ``config.json``, then the files lesson 01's
     ``DOWNLOAD_MARKER`` lists at their sizes, or else every shard readable by safetensors (lesson 02)."""
     folder = Path(folder)
     if not (folder / "config.json").is_file():
-        return ["config.json"]
+        return [MissingFile("config.json", "不存在", "absent")]
     try:
         listed = json.loads((folder / DOWNLOAD_MARKER).read_text("utf-8"))["files"]
-        return [f"{name}（应有 {info.get('size')} 字节 / {info.get('size')} bytes expected）"
+        return [MissingFile(name, f"应有 {info.get('size')} 字节", f"{info.get('size')} bytes expected")
                 for name, info in listed.items()
                 if not (folder / name).is_file() or info.get("size") not in (None, (folder / name).stat().st_size)]
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
@@ -234,14 +241,15 @@ def missing_weights(folder: str | os.PathLike) -> list[str]:
         try:
             shards = sorted(set(json.loads(index.read_text("utf-8"))["weight_map"].values()))
         except (ValueError, KeyError) as err:
-            return [f"{index.name}（已损坏 / damaged: {err}）"]
+            return [MissingFile(index.name, f"已损坏：{err}", f"damaged: {err}")]
     problems = []
     for shard in shards:
         try:
             with safe_open(folder / shard, "pt"):
                 pass
         except (SafetensorError, OSError) as err:
-            problems.append(f"{shard}（{'不存在 / absent' if not (folder / shard).exists() else err}）")
+            absent = not (folder / shard).exists()
+            problems.append(MissingFile(shard, "不存在" if absent else str(err), "absent" if absent else str(err)))
     return problems
 
 
@@ -253,27 +261,28 @@ def preflight_check(path: str | os.PathLike, mode: str = "full", *, dtype: torch
 
     device, folder = device or pick_device(), Path(path).expanduser()
     if folder.is_dir() and (missing := missing_weights(folder)):
-        shown = "; ".join(missing[:5])
+        shown = "; ".join(f"{m.name}（{m.zh}）" for m in missing[:5])
+        shown_en = "; ".join(f"{m.name} ({m.en})" for m in missing[:5])
         if len(missing) > 5:
-            shown += f" …（共 {len(missing)} 项 / {len(missing)} in all）"
-        raise TutorialError(bilingual(
+            shown, shown_en = f"{shown} …（共 {len(missing)} 项）", f"{shown} ... ({len(missing)} in all)"
+        raise TutorialError("load.incomplete_folder",
             f"{folder} 不是完整的模型文件夹，缺少或不完整：{shown}。第 01 课的下载可以续传：重新运行它的下载单元格即可补齐。",
-            f"{folder} is not a complete model folder; missing or incomplete: {shown}. Lesson 01's download "
-            "resumes: run its download cell again to fetch what is missing."))
+            f"{folder} is not a complete model folder; missing or incomplete: {shown_en}. Lesson 01's download "
+            "resumes: run its download cell again to fetch what is missing.", folder=str(folder), missing=[m.name for m in missing])
     try:
         config = AutoConfig.from_pretrained(str(path), trust_remote_code=False)
     except (OSError, ValueError) as err:
-        raise TutorialError(bilingual(
+        raise TutorialError("load.no_config",
             f"读不到 {path} 的 config.json：{err}。请检查路径或仓库名，离线时先用第 01 课下载。",
             f"Cannot read config.json of {path}: {err}. Check the path or repo id; offline, download it with lesson 01 first.",
-        )) from err
+        path=str(path)) from err
     if config.model_type != "llama":
-        raise TutorialError(bilingual(
+        raise TutorialError("load.not_llama",
             f"{path} 的 config.json 写的是 model_type={config.model_type!r}，不是 'llama'。本课程的显存估算和对话模板"
             "都按 Llama-2 编写：请换成 Llama-2 系列模型，或设置 LLAMA_TUTORIAL_MODEL=tiny。",
             f"config.json of {path} says model_type={config.model_type!r}, not 'llama'. The course's memory "
             "estimate and chat templates assume Llama-2: use a Llama-2 model or LLAMA_TUTORIAL_MODEL=tiny.",
-        ))
+        model_type=config.model_type)
     if mode != "full":
         check_bitsandbytes(device)
     return check_fits(config, mode, dtype, budget_bytes=budget_bytes, device=device)

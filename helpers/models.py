@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from helpers.config import REPO_ROOT, TutorialError, bilingual, models_dir, output_dir
+from helpers.config import REPO_ROOT, TutorialError, models_dir, output_dir
 from helpers.loading import missing_weights
 from helpers.tiny import ensure_smollm2_model, ensure_tiny_model
 
@@ -69,7 +69,7 @@ class ModelChoice:
         return "model"
 
 
-def _local_weights(profile: Profile) -> tuple[Path | None, list[str]]:
+def _local_weights(profile: Profile) -> tuple[Path | None, list]:
     """A complete copy of the profile's weights (lesson 01's folder, the Hub cache), or what it lacks."""
     from huggingface_hub import try_to_load_from_cache
 
@@ -140,7 +140,7 @@ def _resolve(spec: str) -> ModelChoice:
         if local is not None:
             return ModelChoice(profile.name, str(local), f"{how}，使用本地权重 {local}", profile)
         # An unfinished lesson-01 download is not the model; say what it lacks (lesson 01 resumes it).
-        unfinished = f"（{models_dir() / profile.name} 下载未完成，缺 {'; '.join(missing[:3])}）" if missing else ""
+        unfinished = f"（{models_dir() / profile.name} 下载未完成，缺 {'; '.join(m.name for m in missing[:3])}）" if missing else ""
         if spec != "auto" or _hub_reachable(profile.repo_id):
             return ModelChoice(profile.name, profile.repo_id, f"{how}{unfinished}，从 Hub 加载 {profile.repo_id}", profile)
         return _cpu_model(f"auto：GPU {gpu[0]} 可用，但拿不到完整的 Llama-2 权重{unfinished}（先做第 01 课下载），"
@@ -154,12 +154,12 @@ def _resolve(spec: str) -> ModelChoice:
     if len(parts) == 2 and all(parts) and all(set(p) <= allowed for p in parts):
         return ModelChoice(spec, spec, f"{ENV_MODEL}={spec}，按 Hub 仓库名加载")
     names = ", ".join(PROFILES)
-    raise TutorialError(bilingual(
+    raise TutorialError("model.unknown",
         f"不认识 {ENV_MODEL}={spec!r}：它既不是已知的配置名，也不是 Hub 仓库名（形如 组织/名称），"
         f"也不是本地文件夹。可用的配置名：auto, {names}；或者给出含 config.json 的本地文件夹路径。",
         f"Unknown {ENV_MODEL}={spec!r}: not a profile name, not a Hub repo id (owner/name) and not "
         f"a local folder. Profiles: auto, {names}; or give the path of a local folder with config.json.",
-    ))
+        spec=spec)
 
 
 def _local_folder(spec: str) -> Path | None:
@@ -180,10 +180,10 @@ def _local_folder(spec: str) -> Path | None:
         return None
     where = ", ".join(str(c) for c in candidates)
     found = any(c.is_dir() for c in candidates)
-    raise TutorialError(bilingual(
+    raise TutorialError("model.no_folder",
         f"{ENV_MODEL}={spec!r} 看起来是路径，但那里没有含 config.json 的模型文件夹（{'文件夹里没有 config.json' if found else '不是本地文件夹'}；"
         f"找过：{where}）。请给出模型文件夹（第 01 课会打印它的路径）；路径不会被当作 Hub 仓库名。",
         f"{ENV_MODEL}={spec!r} looks like a path, but there is no model folder with config.json (it "
         f"{'has no config.json' if found else 'is not a local folder'}; looked at: {where}). Point it at a model "
         "folder (lesson 01 prints its path); a path is never taken as a Hub repo id.",
-    ))
+        spec=spec)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from transformers.utils.chat_template_utils import render_jinja_template
 
-from helpers.config import REPO_ROOT, TutorialError, bilingual, home_dir
+from helpers.config import REPO_ROOT, TutorialError, home_dir
 
 IGNORE_INDEX = -100
 
@@ -104,23 +104,23 @@ def check_messages(messages: list[dict], *, where: str = "", where_en: str | Non
     and ``where_en`` name the place (``"第 3 行"``) (notebooks/03_prompt_templates.ipynb)."""
     zh, en = (f"{where}：" if where else ""), (f"{where_en or where}: " if (where_en or where) else "")
     if not isinstance(messages, (list, tuple)) or not messages:
-        raise PromptFormatError(bilingual(f"{zh}对话是空的。", f"{en}the conversation is empty."))
+        raise PromptFormatError("prompt.empty_conversation", f"{zh}对话是空的。", f"{en}the conversation is empty.")
     for n, msg in enumerate(messages, 1):
         if not isinstance(msg, dict) or "role" not in msg or not isinstance(msg.get("content"), str):
-            raise PromptFormatError(bilingual(
+            raise PromptFormatError("prompt.bad_message",
                 f"{zh}第 {n} 条消息应为 {{'role': ..., 'content': 字符串}} 形式的字典。",
-                f"{en}message {n} must be a dict {{'role': ..., 'content': str}} (content must be a string)."))
+                f"{en}message {n} must be a dict {{'role': ..., 'content': str}} (content must be a string).", message=n)
     offset = 1 if messages[0]["role"] == "system" else 0
     if len(messages) == offset:
-        raise PromptFormatError(bilingual(f"{zh}只有系统提示，没有用户问题。", f"{en}only a system prompt, no user message."))
+        raise PromptFormatError("prompt.system_only", f"{zh}只有系统提示，没有用户问题。", f"{en}only a system prompt, no user message.")
     for i, msg in enumerate(messages[offset:]):
         expected, role = ("user" if i % 2 == 0 else "assistant"), msg["role"]
         if role != expected:
             hint_zh = "系统提示只能是第 1 条消息。" if role == "system" else "角色必须按 user、assistant 交替出现。"
             hint_en = "a system prompt can only be message 1." if role == "system" else "roles must alternate user/assistant."
-            raise PromptFormatError(bilingual(
+            raise PromptFormatError("prompt.role_order",
                 f"{zh}第 {i + 1 + offset} 条消息的角色是 {role!r}，这里应为 {expected!r}：{hint_zh}",
-                f"{en}message {i + 1 + offset} has role {role!r}, expected {expected!r}: {hint_en}"))
+                f"{en}message {i + 1 + offset} has role {role!r}, expected {expected!r}: {hint_en}", message=i + 1 + offset, role=role, expected=expected)
 
 
 def chat_template_for(chat_format: str, tokenizer=None) -> str:
@@ -128,12 +128,12 @@ def chat_template_for(chat_format: str, tokenizer=None) -> str:
     ``chat_template`` (Llama-2's when the tokenizer has none, as FlagAlpha's) (notebooks/03_prompt_templates.ipynb)."""
     if chat_format == MODEL_FORMAT:
         if tokenizer is None:
-            raise PromptFormatError(bilingual("格式 \"model\" 用分词器自己的 chat_template：请传入 tokenizer=。",
-                                              'Format "model" uses the tokenizer\'s own chat_template: pass tokenizer=.'))
+            raise PromptFormatError("prompt.needs_tokenizer", "格式 \"model\" 用分词器自己的 chat_template：请传入 tokenizer=。",
+                                              'Format "model" uses the tokenizer\'s own chat_template: pass tokenizer=.')
         return tokenizer.chat_template or TEMPLATES["llama2"]
     if chat_format not in TEMPLATES:
-        raise PromptFormatError(bilingual(f"未知的模板格式 {chat_format!r}，可选：{', '.join(FORMATS)}。",
-                                          f"Unknown format {chat_format!r}; use one of {FORMATS}."))
+        raise PromptFormatError("prompt.unknown_format", f"未知的模板格式 {chat_format!r}，可选：{', '.join(FORMATS)}。",
+                                          f"Unknown format {chat_format!r}; use one of {FORMATS}.", chat_format=chat_format, formats=list(FORMATS))
     return TEMPLATES[chat_format]
 
 
@@ -164,12 +164,12 @@ def render_with_answers(messages: list[dict], chat_format: str = "llama2", *, to
         before = _render(messages[:i], template, True, tokens)
         upto = _render(messages[: i + 1], template, False, tokens)
         if not (upto.startswith(before) and text.startswith(upto)):
-            raise PromptFormatError(bilingual(
+            raise PromptFormatError("prompt.template_rewrites",
                 f"这个对话模板在加上第 {i + 1} 条消息（回答）时改写了前面的文本，无法确定回答从哪里开始，"
                 "不能只在回答上计算损失。请换用 chat_format=\"llama2\" 等课程模板，或给模板加上 {% generation %} 标记。",
                 f"This chat template rewrites earlier text when message {i + 1} (an answer) is added, so where the "
                 "answer starts is unknown and answer-only labels cannot be built. Use a course template "
-                "(chat_format=\"llama2\"...) instead."))
+                "(chat_format=\"llama2\"...) instead.", message=i + 1)
         answer = upto[len(before):]
         spans.append((len(before), len(before) + len(answer.rstrip())))
     return text, spans
@@ -194,11 +194,11 @@ def encode(tokenizer, messages: list[dict], chat_format: str = "llama2", *, add_
     specials = sorted({t for t in tokenizer.all_special_tokens if t}, key=len, reverse=True)
     for n, msg in enumerate(messages, 1):
         for special in (s for s in specials if s in msg["content"]):
-            raise PromptFormatError(bilingual(
+            raise PromptFormatError("prompt.special_token",
                 f"第 {n} 条消息（{msg['role']}）里含有字面的特殊标记 {special!r}，分词器会把它当成真正的控制标记"
                 f"（BOS/EOS），模型会以为对话在这里断开。请删掉或改写它（例如写成 “{special.replace('<', '< ')}”）。",
                 f"Message {n} ({msg['role']}) contains the literal special token {special!r}, which the "
-                "tokenizer would read as a real control token (BOS/EOS). Remove or rewrite it."))
+                "tokenizer would read as a real control token (BOS/EOS). Remove or rewrite it.", message=n, token=special)
     out = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)  # as apply_chat_template tokenizes
     ids = list(out["input_ids"])
     labels = [t if any(start < end_ and stop > start_ for start_, end_ in spans) else IGNORE_INDEX
@@ -216,9 +216,9 @@ def load_llama2_tokenizer(**kwargs):
     folder = home_dir() / "llama2-vocab"
     if not (folder / "tokenizer.json").exists():
         script = REPO_ROOT / "scripts" / "fetch_llama2_vocab.py"  # runs from any folder, Colab included
-        raise TutorialError(bilingual(f"还没有下载 Llama-2 的真实词表。请运行 make setup，或者（在任何目录、Colab 里也行）：python {script}",
+        raise TutorialError("prompt.vocab_missing", f"还没有下载 Llama-2 的真实词表。请运行 make setup，或者（在任何目录、Colab 里也行）：python {script}",
                                       f"The real Llama-2 vocabulary is not fetched yet. Run make setup, or (from any "
-                                      f"folder, Colab too): python {script}"))
+                                      f"folder, Colab too): python {script}", script=str(script))
     return AutoTokenizer.from_pretrained(folder, **kwargs)
 
 
@@ -248,10 +248,10 @@ def truncate_history(tokenizer, messages: list[dict], max_tokens: int, chat_form
         if size <= max_tokens:
             return kept, dropped
         if len(turns) == 1:
-            raise PromptFormatError(bilingual(
+            raise PromptFormatError("prompt.too_long",
                 f"系统提示加上最新的问题已有 {size} 个 token，超过上限 {max_tokens}。请缩短问题或系统提示，或者调大 max_tokens。",
                 f"The system prompt plus the latest question take {size} tokens, more than max_tokens={max_tokens}. "
-                "Shorten one of them or raise max_tokens."))
+                "Shorten one of them or raise max_tokens.", tokens=size, max_tokens=max_tokens)
         dropped += turns.pop(0)
 
 
@@ -268,13 +268,13 @@ def csv_text_to_messages(text: str, *, row: int | None = None) -> list[dict]:
     zh, en = (f"第 {row} 行", f"row {row}") if row is not None else ("这一行", "this row")
     expected = "<s>Human: 问题\\n</s><s>Assistant: 回答\\n</s>"
     if not isinstance(text, str) or not text.strip():
-        raise PromptFormatError(bilingual(f"{zh}是空的。", f"{en} is empty."))
+        raise PromptFormatError("prompt.empty_text", f"{zh}是空的。", f"{en} is empty.")
     body = text.strip("\r\n")
     if not _CSV_HEADER.match(body) or not body.endswith("</s>"):
-        raise PromptFormatError(bilingual(
+        raise PromptFormatError("prompt.bad_csv_text",
             f"{zh}应以 “<s>Human:” 开头、以 “</s>” 结尾，格式为 {expected}。开头是 {body[:30]!r}，结尾是 {body[-30:]!r}",
             f"{en} must start with '<s>Human:' and end with '</s>'. It starts with {body[:30]!r} and ends with "
-            f"{body[-30:]!r}"))
+            f"{body[-30:]!r}")
     body = body[: -len("</s>")].removesuffix("\n")
     messages = []
     for part in _CSV_TURN_END.split(body):
@@ -282,11 +282,12 @@ def csv_text_to_messages(text: str, *, row: int | None = None) -> list[dict]:
         messages.append({"role": _CSV_ROLES[header.group(1)], "content": part[header.end() :]})
     check_messages(messages, where=zh if row is not None else "", where_en=en if row is not None else "")
     if messages[-1]["role"] != "assistant":
-        raise PromptFormatError(bilingual(
+        raise PromptFormatError("prompt.no_answer",
             f"{zh}没有以回答结尾：最后一条不是 “<s>Assistant:”（缺少回答，或者回答前少了 “</s>”）。格式应为 {expected}。",
-            f"{en} does not end with an answer: no final '<s>Assistant:' part (or no '</s>' before it)."))
+            f"{en} does not end with an answer: no final '<s>Assistant:' part (or no '</s>' before it).")
     for n, m in enumerate(messages, 1):
         if m["role"] != "system" and not m["content"].strip():
             kind_zh, kind_en = ("回答", "answer") if m["role"] == "assistant" else ("问题", "question")
-            raise PromptFormatError(bilingual(f"{zh}第 {n} 条消息的{kind_zh}是空的。", f"{en}: message {n} has an empty {kind_en}."))
+            raise PromptFormatError("prompt.empty_message", f"{zh}第 {n} 条消息的{kind_zh}是空的。", f"{en}: message {n} has an empty {kind_en}.",
+                                    message=n, role=m["role"])
     return messages

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
-from helpers.config import REPO_ROOT, TutorialError, bilingual
+from helpers.config import REPO_ROOT, TutorialError
 from helpers.models import resolve_model
 from helpers.prompts import TEMPLATES
 
@@ -47,11 +47,11 @@ def serve_python() -> str:
         return str(SERVE_VENV / "bin" / "python")
     if importlib.util.find_spec("vllm") is not None:
         return sys.executable
-    raise TutorialError(bilingual(
+    raise TutorialError("serve.no_vllm",
         f"找不到 vLLM 环境：没有 {SERVE_VENV}，当前 Python 里也没有 vllm。在仓库根目录运行 `make serve-env`，"
         f"或在 Colab/GPU 上 `pip install vllm`，或用 {SERVE_PYTHON_ENV} 指向装好 vllm 的 python。",
         f"No vLLM environment: no {SERVE_VENV} and no vllm in this python. Run `make serve-env` at the repository "
-        f"root, or `pip install vllm` on Colab/a GPU, or point {SERVE_PYTHON_ENV} at a python that has vllm."))
+        f"root, or `pip install vllm` on Colab/a GPU, or point {SERVE_PYTHON_ENV} at a python that has vllm.")
 
 
 def free_port() -> int:
@@ -77,19 +77,20 @@ def check_adapter(adapter_dir: str | Path, choice) -> Path:
     adapter_dir = Path(adapter_dir)
     config = adapter_dir / "adapter_config.json"
     if not config.is_file():
-        raise TutorialError(bilingual(
+        raise TutorialError("adapter.missing",
             f"{adapter_dir} 里没有 adapter_config.json，不是 LoRA 适配器：先运行第 05 课，或调用 ensure_adapter()。",
-            f"{adapter_dir} holds no adapter_config.json, so it is not a LoRA adapter: run lesson 05 or ensure_adapter()."))
+            f"{adapter_dir} holds no adapter_config.json, so it is not a LoRA adapter: run lesson 05 or ensure_adapter().", adapter_dir=str(adapter_dir))
     base = json.loads(config.read_text("utf-8")).get("base_model_name_or_path") or ""
     info = adapter_dir / "training_info.json"  # written by lesson 05 (helpers.finetune.train_adapter)
     trained_on = json.loads(info.read_text("utf-8")).get("model_name") if info.is_file() else None
     same_folder = base and Path(base).expanduser().exists() and Path(base).resolve() == Path(choice.path).resolve()
     if not (base == choice.path or same_folder or (trained_on == choice.name and not choice.is_tiny)):
-        raise TutorialError(bilingual(
+        raise TutorialError("serve.adapter_base_mismatch",
             f"适配器 {adapter_dir} 是在 {base or trained_on} 上训练的，而服务的基座是 {choice.path}。适配器只能配合"
             "训练它的基座：换成那个基座，或者用第 05 课在这个基座上重新训练。",
             f"The adapter {adapter_dir} was trained on {base or trained_on}, but the base served is {choice.path}. An "
-            "adapter only fits the base it was trained on: serve that base, or train one on this base (lesson 05)."))
+            "adapter only fits the base it was trained on: serve that base, or train one on this base (lesson 05).",
+            adapter_dir=str(adapter_dir), trained_on=base or trained_on, base=str(choice.path))
     return adapter_dir
 
 
@@ -183,9 +184,9 @@ def server_command(choice, *, adapters: dict[str, str | Path] | None = None, por
     if adapters:
         rank = max(adapter_rank(path) for path in adapters.values())
         if rank > LORA_RANKS[-1]:
-            raise TutorialError(bilingual(
+            raise TutorialError("serve.rank_too_large",
                 f"适配器的秩 r={rank} 超过了 vLLM 的 --max-lora-rank 上限 {LORA_RANKS[-1]}。",
-                f"The adapter's rank r={rank} exceeds vLLM's --max-lora-rank limit of {LORA_RANKS[-1]}."))
+                f"The adapter's rank r={rank} exceeds vLLM's --max-lora-rank limit of {LORA_RANKS[-1]}.", rank=rank, max_rank=LORA_RANKS[-1])
         # vLLM's CPU LoRA ops (lora/ops/torch_ops) give tokens without an adapter the slot index -1, which
         # Python indexing reads as the last adapter: a base request batched with an adapter request is then
         # answered with that adapter's weights. One spare slot, never filled, makes -1 an empty adapter
@@ -267,10 +268,10 @@ def start_server(model=None, *, adapters: dict[str, str | Path] | None = None, p
     if port is None:
         port = free_port()
     elif not port_is_free(port):
-        raise TutorialError(bilingual(
+        raise TutorialError("serve.port_in_use",
             f"端口 {port} 已被占用（也许是还没停掉的服务器，`lsof -i :{port}` 可查）。换一个端口，或不传 port 自动挑选。",
             f"Port {port} is already in use (perhaps a server still running; `lsof -i :{port}` tells). Pick another "
-            "port, or pass none to get a free one."))
+            "port, or pass none to get a free one.", port=port)
     api_key = secrets.token_urlsafe(16)
     workdir = new_workdir(f"vllm-{port}-")  # log, chat template, vLLM's TMPDIR; stop() deletes it
     (workdir / "tmp").mkdir()
@@ -327,12 +328,12 @@ def _wait_ready(server: Server, url: str, engine: str, timeout: float) -> None:
                 return
         time.sleep(0.5)
     code = server.process.poll()
-    zh, en = ((f"{engine} 服务器启动失败（退出码 {code}）", f"The {engine} server failed to start (exit code {code})")
-              if code is not None else (f"{engine} 服务器 {timeout:.0f} 秒内没有就绪（{url} 无响应），已停止它",
-                                        f"The {engine} server was not ready within {timeout:.0f} s ({url} did not answer); it was stopped"))
+    error, zh, en = (("serve.start_failed", f"{engine} 服务器启动失败（退出码 {code}）", f"The {engine} server failed to start (exit code {code})")
+                     if code is not None else ("serve.not_ready", f"{engine} 服务器 {timeout:.0f} 秒内没有就绪（{url} 无响应），已停止它",
+                                               f"The {engine} server was not ready within {timeout:.0f} s ({url} did not answer); it was stopped"))
     tail = "\n".join(server.log_path.read_text("utf-8", errors="replace").splitlines()[-25:])
-    raise TutorialError(bilingual(f"{zh}。日志 {server.log_path} 的最后几行：", f"{en}. Last lines of {server.log_path}:")
-                        + "\n" + tail)
+    raise TutorialError(error, f"{zh}。日志 {server.log_path} 的最后几行：\n{tail}", f"{en}. Last lines of {server.log_path}:\n{tail}",
+                        engine=engine, returncode=code, log_path=str(server.log_path), log=tail)
 
 
 @atexit.register

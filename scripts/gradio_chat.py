@@ -15,7 +15,7 @@ import threading
 from dataclasses import replace
 
 from helpers.chat import GenerationParams, explain_error, history_to_messages, local_backend
-from helpers.config import bilingual
+from helpers.config import localized
 from helpers.prompts import SYSTEM_PROMPT_ARTICLE
 
 
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
         loopback = False  # a host name other than localhost
     user, _, password = (args.auth or "").partition(":")
     if not (user and password) and (args.auth is not None or not loopback):
-        parser.error(bilingual(
+        parser.error(localized(
             f"需要 --auth 用户名:密码：监听 {args.host} 时，能连上这台机器的人都能使用你的模型（或者去掉 --host）。",
             f"--auth user:password is required: on {args.host} anyone who reaches this machine can use your model."))
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import ast
 import json
+import pickle
+import re
 import os
 
 from pathlib import Path
@@ -12,6 +15,7 @@ import pytest
 from helpers import models
 from helpers.config import DOWNLOAD_MARKER, REPO_ROOT, TutorialError
 from helpers.models import PROFILES, resolve_model
+from tests.error_text import both
 
 
 def _verified_download(folder, files=None):
@@ -116,7 +120,8 @@ def test_a_path_that_is_no_model_folder_is_refused_not_sent_to_the_hub(monkeypat
     monkeypatch.chdir(REPO_ROOT / "notebooks")
     with pytest.raises(TutorialError) as err:
         resolve_model(spec, verbose=False)
-    msg = str(err.value)
+    assert err.value.code == "model.no_folder" and err.value.fields["spec"] == spec
+    msg = both(err.value)
     assert "路径" in msg and "path" in msg and "config.json" in msg
     assert str(REPO_ROOT) in msg or spec.startswith("~"), "the message names where it looked"
 
@@ -129,8 +134,9 @@ def test_a_path_under_a_course_folder_not_made_yet_is_still_a_path(monkeypatch, 
     monkeypatch.setattr(models, "REPO_ROOT", tmp_path / "fresh-clone")
     monkeypatch.setenv("LLAMA_TUTORIAL_OUTPUT", str(tmp_path / "elsewhere" / "my-runs"))
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(TutorialError, match="looks like a path"):
+    with pytest.raises(TutorialError) as err:
         resolve_model(spec, verbose=False)
+    assert err.value.code == "model.no_folder"
 
 
 def test_hub_repo_id_is_accepted():
@@ -142,7 +148,8 @@ def test_hub_repo_id_is_accepted():
 def test_unknown_name_lists_profiles_in_both_languages(spec):
     with pytest.raises(TutorialError) as err:
         resolve_model(spec, verbose=False)
-    msg = str(err.value)
+    assert err.value.code == "model.unknown"
+    msg = both(err.value)
     assert "不认识" in msg and "Unknown" in msg
     for name in PROFILES:
         assert name in msg
@@ -151,7 +158,8 @@ def test_unknown_name_lists_profiles_in_both_languages(spec):
 def test_folder_without_config_json_says_so(tmp_path):
     with pytest.raises(TutorialError) as err:
         resolve_model(str(tmp_path), verbose=False)
-    msg = str(err.value)
+    assert err.value.code == "model.no_folder"
+    msg = both(err.value)
     assert "config.json" in msg and str(tmp_path) in msg
     assert "没有含 config.json" in msg and "no model folder with config.json" in msg
 
@@ -189,3 +197,83 @@ def test_helpers_config_is_a_leaf():
     code = "import sys, helpers.config; print(sorted(m for m in sys.modules if m.startswith('helpers')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "['helpers', 'helpers.config']"
+
+
+# --- The course's errors: one structured error, a code, a Chinese and an English message -------------------------
+
+_HAN = re.compile("[\u4e00-\u9fff]")
+_CODE = re.compile(r"[a-z0-9_]+(\.[a-z0-9_]+)+")
+
+
+def _raised_errors():
+    """``(file, line, code, zh, en)`` for every error the helpers, scripts and bench raise with a literal code: a
+    call ``SomethingError("code", zh, en, ...)``, ``_fail("code", zh, en, ...)`` or ``_Bad("problem", zh, en)``."""
+    for path in sorted([*REPO_ROOT.glob("helpers/*.py"), *REPO_ROOT.glob("scripts/*.py"), *REPO_ROOT.glob("bench/*.py")]):
+        for node in ast.walk(ast.parse(path.read_text("utf-8"))):
+            if not isinstance(node, ast.Call) or len(node.args) < 3:
+                continue
+            name = node.func.id if isinstance(node.func, ast.Name) else getattr(node.func, "attr", "")
+            if not (name.endswith("Error") or name in ("_fail", "_Bad")) or not isinstance(node.args[0], ast.Constant):
+                continue
+            code = node.args[0].value if name != "_Bad" else f"data.{node.args[0].value}"
+            yield path.name, node.lineno, code, node.args[1], node.args[2]
+
+
+def _literal_text(node) -> str:
+    """The literal parts of a string, f-string or concatenation (what a reader of the message always sees)."""
+    return "".join(n.value for n in ast.walk(node) if isinstance(n, ast.Constant) and isinstance(n.value, str))
+
+
+def test_every_error_raised_has_a_code_and_both_messages():
+    found = list(_raised_errors())
+    assert len(found) > 80, "the scan should find the course's errors"
+    for name, line, code, zh, en in found:
+        where = f"{name}:{line} {code}"
+        assert isinstance(code, str) and _CODE.fullmatch(code), f"{where}: codes are dotted, lower case"
+        zh_text, en_text = _literal_text(zh), _literal_text(en)
+        if not (zh_text or en_text):  # passed through from another error (err.zh, err.en): checked where it was made
+            continue
+        assert _HAN.search(zh_text), f"{where}: the Chinese message should be Chinese"
+        assert en_text.strip() and not _HAN.search(en_text), f"{where}: the English message should be English"
+
+
+def test_download_messages_are_complete():
+    from helpers.download import MESSAGES, DownloadError
+
+    for kind, (zh, zh_next, en, en_next) in MESSAGES.items():
+        assert _HAN.search(zh) and _HAN.search(zh_next) and en and en_next and not _HAN.search(en + en_next), kind
+        err = DownloadError(kind, repo="o/r", endpoint="https://example.org", target="/t", detail="d")
+        assert err.code == f"download.{kind}" and err.kind == kind
+        assert "下一步" in err.zh and "Next step" in err.en
+    err = DownloadError("existing", target="/t", detail=("不是下载工具建的文件夹", "not made by a download"))
+    assert "不是下载工具建的文件夹" in err.zh and "not made by a download" in err.en and "不是" not in err.en
+
+
+def test_the_message_is_chinese_by_default_and_english_on_request(monkeypatch):
+    from helpers._files import DiskFullError, OutputExistsError
+
+    err = TutorialError("demo.problem", "出错了：请这样修。", "It failed: fix it like this.", path="/x")
+    assert (err.code, err.zh, err.en, err.fields) == ("demo.problem", "出错了：请这样修。", "It failed: fix it like this.", {"path": "/x"})
+    monkeypatch.delenv("LLAMA_TUTORIAL_LANG", raising=False)
+    assert str(err) == err.zh and err.message("en") == err.en
+    monkeypatch.setenv("LLAMA_TUTORIAL_LANG", "en")
+    assert str(err) == err.en and err.message("zh") == err.zh
+    monkeypatch.setenv("LLAMA_TUTORIAL_LANG", "fr")  # anything else: Chinese
+    assert str(err) == err.zh
+    # Subclasses that are also built-in errors keep working, OSError's picky constructor included; pickling (worker
+    # processes) gives back the same error.
+    for cls, builtin in ((OutputExistsError, FileExistsError), (DiskFullError, OSError), (TutorialError, RuntimeError)):
+        sub = cls("demo.problem", "中文", "English", folder="/y")
+        assert isinstance(sub, builtin) and str(sub) == "中文"
+        with pytest.raises(builtin):
+            raise sub
+        again = pickle.loads(pickle.dumps(sub))
+        assert type(again) is cls and (again.code, again.zh, again.en, again.fields) == (sub.code, sub.zh, sub.en, sub.fields)
+
+
+def test_nothing_reads_an_error_message_to_sort_it():
+    """Code sorts errors by ``.code``: no helper, script or test looks for words of the Chinese text."""
+    for path in [*REPO_ROOT.glob("helpers/*.py"), *REPO_ROOT.glob("scripts/*.py")]:
+        text = path.read_text("utf-8")
+        assert "bilingual(" not in text, path
+        assert not re.search(r"""["'][^"'\n]*[\u4e00-\u9fff][^"'\n]*["'] in (zh|str\(err)""", text), path

@@ -20,6 +20,7 @@ from helpers import local_hub
 from helpers.config import DOWNLOAD_MARKER, REPO_ROOT
 from helpers.download import DownloadError, download_model
 from helpers.local_hub import LOCAL_REPO, HubFile
+from tests.error_text import both
 from tests.hub_fixture import GATED_REPO, TOKEN, TOKEN_NO_ACCESS, FaultyHub
 
 WEIGHTS = "model.safetensors"
@@ -53,7 +54,8 @@ def kind_of(hub, tmp_path, **kwargs) -> DownloadError:
     with pytest.raises(DownloadError) as err:
         fetch(hub, tmp_path / "model", **kwargs)
     assert hub.gets() == [], "no file content may be served in an error case"
-    assert "\n下一步：" in str(err.value) and "\nNext step: " in str(err.value)
+    assert err.value.code == f"download.{err.value.kind}"
+    assert "\n下一步：" in err.value.zh and "\nNext step: " in err.value.en
     return err.value
 
 
@@ -104,7 +106,7 @@ def test_outage_keeps_finished_files_and_a_rerun_fetches_only_the_rest(hub, tmp_
     hub.fail(WEIGHTS, 503)
     with pytest.raises(DownloadError) as err:
         fetch(hub, target)
-    assert err.value.kind == "server_error" and "503" in str(err.value) and str(target) in str(err.value)
+    assert err.value.kind == "server_error" and "503" in both(err.value) and str(target) in both(err.value)
     assert (target / "config.json").is_file() and not (target / WEIGHTS).exists()
     assert not (target / DOWNLOAD_MARKER).exists()
     hub.heal()
@@ -117,7 +119,7 @@ def test_corrupted_file_is_caught_and_repaired(hub, tmp_path):
     hub.corrupt("tokenizer.json")
     with pytest.raises(DownloadError) as err:
         fetch(hub, target)
-    assert err.value.kind == "corrupt" and "tokenizer.json" in str(err.value) and "repair=True" in str(err.value)
+    assert err.value.kind == "corrupt" and "tokenizer.json" in both(err.value) and "repair=True" in both(err.value)
     assert not (target / DOWNLOAD_MARKER).exists(), "a failed verification must not mark the folder complete"
     hub.heal()
     fetch(hub, target, repair=True)
@@ -164,7 +166,7 @@ def test_a_bin_only_repo_downloads_its_bin_weights_and_loads(bin_hub, tmp_path):
 def test_a_filter_that_skips_every_weight_file_is_refused(bin_hub, tmp_path):
     """The old failure: safetensors-only patterns on a .bin-only repo downloaded a folder without weights that verified."""
     err = kind_of(bin_hub, tmp_path, repo=local_hub.LOCAL_BIN_REPO, allow_patterns=dl.ALLOW_PATTERNS)
-    assert err.kind == "no_weights" and "*.bin" in str(err)
+    assert err.kind == "no_weights" and "*.bin" in both(err)
     assert not (tmp_path / "model" / DOWNLOAD_MARKER).exists()
 
 
@@ -189,10 +191,10 @@ def test_the_local_hub_serves_a_bin_only_repo_for_lesson_01():
 def test_gated_no_token_no_access_invalid_token_and_unknown_repo(hub, tmp_path):
     assert kind_of(hub, tmp_path, repo=GATED_REPO).kind == "gated_no_token"
     err = kind_of(hub, tmp_path, repo=GATED_REPO, token=TOKEN_NO_ACCESS)
-    assert err.kind == "gated_no_access" and "403" in str(err) and f"{hub.url}/{GATED_REPO}" in str(err)
+    assert err.kind == "gated_no_access" and "403" in both(err) and f"{hub.url}/{GATED_REPO}" in both(err)
     assert kind_of(hub, tmp_path, token="not-a-token").kind == "invalid_token"
     err = kind_of(hub, tmp_path, repo="local/tiny-lama2-chat")
-    assert err.kind == "repo_not_found" and "local/tiny-lama2-chat" in str(err)
+    assert err.kind == "repo_not_found" and "local/tiny-lama2-chat" in both(err)
     fetch(hub, tmp_path / "granted", repo=GATED_REPO, token=TOKEN)
     assert (tmp_path / "granted" / DOWNLOAD_MARKER).exists()
 
@@ -257,7 +259,7 @@ def test_unreachable_endpoint_and_not_a_hub(tmp_path):
         free_port = s.getsockname()[1]
     with pytest.raises(DownloadError) as err:
         download_model(LOCAL_REPO, tmp_path / "a", endpoint=f"http://127.0.0.1:{free_port}")
-    assert err.value.kind == "unreachable" and "hf-mirror.com" in str(err.value)
+    assert err.value.kind == "unreachable" and "hf-mirror.com" in both(err.value)
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
@@ -292,14 +294,14 @@ def test_loopback_check_is_exact():
 
 def test_disk_too_small_refuses_before_downloading(hub, tmp_path):
     err = kind_of(hub, tmp_path, free_bytes=5 * 2**20)
-    assert err.kind == "disk" and "5.0 MiB" in str(err) and "LLAMA_TUTORIAL_HOME" in str(err)
+    assert err.kind == "disk" and "5.0 MiB" in both(err) and "LLAMA_TUTORIAL_HOME" in both(err)
 
 
 def test_a_listing_that_escapes_the_target_is_refused(hub, tmp_path, files):
     for name in ["../../evil.json", "/etc/evil.json", "a\\..\\evil.json", "sub/../../evil.json"]:
         hub.repos[LOCAL_REPO] = {**files, name: HubFile(name, b"{}")}
         err = kind_of(hub, tmp_path / "t")
-        assert err.kind == "unsafe_name" and repr(name) in str(err)
+        assert err.kind == "unsafe_name" and repr(name) in both(err)
     assert not (tmp_path / "evil.json").exists() and not (tmp_path / "t" / "model").exists()
 
 
@@ -309,7 +311,7 @@ def test_a_name_only_in_the_tree_listing_is_checked_too(hub, tmp_path):
         hub.heal()
         hub.list_in_tree_only(name)
         err = kind_of(hub, tmp_path / "t")
-        assert err.kind == "unsafe_name" and repr(name) in str(err)
+        assert err.kind == "unsafe_name" and repr(name) in both(err)
     assert not (tmp_path / "evil.json").exists()
 
 
@@ -317,7 +319,7 @@ def test_an_over_long_file_name_is_refused_by_name(hub, tmp_path, files):
     name = "a" * 300 + ".json"
     hub.repos[LOCAL_REPO] = {**files, name: HubFile(name, b"{}")}
     err = kind_of(hub, tmp_path)
-    assert err.kind == "long_name" and "255" in str(err) and len(str(err)) < 1500, "named, and quoted capped"
+    assert err.kind == "long_name" and "255" in both(err) and len(err.zh) < 1500 and len(err.en) < 1500, "named, and quoted capped"
     hub.repos[LOCAL_REPO] = dict(files)
     hub.heal()
     hub.list_in_tree_only("b" * 300)
@@ -329,7 +331,7 @@ def test_a_server_that_sends_fewer_bytes_than_it_lists_is_corrupt_not_unexpected
     hub.shorten(WEIGHTS, 100)
     with pytest.raises(DownloadError) as err:
         fetch(hub, target)
-    assert err.value.kind == "corrupt" and "repair=True" in str(err.value)
+    assert err.value.kind == "corrupt" and "repair=True" in both(err.value)
     assert not (target / DOWNLOAD_MARKER).exists()
     hub.heal()
     assert fetch(hub, target, repair=True)["fetched"] > 0
@@ -348,7 +350,7 @@ def test_existing_folders_are_never_overwritten(hub, tmp_path):
     hub.heal()
     with pytest.raises(DownloadError) as err:
         fetch(hub, target)
-    assert err.value.kind == "existing" and "overwrite=True" in str(err.value) and hub.gets() == []
+    assert err.value.kind == "existing" and "overwrite=True" in both(err.value) and hub.gets() == []
     hub.fail("README.md", 503)
     with pytest.raises(DownloadError):
         fetch(hub, target, overwrite=True, allow_patterns=["*.json", "*.safetensors", "*.md"])
@@ -362,7 +364,7 @@ def test_modelscope_missing_says_how_to_install(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "modelscope", None)
     with pytest.raises(DownloadError) as err:
         dl.download_from_modelscope("modelscope/Llama-2-7b-chat-ms", tmp_path)
-    assert err.value.kind == "modelscope_missing" and "pip install" in str(err.value) and "重启内核" in str(err.value)
+    assert err.value.kind == "modelscope_missing" and "pip install" in both(err.value) and "重启内核" in both(err.value)
 
 
 # ---------------------------------------------------------------------------- huggingface_hub 1.x (Colab)
@@ -377,7 +379,7 @@ def test_errors_translate_with_plain_httpx_as_hub_1x_uses(monkeypatch):
     monkeypatch.setattr(_http, "httpx", httpx, raising=False)
     monkeypatch.setitem(sys.modules, "httpx2", None)  # importing it would fail, as on hub 1.x
     err = dl.translate_error(httpx.ConnectError("refused"), repo="x/y", endpoint="http://e")
-    assert err.kind == "unreachable" and "refused" in str(err)
+    assert err.kind == "unreachable" and "refused" in both(err)
 
 
 @pytest.mark.slow

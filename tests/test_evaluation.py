@@ -18,6 +18,7 @@ from helpers import evaluation as ev
 from helpers.config import TutorialError
 from helpers.models import resolve_model
 from helpers.prompts import SYSTEM_PROMPT_ARTICLE, article_prompt, encode
+from tests.error_text import both
 from tests.lesson_code import lesson_definitions
 
 # Lesson 06 writes its metrics out (sections 2, 3, 6 and 12): the tests run that code.
@@ -28,8 +29,9 @@ L = SimpleNamespace(**lesson_definitions("06_evaluation.ipynb", "eval_settings",
 HAN = re.compile(r"[\u4e00-\u9fff]")
 
 
-def _bilingual(message: str) -> bool:
-    return bool(HAN.search(message)) and bool(re.search(r"[A-Za-z]{4,}", message))
+def _bilingual(err) -> bool:
+    """The error has a code, a Chinese message and an English one (with a word of four letters)."""
+    return bool(err.code and HAN.search(err.zh) and re.search(r"[A-Za-z]{4,}", err.en))
 
 
 # --------------------------------------------------------------------------- language metric
@@ -153,18 +155,20 @@ def test_malformed_question_files(tmp_path, content, needle):
     path.write_text(content, encoding="utf-8")
     with pytest.raises(ev.EvalDataError) as err:
         ev.load_questions(path)
-    assert _bilingual(str(err.value)) and str(path) in str(err.value) and needle in str(err.value), str(err.value)
+    assert _bilingual(err.value) and str(path) in both(err.value) and needle in both(err.value), both(err.value)
     assert isinstance(err.value, TutorialError)
 
 
 def test_question_file_saved_as_gbk_gets_a_clear_error(tmp_path):
     path = tmp_path / "gbk.json"
     path.write_bytes(json.dumps([GOOD], ensure_ascii=False).encode("gb18030"))
-    with pytest.raises(ev.EvalDataError, match="UTF-8") as err:
+    with pytest.raises(ev.EvalDataError) as err:
         ev.load_questions(path)
-    assert "iconv" in str(err.value) and _bilingual(str(err.value))
-    with pytest.raises(ev.EvalDataError, match="does not exist"):
+    assert err.value.code == "eval.encoding" and "UTF-8" in err.value.en
+    assert "iconv" in err.value.zh and "iconv" in err.value.en and _bilingual(err.value)
+    with pytest.raises(ev.EvalDataError) as err:
         ev.load_questions(tmp_path / "nope.json")
+    assert err.value.code == "eval.file_not_found"
 
 
 # --------------------------------------------------------------------------- scoring
@@ -299,14 +303,17 @@ def test_published_answers_with_wrong_columns_or_type(tmp_path):
     pd.DataFrame({"q": ["问题"], "a": ["回答"]}).to_csv(path, index=False)
     with pytest.raises(ev.EvalDataError) as err:
         L.score_published_answers(path)
-    assert "q, a" in str(err.value) and _bilingual(str(err.value))
+    assert err.value.code == "eval.no_answer_table" and err.value.fields["columns"] == ["q", "a"]
+    assert "q, a" in err.value.zh and "q, a" in err.value.en and _bilingual(err.value)
     (tmp_path / "empty.csv").write_text("", encoding="utf-8")
     (tmp_path / "no_table.md").write_text("# nothing here\n", encoding="utf-8")
     for name in ("empty.csv", "no_table.md"):
-        with pytest.raises(ev.EvalDataError, match="question"):
+        with pytest.raises(ev.EvalDataError) as err:
             L.score_published_answers(tmp_path / name)
-    with pytest.raises(ev.EvalDataError, match="Unsupported"):
+        assert err.value.code == "eval.no_answer_table" and "question" in err.value.en
+    with pytest.raises(ev.EvalDataError) as err:
         L.read_published_answers(tmp_path / "p.txt")
+    assert err.value.code == "eval.unsupported_type"
 
 
 # --------------------------------------------------------------------------- generation (tiny model)
@@ -464,12 +471,14 @@ def test_a_last_record_cut_before_its_newline_is_kept_and_the_next_run_appends_c
 def test_broken_line_in_the_middle_is_an_error(tmp_path):
     path = tmp_path / "answers.jsonl"
     path.write_text('{"qid": 1, "answer": "a"}\nnot json\n{"qid": 2, "answer": "b"}\n', encoding="utf-8")
-    with pytest.raises(ev.EvalDataError, match="line 2") as err:
+    with pytest.raises(ev.EvalDataError) as err:
         ev.read_answers(path)
-    assert _bilingual(str(err.value))
+    assert err.value.code == "eval.bad_answer_record" and "第 2 行" in err.value.zh and "line 2" in err.value.en
+    assert _bilingual(err.value)
     path.write_text('{"qid": 1, "answer": "a"}\n{"note": "written by hand"}', encoding="utf-8")
-    with pytest.raises(ev.EvalDataError, match="line 2"):  # complete JSON, not an answer: never cut away
+    with pytest.raises(ev.EvalDataError) as err:  # complete JSON, not an answer: never cut away
         ev.read_answers(path, drop_cut_line=True)
+    assert err.value.code == "eval.bad_answer_record" and "line 2" in err.value.en
     assert path.read_text(encoding="utf-8").endswith('{"note": "written by hand"}')
 
 
@@ -477,8 +486,9 @@ def test_right_padding_is_refused(tiny, tmp_path):
     choice, model, tokenizer = tiny
     tokenizer.padding_side = "right"
     try:
-        with pytest.raises(TutorialError, match="left"):
+        with pytest.raises(TutorialError) as err:
             ev.generate_answers(model, tokenizer, ev.load_questions()[:1], tmp_path / "a.jsonl", _settings(choice), progress=False)
+        assert err.value.code == "eval.padding" and "left" in err.value.en
     finally:
         tokenizer.padding_side = "left"
     assert not (tmp_path / "a.jsonl").exists()

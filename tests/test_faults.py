@@ -145,9 +145,10 @@ def test_only_full_disk_errors_are_translated(tmp_path):
                 RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598"),
                 RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed")):
         assert _files.is_disk_full(err), err
-        with pytest.raises(_files.DiskFullError, match="GiB"):
+        with pytest.raises(_files.DiskFullError) as full:
             with _files.reporting_full_disk(tmp_path / "not-yet" / "adapter"):
                 raise err
+        assert full.value.code == "output.disk_full" and "GiB" in full.value.zh and "GiB" in full.value.en
     for err in (OSError(errno.EACCES, "Permission denied"), RuntimeError("shape mismatch"), ValueError("os error 28")):
         assert not _files.is_disk_full(err), err
         with pytest.raises(type(err)):
@@ -216,7 +217,7 @@ def test_lesson_06_finds_an_adapter_whose_overwrite_was_killed(tmp_path, monkeyp
     (aside / "adapter_config.json").write_text("{}")
     (aside / ft.INFO_FILE).write_text(json.dumps({"base_model": choice.path}))
     (tmp_path / ".lora-adapter.partial-4242").mkdir()  # the new copy, cut off
-    with pytest.warns(UserWarning, match="interrupted"):
+    with pytest.warns(UserWarning, match="被中断|interrupted"):
         assert ft.latest_adapter(choice) == tmp_path / "lora-adapter"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lora-adapter"]
 

@@ -28,6 +28,7 @@ from helpers.models import resolve_model
 from helpers.evaluation import chinese_share
 from helpers.prompts import IGNORE_INDEX, encode
 from scripts.train_lora import StopAfterSteps
+from tests.error_text import both
 from tests.lesson_code import lesson_definitions, script_module
 
 # Lesson 05 writes its reload check out (section 11): the tests use that code.
@@ -177,12 +178,16 @@ def test_every_bad_row_is_reported_at_once_and_nothing_is_written(tmp_path, choi
     assert [(b.row, b.problem) for b in rows.bad] == [
         (2, "no_assistant"), (3, "empty_answer"), (4, "missing_column"), (5, "too_long"), (6, "format"),
         (8, "special_token"), (9, "special_token"), (10, "special_token")]
-    assert "</s>" in rows.bad[5].detail and "Human:" in rows.bad[6].detail
+    assert [b.detail.code for b in rows.bad] == ["data.no_assistant", "prompt.empty_message", "data.missing_column", "data.too_long",
+                                               "prompt.bad_csv_text", "prompt.special_token", "data.special_token", "prompt.special_token"]
+    assert rows.bad[5].detail.fields["token"] == "</s>" and "Human:" in both(rows.bad[6].detail)
+    assert rows.bad[3].detail.fields == {"tokens": rows.bad[3].detail.fields["tokens"], "max_length": 128}
     assert rows.rows == [1, 7]
     with pytest.raises(td.BadRowsError) as err:
         rows.dataset(on_bad="stop")
+    assert err.value.code == "data.bad_rows" and err.value.fields["rows"] == [2, 3, 4, 5, 6, 8, 9, 10]
     for n in (2, 3, 4, 5, 6, 8, 9, 10):
-        assert f"第 {n} 行" in str(err.value) and f"row {n}:" in str(err.value)
+        assert f"第 {n} 行" in err.value.zh and f"row {n}:" in err.value.en
     assert len(rows.dataset(on_bad="drop")) == 2
 
     out = tmp_path / "out"
@@ -193,13 +198,16 @@ def test_every_bad_row_is_reported_at_once_and_nothing_is_written(tmp_path, choi
 
 def test_file_level_problems(tmp_path, tok):
     pd.DataFrame({"content": ["x"]}).to_csv(tmp_path / "wrong.csv", index=False)
-    with pytest.raises(TutorialError, match="content"):
+    with pytest.raises(TutorialError) as err:
         td.validate_sft_file(tmp_path / "wrong.csv", tok)
+    assert err.value.code == "data.no_training_column" and err.value.fields["columns"] == ["content"]
     (tmp_path / "broken.jsonl").write_text('{"messages": []}\nnot json\n{"messages": [\n', "utf-8")
-    with pytest.raises(TutorialError, match="2, 3"):
+    with pytest.raises(TutorialError) as err:
         td.validate_sft_file(tmp_path / "broken.jsonl", tok)
-    with pytest.raises(TutorialError):
+    assert err.value.code == "data.invalid_jsonl" and err.value.fields["lines"] == [2, 3] and "2, 3" in both(err.value)
+    with pytest.raises(TutorialError) as err:
         td.validate_sft_file(tmp_path / "missing.csv", tok)
+    assert err.value.code == "data.not_found"
     pd.DataFrame({"question": ["问", "问"], "answer": ["答", None]}).to_csv(tmp_path / "qa.csv", index=False)
     rows = td.validate_sft_file(tmp_path / "qa.csv", tok)
     assert [(b.row, b.problem) for b in rows.bad] == [(2, "missing_column")]
@@ -208,11 +216,13 @@ def test_file_level_problems(tmp_path, tok):
 def test_empty_files_and_odd_shapes_get_clear_messages(tmp_path, tok):
     for name, content in (("empty.csv", ""), ("blank.csv", "\n\n"), ("empty.jsonl", "")):
         (tmp_path / name).write_text(content, "utf-8")
-        with pytest.raises(TutorialError, match="空文件|empty"):
+        with pytest.raises(TutorialError) as err:
             td.validate_sft_file(tmp_path / name, tok)
+        assert err.value.code == "data.empty_file", (name, err.value.code)
     (tmp_path / "header.csv").write_text("text\n", "utf-8")
-    with pytest.raises(TutorialError, match="没有可用的行"):
+    with pytest.raises(TutorialError) as err:
         td.validate_sft_file(tmp_path / "header.csv", tok).dataset()
+    assert err.value.code == "data.no_usable_rows"
     good = {"messages": [{"role": "user", "content": "问"}, {"role": "assistant", "content": "答"}]}
     lines = [good, {"messages": ["问", "答"]}, ["not", "an", "object"], {"messages": "问答"},
              {"messages": [{"role": "user", "content": "问"}, {"role": "assistant", "content": 3}]}]
@@ -230,8 +240,9 @@ def test_gbk_csv_from_excel_is_read_with_a_notice(tmp_path, choice, tok, capsys)
     assert "GB18030" in notice and "iconv -f gb18030 -t utf-8" in notice
     assert rows.ok and rows.input_ids == td.validate_sft_file(tmp_path / "utf8.csv", tok, chat_format=choice.chat_format).input_ids
     (tmp_path / "binary.csv").write_bytes(b"text\n\xff\xfe\x00\x81")
-    with pytest.raises(TutorialError, match="UTF-8"):
+    with pytest.raises(TutorialError) as err:
         td.validate_sft_file(tmp_path / "binary.csv", tok)
+    assert err.value.code == "data.encoding" and "UTF-8" in err.value.zh and "UTF-8" in err.value.en
 
 
 # --------------------------------------------------------------------------- resume, save, merge
@@ -290,9 +301,11 @@ def test_resume_refuses_checkpoints_of_another_run(small_run, choice, tok, tmp_p
                               (ft.run_fingerprint(other_model, settings, rows) | {"limit_rows": 16}, "base_model"),
                               (ft.run_fingerprint(choice, dataclasses.replace(settings, lora_r=8), rows)
                                | {"limit_rows": 16}, "settings")):
-        with pytest.raises(TutorialError, match=what) as err:
+        with pytest.raises(TutorialError) as err:
             ft.resume_point(ckpt, fingerprint)
-        message = str(err.value)
+        assert err.value.code == "train.other_run" and err.value.fields["differs"] == [what]
+        assert err.value.fields["free"] == "lora-adapter-2"
+        message = both(err.value)
         assert "删除" not in message and "delete" not in message, "never suggest deleting a run that can resume"
         assert 'new_adapter_dir(name="lora-adapter-2")' in message, "names a free folder and how to use it"
     assert ft.resume_point(ckpt, same).endswith("checkpoint-6"), "a refused resume changes nothing"
@@ -666,7 +679,7 @@ def test_a_worker_of_a_multi_process_run_ends_while_its_trainer_is_alive(monkeyp
 
     def fake_train_adapter(*args, **kwargs):
         if outcome == "tutorial_error":
-            raise TutorialError("bad rows")
+            raise TutorialError("data.bad_rows", "有坏行。", "bad rows.")
         if outcome == "crash":
             raise RuntimeError("boom")
         trainer = _Trainer()
@@ -735,8 +748,9 @@ def test_a_symlink_planted_at_a_lock_name_is_refused_and_its_target_kept(tmp_pat
     victim = tmp_path / "victim.txt"
     victim.write_text("the learner's notes", encoding="utf-8")
     name.symlink_to(victim)
-    with pytest.raises(TutorialError, match="symbolic link"):
+    with pytest.raises(TutorialError) as err:
         _locks.lock(tmp_path / "x")
+    assert err.value.code == "lock.symlink" and "symbolic link" in err.value.en
     assert victim.read_text(encoding="utf-8") == "the learner's notes"
 
 
@@ -799,8 +813,9 @@ def test_train_adapter_refuses_a_folder_that_holds_an_adapter_before_any_work(ch
     target.mkdir()
     (target / "adapter_model.safetensors").write_text("the learner's adapter")
     monkeypatch.setattr(ft, "load_base", lambda *a, **k: pytest.fail("no model may be loaded first"))
-    with pytest.raises(ft.OutputExistsError, match="overwrite=True"):
+    with pytest.raises(ft.OutputExistsError) as err:
         ft.train_adapter(choice, target, verbose=False)
+    assert err.value.code == "output.exists" and "overwrite=True" in err.value.zh and "overwrite=True" in err.value.en
     assert (target / "adapter_model.safetensors").read_text() == "the learner's adapter"
     (tmp_path / "empty").mkdir()
     with pytest.raises(pytest.fail.Exception) as err:  # an empty folder is free: it gets as far as loading the model

@@ -16,6 +16,7 @@ from transformers import AutoTokenizer
 
 from helpers import training_data as td
 from helpers.config import TutorialError
+from tests.error_text import both
 from helpers.models import resolve_model
 from helpers.evaluation import load_questions
 from helpers.knowledge import load_knowledge, read_mc_csv
@@ -52,8 +53,10 @@ def _mc(tmp_path, data: bytes):
 def _refused(call, *match):
     with pytest.raises(TutorialError) as err:
         call()
-    message = str(err.value)
-    assert len(message) < MESSAGE_LIMIT, f"a {len(message)}-character message"
+    assert err.value.code and err.value.zh and err.value.en
+    for message in (err.value.zh, err.value.en):
+        assert len(message) < MESSAGE_LIMIT, f"a {len(message)}-character message"
+    message = both(err.value)
     for word in match:
         assert word in message, message
     return message
@@ -126,4 +129,4 @@ def test_any_bytes_are_read_or_refused_clearly(tmp_path, tok, data):
         try:
             call()
         except TutorialError as err:
-            assert len(str(err)) < MESSAGE_LIMIT
+            assert err.code and len(err.zh) < MESSAGE_LIMIT and len(err.en) < MESSAGE_LIMIT

@@ -95,8 +95,9 @@ def test_quantizing_a_cut_file_fails_clearly_and_leaves_nothing(lesson, f16, tmp
     cut = tmp_path / "cut.gguf"
     cut.write_bytes(f16.read_bytes()[: f16.stat().st_size // 2])
     target = tmp_path / "out.gguf"
-    with pytest.raises(GGUFError, match="量化"):
+    with pytest.raises(GGUFError) as err:
         lesson["quantize"](cut, target, "Q8_0")
+    assert err.value.code == "gguf.quantize_failed" and err.value.fields["source"] == str(cut)
     assert list(tmp_path.iterdir()) == [cut]
 
 
@@ -133,17 +134,20 @@ def test_lesson_09s_perplexity_is_lesson_06s(tiny):
 
 @pytest.mark.gguf
 def test_read_gguf_names_what_is_wrong(f16, tmp_path):
-    with pytest.raises(GGUFError, match="找不到 GGUF 文件"):
+    with pytest.raises(GGUFError) as err:
         read_gguf(tmp_path / "missing.gguf")
+    assert err.value.code == "gguf.not_found"
     not_gguf = tmp_path / "model.safetensors"
     not_gguf.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
-    with pytest.raises(GGUFError, match="不是 GGUF 文件"):
+    with pytest.raises(GGUFError) as err:
         read_gguf(not_gguf)
+    assert err.value.code == "gguf.not_gguf"
     for keep in (64, f16.stat().st_size - 1000):  # cut in the header, cut in the tensor data
         cut = tmp_path / f"cut-{keep}.gguf"
         cut.write_bytes(f16.read_bytes()[:keep])
-        with pytest.raises(GGUFError, match="截断|不完整"):
+        with pytest.raises(GGUFError) as err:
             read_gguf(cut)
+        assert err.value.code in ("gguf.truncated", "gguf.damaged"), err.value.code
 
 
 @pytest.mark.gguf
@@ -153,17 +157,19 @@ def test_an_unsupported_architecture_fails_clearly_and_writes_nothing(tmp_path, 
     config = json.loads((Path(tiny.path) / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**config, "architectures": ["NoSuchModelForCausalLM"]}))
     out = tmp_path / "out.gguf"
-    with pytest.raises(GGUFError, match="转换失败") as err:
+    with pytest.raises(GGUFError) as err:
         run_converter(convert_command(folder, out), out)
-    assert "NoSuchModelForCausalLM" in str(err.value)
+    assert err.value.code == "gguf.conversion_failed" and "NoSuchModelForCausalLM" in err.value.fields["log"]
+    assert "NoSuchModelForCausalLM" in err.value.zh and "NoSuchModelForCausalLM" in err.value.en
     assert sorted(p.name for p in tmp_path.iterdir()) == ["strange-model"]
 
 
 def test_a_converter_that_dies_half_way_leaves_no_file_that_looks_complete(tmp_path):
     out = tmp_path / "model.gguf"
     script = "import sys; open(sys.argv[1], 'wb').write(b'GGUF' + bytes(100)); sys.exit(9)"
-    with pytest.raises(GGUFError, match="退出码 9"):
+    with pytest.raises(GGUFError) as err:
         run_converter([sys.executable, "-c", script, str(out)], out)
+    assert err.value.code == "gguf.conversion_failed" and err.value.fields["returncode"] == 9 and "退出码 9" in err.value.zh
     assert list(tmp_path.iterdir()) == []
 
 
@@ -200,8 +206,9 @@ def test_the_server_wants_its_key_listens_on_loopback_and_stops_with_its_childre
 
 
 def test_the_server_refuses_a_bad_file_before_starting_a_process(tmp_path):
-    with pytest.raises(GGUFError, match="找不到 GGUF 文件"):
+    with pytest.raises(GGUFError) as err:
         start_server(tmp_path / "nothing.gguf")
+    assert err.value.code == "gguf.not_found"
 
 
 @pytest.mark.gguf

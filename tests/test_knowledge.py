@@ -14,6 +14,7 @@ import torch
 from helpers import knowledge as kn
 from helpers.models import resolve_model
 from helpers.evaluation import EvalDataError
+from tests.error_text import both
 from tests.lesson_code import lesson_cell, lesson_definitions
 
 LESSON = "06_evaluation.ipynb"
@@ -26,8 +27,9 @@ HEADER = "id,question,A,B,C,D,answer,explanation"
 HAN = re.compile(r"[\u4e00-\u9fff]")
 
 
-def _bilingual(message: str) -> bool:
-    return bool(HAN.search(message)) and bool(re.search(r"[A-Za-z]{4,}", message))
+def _bilingual(err) -> bool:
+    """The error has a code, a Chinese message and an English one (with a word of four letters)."""
+    return bool(err.code and HAN.search(err.zh) and re.search(r"[A-Za-z]{4,}", err.en))
 
 
 @pytest.fixture(scope="module")
@@ -289,8 +291,9 @@ def _csv(tmp_path, body: str, name: str = "x_val.csv", encoding: str = "utf-8"):
 def test_bad_rows_are_refused_with_a_clear_message(tmp_path, body, needles):
     with pytest.raises(kn.KnowledgeDataError) as err:
         kn.read_mc_csv(_csv(tmp_path, body))
-    message = str(err.value)
-    assert _bilingual(message) and str(tmp_path / "x_val.csv") in message
+    assert err.value.code == "knowledge.bad_rows" and err.value.fields["rows"] == [1]
+    message = both(err.value)
+    assert _bilingual(err.value) and str(tmp_path / "x_val.csv") in message
     for needle in needles:
         assert needle in message
 
@@ -300,7 +303,8 @@ def test_every_bad_row_is_listed_at_once(tmp_path):
             "4,两处错,一,二,三,,X,\n")
     with pytest.raises(kn.KnowledgeDataError) as err:
         kn.read_mc_csv(_csv(tmp_path, body))
-    message = str(err.value)
+    assert err.value.code == "knowledge.bad_rows" and err.value.fields["rows"] == [2, 4, 5]
+    message = both(err.value)
     assert "3 行不能用" in message and "3 unusable rows" in message
     for n in (2, 4, 5):
         assert f"第 {n} 行" in message and f"row {n}:" in message
@@ -310,27 +314,28 @@ def test_every_bad_row_is_listed_at_once(tmp_path):
 
 def test_wrong_encoding_is_refused(tmp_path):
     path = _csv(tmp_path, "0,中国的首都是,北京,上海,广州,深圳,A,\n", encoding="gbk")
-    with pytest.raises(kn.KnowledgeDataError, match="UTF-8") as err:
+    with pytest.raises(kn.KnowledgeDataError) as err:
         kn.read_mc_csv(path)
-    assert "iconv" in str(err.value) and _bilingual(str(err.value))
+    assert err.value.code == "eval.encoding" and "UTF-8" in err.value.en
+    assert "iconv" in err.value.zh and "iconv" in err.value.en and _bilingual(err.value)
     assert isinstance(err.value, EvalDataError)
 
 
 def test_missing_column_empty_file_and_missing_folder(tmp_path):
     path = tmp_path / "no_answer.csv"
     path.write_text("id,question,A,B,C,D\n0,q,1,2,3,4\n", encoding="utf-8")
-    with pytest.raises(kn.KnowledgeDataError, match="answer") as err:
+    with pytest.raises(kn.KnowledgeDataError) as err:
         kn.read_mc_csv(path)
-    assert "缺少列" in str(err.value) and "id, question, A, B, C, D" in str(err.value)
+    assert err.value.code == "knowledge.missing_columns" and "answer" in err.value.en
+    assert "缺少列" in err.value.zh and "id, question, A, B, C, D" in err.value.zh and "id, question, A, B, C, D" in err.value.en
     (tmp_path / "empty.csv").write_text("", encoding="utf-8")
-    with pytest.raises(kn.KnowledgeDataError, match="empty"):
-        kn.read_mc_csv(tmp_path / "empty.csv")
-    with pytest.raises(kn.KnowledgeDataError, match="does not exist"):
-        kn.read_mc_csv(tmp_path / "missing.csv")
-    with pytest.raises(kn.KnowledgeDataError, match="C-Eval's layout"):
-        kn.load_knowledge(tmp_path)
-    with pytest.raises(kn.KnowledgeDataError, match="no questions"):
-        kn.mc_rows([], "nothing")
+    for call, code, words in ((lambda: kn.read_mc_csv(tmp_path / "empty.csv"), "knowledge.empty_file", "empty"),
+                              (lambda: kn.read_mc_csv(tmp_path / "missing.csv"), "eval.file_not_found", "does not exist"),
+                              (lambda: kn.load_knowledge(tmp_path), "knowledge.no_subjects", "C-Eval's layout"),
+                              (lambda: kn.mc_rows([], "nothing"), "knowledge.no_questions", "no questions")):
+        with pytest.raises(kn.KnowledgeDataError) as err:
+            call()
+        assert err.value.code == code and words in err.value.en and _bilingual(err.value)
 
 
 # --------------------------------------------------------------------------- C-Eval's and CMMLU's layouts

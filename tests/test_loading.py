@@ -29,12 +29,17 @@ from helpers.loading import (
     missing_weights,
     preflight_check,
 )
+from tests.error_text import both
 from tests.model_fixtures import random_llama_folder
 
 
 
-def _bilingual(message: str) -> bool:
-    return any("\u4e00" <= ch <= "\u9fff" for ch in message) and any(ch.isascii() and ch.isalpha() for ch in message)
+def _bilingual(err) -> bool:
+    """The error has a code, a Chinese message and an English one (with letters)."""
+    def han(text):
+        return any("\u4e00" <= ch <= "\u9fff" for ch in text)
+
+    return bool(err.code) and han(err.zh) and any(ch.isascii() and ch.isalpha() for ch in err.en)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -300,8 +305,9 @@ def test_estimate_works_from_a_folder_with_only_config_json(tmp_path):
     est = check_fits(config, "4bit", torch.float16, budget_bytes=int(15 * GIB))
     assert est.params == count_parameters(LlamaConfig(**LLAMA2_SHAPES["llama2-13b"]))["total"]
     # The full preflight also wants the weights: with only config.json it says they are missing.
-    with pytest.raises(TutorialError, match="model.safetensors"):
+    with pytest.raises(TutorialError) as err:
         preflight_check(tmp_path, "4bit", budget_bytes=int(100 * GIB))
+    assert err.value.code == "load.incomplete_folder" and "model.safetensors" in err.value.fields["missing"]
 
 
 def test_lesson_00_memory_figures_come_from_the_one_estimator():
@@ -322,8 +328,8 @@ def test_fit_check_refuses_and_names_the_options():
     t4 = int(14.7 * GIB)
     with pytest.raises(ModelTooLargeError) as err:
         check_fits(config, "8bit", torch.float16, budget_bytes=t4, device="cuda")
-    msg = str(err.value)
-    assert isinstance(err.value, TutorialError) and _bilingual(msg)
+    msg = both(err.value)
+    assert isinstance(err.value, TutorialError) and _bilingual(err.value)
     assert "4-bit" in msg and "load_in_4bit=True" in msg  # option 1
     assert "7B" in msg and "tiny" in msg  # option 2: a smaller model
     assert 'device_map="auto"' in msg and "max_memory" in msg  # option 3: CPU offload
@@ -336,8 +342,8 @@ def test_fit_check_with_a_tiny_budget_refuses_even_4bit(tiny_path):
     config = AutoConfig.from_pretrained(tiny_path)
     with pytest.raises(ModelTooLargeError) as err:
         check_fits(config, "4bit", budget_bytes=1024)
-    assert "load_in_4bit" not in str(err.value)  # no point suggesting what was asked for
-    assert "max_memory" in str(err.value)
+    assert "load_in_4bit" not in both(err.value)  # no point suggesting what was asked for
+    assert "max_memory" in both(err.value)
     assert check_fits(config, "full", budget_bytes=GIB).mode == "full"
 
 
@@ -346,11 +352,13 @@ def test_fit_check_defaults_to_the_memory_at_hand(monkeypatch, tiny_path):
 
     config = AutoConfig.from_pretrained(tiny_path)
     monkeypatch.setattr(psutil, "virtual_memory", lambda: types.SimpleNamespace(available=1000, total=2000))
-    with pytest.raises(ModelTooLargeError, match="本机可用内存"):
+    with pytest.raises(ModelTooLargeError) as err:
         check_fits(config, "full")
+    assert err.value.code == "load.too_large" and err.value.fields["budget"] == "available_ram" and "本机可用内存" in err.value.zh
     simulate_gpu(monkeypatch, (7, 5), free_gib=0.001)
-    with pytest.raises(ModelTooLargeError, match="空闲显存"):
+    with pytest.raises(ModelTooLargeError) as err:
         check_fits(config, "full", device="cuda")
+    assert err.value.fields["budget"] == "free_gpu_memory" and "空闲显存" in err.value.zh and "free GPU memory" in err.value.en
 
 
 def test_load_refuses_before_reading_weights(monkeypatch, tiny_choice):
@@ -371,13 +379,13 @@ def test_missing_shard_is_named(tmp_path, tiny_path, tiny_choice):
     weight_map = {"model.embed_tokens.weight": "model-00001-of-00002.safetensors",
                   "lm_head.weight": "model-00002-of-00002.safetensors"}
     (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    assert [m.split("（")[0] for m in missing_weights(folder)] == ["model-00002-of-00002.safetensors"]
+    assert [m.name for m in missing_weights(folder)] == ["model-00002-of-00002.safetensors"]
     choice = ModelChoice(str(folder), str(folder), "test")
     with pytest.raises(TutorialError) as err:
         load_model_and_tokenizer(choice)
-    msg = str(err.value)
+    msg = both(err.value)
     assert "model-00002-of-00002.safetensors" in msg and "model-00001-of-00002.safetensors" not in msg
-    assert "01" in msg and _bilingual(msg)
+    assert "01" in msg and _bilingual(err.value)
 
 
 def test_truncated_shard_is_reported(tmp_path, tiny_path):
@@ -385,15 +393,16 @@ def test_truncated_shard_is_reported(tmp_path, tiny_path):
     data = (folder / "model.safetensors").read_bytes()
     (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
     (problem,) = missing_weights(folder)
-    assert problem.startswith("model.safetensors") and "incomplete metadata" in problem
-    with pytest.raises(TutorialError, match="不完整"):
+    assert problem.name == "model.safetensors" and "incomplete metadata" in problem.en
+    with pytest.raises(TutorialError) as err:
         preflight_check(folder)
+    assert err.value.code == "load.incomplete_folder" and err.value.fields["missing"] == [problem.name]
     assert missing_weights(tiny_path) == []
 
 
 def test_folder_without_weights(tmp_path, tiny_path):
     shutil.copy(tiny_path / "config.json", tmp_path / "config.json")
-    assert [m.split("（")[0] for m in missing_weights(tmp_path)] == ["model.safetensors"]
+    assert [m.name for m in missing_weights(tmp_path)] == ["model.safetensors"]
 
 
 def test_verified_download_marker_decides(tmp_path, tiny_path):
@@ -408,7 +417,7 @@ def test_verified_download_marker_decides(tmp_path, tiny_path):
     (folder / "tokenizer.json").unlink()
     with open(folder / "model.safetensors", "ab") as f:
         f.write(b"0")
-    names = [m.split("（")[0] for m in missing_weights(folder)]
+    names = [m.name for m in missing_weights(folder)]
     assert sorted(names) == ["model.safetensors", "tokenizer.json"]
 
 
@@ -418,8 +427,9 @@ def test_non_llama_config(tmp_path, tiny_path):
     (folder / "config.json").write_text(json.dumps({**config, "model_type": "gpt2"}))
     with pytest.raises(TutorialError) as err:
         preflight_check(folder)
-    msg = str(err.value)
-    assert "gpt2" in msg and "llama" in msg and _bilingual(msg)
+    msg = both(err.value)
+    assert "gpt2" in msg and "llama" in msg and _bilingual(err.value)
+    assert err.value.code == "load.not_llama" and err.value.fields["model_type"] == "gpt2"
     with pytest.raises(TutorialError, match="gpt2"):
         load_model_and_tokenizer(ModelChoice(str(folder), str(folder), "test"))
 
@@ -429,8 +439,8 @@ def test_bitsandbytes_missing(monkeypatch, tiny_path):
     monkeypatch.setitem(sys.modules, "bitsandbytes.functional", None)
     with pytest.raises(TutorialError) as err:
         check_bitsandbytes("cpu")
-    msg = str(err.value)
-    assert "pip install" in msg and "bitsandbytes" in msg and _bilingual(msg)
+    msg = both(err.value)
+    assert "pip install" in msg and "bitsandbytes" in msg and _bilingual(err.value)
     with pytest.raises(TutorialError):
         preflight_check(tiny_path, "8bit")
     # Full precision does not need bitsandbytes.
@@ -446,8 +456,8 @@ def test_bitsandbytes_without_a_usable_backend(monkeypatch, tiny_path):
     monkeypatch.setattr(bnbf, "quantize_4bit", broken)
     with pytest.raises(TutorialError) as err:
         check_bitsandbytes("cpu")
-    msg = str(err.value)
-    assert "cannot open shared object file" in msg and "python -m bitsandbytes" in msg and _bilingual(msg)
+    msg = both(err.value)
+    assert "cannot open shared object file" in msg and "python -m bitsandbytes" in msg and _bilingual(err.value)
     with pytest.raises(TutorialError):
         load_model_and_tokenizer(ModelChoice("tiny", str(tiny_path), "test"), "4bit")
     monkeypatch.undo()
@@ -455,8 +465,9 @@ def test_bitsandbytes_without_a_usable_backend(monkeypatch, tiny_path):
 
 
 def test_unknown_mode():
-    with pytest.raises(TutorialError, match="8bit"):
+    with pytest.raises(TutorialError) as err:
         estimate_memory(LlamaConfig(**LLAMA2_SHAPES["llama2-7b"]), "int3")
+    assert err.value.code == "load.unknown_mode" and err.value.fields["mode"] == "int3" and "8bit" in both(err.value)
 
 
 # --------------------------------------------------------------------------- benchmark

@@ -29,6 +29,7 @@ from helpers.prompts import (
     truncate_history,
 )
 from helpers.tiny import ensure_tiny_model
+from tests.error_text import both
 from tests.lesson_code import lesson_definitions
 
 messages_to_csv_text = lesson_definitions("03_prompt_templates.ipynb", "messages_to_csv_text")["messages_to_csv_text"]  # lesson 03 writes it
@@ -260,31 +261,34 @@ def test_encode_does_not_depend_on_add_bos_token(tok_adds_bos, chat_format):
 def test_literal_special_tokens_are_refused(tok, chat_format, special):
     with pytest.raises(PromptFormatError) as err:
         encode(tok, [U("问"), A(f"答案里有 {special} 标记")], chat_format)
-    message = str(err.value)
+    assert err.value.code == "prompt.special_token" and err.value.fields == {"message": 2, "token": special}
+    message = both(err.value)
     assert "第 2 条" in message and "Message 2" in message and special in message
     assert isinstance(err.value, TutorialError)
 
 
 def test_unknown_format(tok):
-    with pytest.raises(PromptFormatError, match="llama2"):
+    with pytest.raises(PromptFormatError) as err:
         encode(tok, [U("q")], "chatml")
+    assert err.value.code == "prompt.unknown_format" and "llama2" in err.value.fields["formats"]
 
 
 @pytest.mark.parametrize(
-    ("messages", "zh", "en"),
+    ("messages", "code", "zh", "en"),
     [
-        ([], "空", "empty"),
-        ([S("只有系统")], "没有用户问题", "no user message"),
-        ([U("a"), U("b")], "第 2 条", "message 2 has role 'user'"),
-        ([S("s"), A("a")], "第 2 条", "message 2 has role 'assistant', expected 'user'"),
-        ([U("a"), A("b"), S("c")], "系统提示只能是第 1 条", "message 3 has role 'system'"),
-        ([U(None)], "第 1 条", "content must be a string"),
+        ([], "prompt.empty_conversation", "空", "empty"),
+        ([S("只有系统")], "prompt.system_only", "没有用户问题", "no user message"),
+        ([U("a"), U("b")], "prompt.role_order", "第 2 条", "message 2 has role 'user'"),
+        ([S("s"), A("a")], "prompt.role_order", "第 2 条", "message 2 has role 'assistant', expected 'user'"),
+        ([U("a"), A("b"), S("c")], "prompt.role_order", "系统提示只能是第 1 条", "message 3 has role 'system'"),
+        ([U(None)], "prompt.bad_message", "第 1 条", "content must be a string"),
     ],
 )
-def test_check_messages_names_the_message(messages, zh, en):
+def test_check_messages_names_the_message(messages, code, zh, en):
     with pytest.raises(PromptFormatError) as err:
         check_messages(messages)
-    assert zh in str(err.value) and en in str(err.value)
+    assert err.value.code == code
+    assert zh in err.value.zh and en in err.value.en
 
 
 # --------------------------------------------------------------------------- CSV rows <-> messages
@@ -334,18 +338,21 @@ def test_csv_round_trip_property(turns, system):
         text = messages_to_csv_text(messages)
     except PromptFormatError as err:
         # Only conversations that could not be read back the same are refused.
-        assert "轮次分界" in str(err) or "是空的" in str(err)
+        assert err.code in ("prompt.turn_boundary", "prompt.empty_message"), err.code
         return
     assert csv_text_to_messages(text) == messages
 
 
 def test_messages_to_csv_refuses_what_cannot_round_trip():
-    with pytest.raises(PromptFormatError, match="turn boundary"):
+    with pytest.raises(PromptFormatError) as err:
         messages_to_csv_text([U("q"), A("x</s><s>Human: y")])
-    with pytest.raises(PromptFormatError, match="last message must be the assistant"):
+    assert err.value.code == "prompt.turn_boundary" and err.value.fields == {"message": 2, "boundary": "</s><s>Human:"}
+    with pytest.raises(PromptFormatError) as err:
         messages_to_csv_text([U("q")])
-    with pytest.raises(PromptFormatError, match="Message 2 is empty"):
+    assert err.value.code == "prompt.csv_needs_answer"
+    with pytest.raises(PromptFormatError) as err:
         messages_to_csv_text([U("q"), A("  ")])
+    assert err.value.code == "prompt.empty_message" and err.value.fields == {"message": 2}
 
 
 @pytest.mark.parametrize("name", ["train_sft.csv", "dev_sft.csv"])
@@ -367,27 +374,27 @@ def test_lenient_row_variants():
 
 
 @pytest.mark.parametrize(
-    ("text", "zh", "en"),
+    ("text", "code", "zh", "en"),
     [
-        ("<s>Human: 你好\n</s>", "没有以回答结尾", "no final '<s>Assistant:' part"),
-        ("<s>Human: 你好\n</s><s>Assistant: \n</s>", "回答是空的", "empty answer"),
-        ("<s>Human: 你好\n</s><s>Assistant:\n</s>", "回答是空的", "empty answer"),
-        ("<s>Human: \n</s><s>Assistant: 答\n</s>", "问题是空的", "empty question"),
-        ("<s>Human: 你好\n</s><s>Human: 在吗\n</s><s>Assistant: 在\n</s>", "交替", "alternate"),
-        ("<s>Assistant: 先答\n</s><s>Human: 后问\n</s>", "交替", "alternate"),
-        ("<s>Human: q\n</s><s>System: s\n</s><s>Assistant: a\n</s>", "系统提示只能是第 1 条", "role 'system'"),
-        ("<s>Human: q\n</s><s>Assistant: a\n</s><s>Human: 又问\n</s>", "没有以回答结尾", "does not end with an answer"),
-        ("Human: q\nAssistant: a", "应以 “<s>Human:” 开头", "must start with '<s>Human:'"),
-        ("<s>Human: q\n</s><s>Assistant: a", "以 “</s>” 结尾", "Assistant: a'"),
-        ("   ", "是空的", "is empty"),
+        ("<s>Human: 你好\n</s>", "prompt.no_answer", "没有以回答结尾", "no final '<s>Assistant:' part"),
+        ("<s>Human: 你好\n</s><s>Assistant: \n</s>", "prompt.empty_message", "回答是空的", "empty answer"),
+        ("<s>Human: 你好\n</s><s>Assistant:\n</s>", "prompt.empty_message", "回答是空的", "empty answer"),
+        ("<s>Human: \n</s><s>Assistant: 答\n</s>", "prompt.empty_message", "问题是空的", "empty question"),
+        ("<s>Human: 你好\n</s><s>Human: 在吗\n</s><s>Assistant: 在\n</s>", "prompt.role_order", "交替", "alternate"),
+        ("<s>Assistant: 先答\n</s><s>Human: 后问\n</s>", "prompt.role_order", "交替", "alternate"),
+        ("<s>Human: q\n</s><s>System: s\n</s><s>Assistant: a\n</s>", "prompt.role_order", "系统提示只能是第 1 条", "role 'system'"),
+        ("<s>Human: q\n</s><s>Assistant: a\n</s><s>Human: 又问\n</s>", "prompt.no_answer", "没有以回答结尾", "does not end with an answer"),
+        ("Human: q\nAssistant: a", "prompt.bad_csv_text", "应以 “<s>Human:” 开头", "must start with '<s>Human:'"),
+        ("<s>Human: q\n</s><s>Assistant: a", "prompt.bad_csv_text", "以 “</s>” 结尾", "Assistant: a'"),
+        ("   ", "prompt.empty_text", "是空的", "is empty"),
     ],
 )
-def test_malformed_rows_name_the_row_and_the_problem(text, zh, en):
+def test_malformed_rows_name_the_row_and_the_problem(text, code, zh, en):
     with pytest.raises(PromptFormatError) as err:
         csv_text_to_messages(text, row=7)
-    message = str(err.value)
-    assert "第 7 行" in message and "row 7" in message
-    assert zh in message and en in message
+    assert err.value.code == code
+    assert "第 7 行" in err.value.zh and "row 7" in err.value.en
+    assert zh in err.value.zh and en in err.value.en
 
 
 # --------------------------------------------------------------------------- history truncation
@@ -405,8 +412,9 @@ def test_truncate_history_drops_oldest_whole_turns(tok):
     assert truncate_history(tok, messages, full, "llama2") == (messages, [])
     minimal = len(encode(tok, [messages[0], messages[-1]], "llama2").input_ids)
     assert truncate_history(tok, messages, minimal, "llama2") == ([messages[0], messages[-1]], messages[1:-1])
-    with pytest.raises(PromptFormatError, match="max_tokens"):
+    with pytest.raises(PromptFormatError) as err:
         truncate_history(tok, messages, minimal - 1, "llama2")
+    assert err.value.code == "prompt.too_long" and err.value.fields["max_tokens"] == minimal - 1
 
 
 SHORT = st.text(alphabet=st.sampled_from(list("你好世界问题回答 abc123\n")), min_size=1, max_size=20)
@@ -562,8 +570,9 @@ def test_real_vocabulary_truncation(real_tok, chat_format, turns, last, max_toke
 
 def test_missing_vocabulary_says_how_to_get_it(monkeypatch, tmp_path):
     monkeypatch.setenv("LLAMA_TUTORIAL_HOME", str(tmp_path))
-    with pytest.raises(TutorialError, match="make setup"):
+    with pytest.raises(TutorialError) as err:
         load_llama2_tokenizer()
+    assert err.value.code == "prompt.vocab_missing" and "make setup" in err.value.zh and "make setup" in err.value.en
 
 
 def test_vocabulary_fetch_is_quick_when_cached_and_clear_when_pip_fails(monkeypatch, tmp_path):
@@ -579,7 +588,7 @@ def test_vocabulary_fetch_is_quick_when_cached_and_clear_when_pip_fails(monkeypa
     with pytest.raises(TutorialError) as err:
         vocab.fetch_llama2_vocab()
     assert "llama-cpp-python" in calls[0] and "--no-binary" in calls[0]
-    assert "下载" in str(err.value) and "failed" in str(err.value)
+    assert err.value.code == "prompt.vocab_download_failed" and "下载" in err.value.zh and "failed" in err.value.en
     assert not (tmp_path / "llama2-vocab").exists(), "a failed fetch leaves no folder behind"
     (tmp_path / "llama2-vocab").mkdir()
     (tmp_path / "llama2-vocab" / "tokenizer.json").write_text("{}")
@@ -662,13 +671,15 @@ def test_a_template_that_rewrites_earlier_turns_is_refused():
     template = ("{% for m in messages %}{% if m['role'] == 'assistant' and not loop.last %}{{ 'A: ...\\n' }}"
                 "{% else %}{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endif %}{% endfor %}")
     fake = SimpleNamespace(chat_template=template, special_tokens_map={}, bos_token="", eos_token="")
-    with pytest.raises(PromptFormatError, match="rewrites earlier text"):
+    with pytest.raises(PromptFormatError) as err:
         render_with_answers(MULTI_TURN, "model", tokenizer=fake, add_generation_prompt=False)
+    assert err.value.code == "prompt.template_rewrites" and "rewrites earlier text" in err.value.en
 
 
 def test_model_format_without_a_template_falls_back_to_llama2(tok):
     from types import SimpleNamespace
 
     assert chat_template_for("model", SimpleNamespace(chat_template=None)) == TEMPLATES["llama2"]
-    with pytest.raises(PromptFormatError, match="tokenizer="):
+    with pytest.raises(PromptFormatError) as err:
         chat_template_for("model")
+    assert err.value.code == "prompt.needs_tokenizer" and "tokenizer=" in both(err.value)

@@ -112,16 +112,19 @@ def test_missing_serving_env_says_make_serve_env(monkeypatch, tmp_path):
     monkeypatch.delenv(serve.SERVE_PYTHON_ENV, raising=False)
     monkeypatch.setattr(serve, "SERVE_VENV", tmp_path / "no-such-env")
     monkeypatch.setattr(serve.importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(TutorialError, match="make serve-env"):
+    with pytest.raises(TutorialError) as err:
         serve.serve_python()
+    assert err.value.code == "serve.no_vllm" and "make serve-env" in err.value.zh and "make serve-env" in err.value.en
 
 
 def test_missing_model_folder(tmp_path):
-    with pytest.raises(TutorialError, match="no model folder with config.json"):
+    with pytest.raises(TutorialError) as err:
         start_server(str(tmp_path / "no-model"))
+    assert err.value.code == "model.no_folder" and "no model folder with config.json" in err.value.en
     (tmp_path / "empty").mkdir()
-    with pytest.raises(TutorialError, match="has no config.json"):
+    with pytest.raises(TutorialError) as err:
         start_server(str(tmp_path / "empty"))
+    assert err.value.code == "model.no_folder" and "has no config.json" in err.value.en
 
 
 @pytest.mark.serve_env
@@ -132,18 +135,22 @@ def test_port_in_use_is_refused_before_starting(choice):
         sock.bind(("127.0.0.1", 0))
         sock.listen()
         port = sock.getsockname()[1]
-        with pytest.raises(TutorialError, match=f"Port {port} is already in use"):
+        with pytest.raises(TutorialError) as err:
             start_server(choice, port=port)
+        assert err.value.code == "serve.port_in_use" and err.value.fields == {"port": port}
 
 
 def test_adapter_for_another_base_is_refused(choice, tmp_path):
     folder = tmp_path / "other"
     folder.mkdir()
     (folder / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "meta-llama/Llama-2-13b-chat-hf"}))
-    with pytest.raises(TutorialError, match="only fits the base it was trained on"):
+    with pytest.raises(TutorialError) as err:
         check_adapter(folder, choice)
-    with pytest.raises(TutorialError, match="not a LoRA adapter"):
+    assert err.value.code == "serve.adapter_base_mismatch" and err.value.fields["trained_on"] == "meta-llama/Llama-2-13b-chat-hf"
+    assert "only fits the base it was trained on" in err.value.en
+    with pytest.raises(TutorialError) as err:
         check_adapter(tmp_path, choice)
+    assert err.value.code == "adapter.missing" and "not a LoRA adapter" in err.value.en
 
 
 @pytest.mark.server
@@ -151,11 +158,12 @@ def test_failed_start_shows_the_log_tail(choice, monkeypatch):
     # A python without vllm: the server exits at once and the error carries its last log lines.
     monkeypatch.setenv(serve.SERVE_PYTHON_ENV, sys.executable if serve.importlib.util.find_spec("vllm") is None
                        else "/usr/bin/python3")
-    with pytest.raises(TutorialError, match="No module named") as err:
+    with pytest.raises(TutorialError) as err:
         start_server(choice, timeout=60)
-    assert "failed to start" in str(err.value)
-    log = next(word for word in str(err.value).split() if word.endswith("server.log"))
-    assert Path(log).is_file(), "after a failed start the log the error names is kept"
+    assert err.value.code == "serve.start_failed" and "No module named" in err.value.fields["log"]
+    assert "No module named" in err.value.zh and "failed to start" in err.value.en
+    log = next(word for word in err.value.en.split() if word.endswith("server.log"))
+    assert Path(log).is_file() and log == err.value.fields["log_path"], "after a failed start the log the error names is kept"
 
 
 @pytest.mark.server
@@ -202,8 +210,9 @@ def test_server_command_follows_the_adapters_rank(choice, tmp_path):
     assert rank_of(_adapter_config(tmp_path / "r12", r=12)) == 16
     assert rank_of(_adapter_config(tmp_path / "r8", r=8), _adapter_config(tmp_path / "r32", r=32)) == 32
     assert rank_of(_adapter_config(tmp_path / "pattern", r=8, rank_pattern={"q_proj": 64})) == 64
-    with pytest.raises(TutorialError, match="exceeds vLLM's --max-lora-rank limit"):
+    with pytest.raises(TutorialError) as err:
         rank_of(_adapter_config(tmp_path / "huge", r=1024))
+    assert err.value.code == "serve.rank_too_large" and err.value.fields["rank"] == 1024 and "--max-lora-rank" in err.value.en
     gpu = serve.server_command(choice, adapters={"zh": tmp_path / "r8"}, cuda=True)
     assert gpu[gpu.index("--max-loras") + 1] == "1" and "--dtype" not in gpu and "--enforce-eager" not in gpu
 

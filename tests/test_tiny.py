@@ -14,6 +14,7 @@ from helpers import tiny
 from helpers.config import TutorialError
 from helpers.evaluation import chinese_share
 from scripts import build_tiny_model as build_script
+from tests.error_text import both
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +142,8 @@ def test_failed_build_says_why_and_caches_nothing(monkeypatch, tmp_path):
     monkeypatch.setenv("LLAMA_TUTORIAL_HOME", str(tmp_path / "home"))
     with pytest.raises(TutorialError) as caught:
         tiny.ensure_tiny_model(verbose=False)
-    message = str(caught.value)
+    assert caught.value.code == "model.build_failed"
+    message = both(caught.value)
     assert "构建 tiny 模型失败" in message and "exited with 1" in message and "corpus line 7 is broken" in message
     left = [p.name for p in (tmp_path / "home" / "tiny").iterdir() if not p.name.endswith(".lock")]
     assert left == [], f"a failed build must leave no folder behind: {left}"
