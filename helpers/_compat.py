@@ -1,7 +1,8 @@
-"""Workarounds for bugs in the libraries the course uses, each with the versions it bridges.
+"""Version shims, private-API access and workarounds for upstream bugs, each with the versions it bridges.
 
-Plumbing, not a lesson: the lessons and helpers/finetune.py call these so a learner's run does not
-fail or hang on a known upstream bug. Remove a shim when every supported version has the fix.
+Plumbing, not a lesson: the helpers call these so one code path runs under the course's pinned versions and
+Colab's older ones, and a learner's run does not fail or hang on a known upstream bug. Every use of a library's
+private module goes through here. Remove a shim when every supported version has what it bridges.
 """
 
 from __future__ import annotations
@@ -49,3 +50,44 @@ def end_distributed_process(code: int) -> NoReturn:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def hub_httpx():
+    """The HTTP library huggingface_hub builds on: ``httpx`` up to 1.x (Colab ships 1.27), ``httpx2`` from 2.0
+    (the course pins 2.4). Both keep it in the private module ``huggingface_hub.utils._http``."""
+    from huggingface_hub.utils import _http
+
+    return getattr(_http, "httpx2", None) or _http.httpx
+
+
+def hub_client_factory():
+    """The HTTP client factory huggingface_hub uses now, to put back after ``huggingface_hub.set_client_factory``.
+
+    huggingface_hub 1.27 to 2.4 have no public getter: the factory is the private ``_http._GLOBAL_CLIENT_FACTORY``,
+    which starts as ``default_client_factory``."""
+    from huggingface_hub.utils import _http
+
+    return getattr(_http, "_GLOBAL_CLIENT_FACTORY", None) or _http.default_client_factory
+
+
+def render_chat_template(messages: list[dict], template: str, add_generation_prompt: bool, **tokens) -> str:
+    """One conversation rendered with a Jinja chat template by transformers' own renderer, without a tokenizer.
+
+    ``transformers.utils.chat_template_utils.render_jinja_template`` is what ``apply_chat_template`` calls; it is
+    not in transformers' documented API. 5.15 (Colab) to 5.25 (the course) take the same arguments."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    rendered, _ = render_jinja_template(conversations=[list(messages)], chat_template=template,
+                                        add_generation_prompt=add_generation_prompt, **tokens)
+    return rendered[0]
+
+
+def checkpointing_argument() -> str:
+    """The ``TrainingArguments`` field that turns activation (gradient) checkpointing on.
+
+    transformers 5.23 renamed ``gradient_checkpointing`` to ``activation_checkpointing`` (the old name stays as a
+    deprecated alias that warns); Colab ships 5.15, which knows only ``gradient_checkpointing``."""
+    from transformers import TrainingArguments
+
+    fields = TrainingArguments.__dataclass_fields__
+    return "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"

@@ -14,7 +14,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from helpers._compat import allow_indexed_cpu_locations
+from helpers._compat import allow_indexed_cpu_locations, checkpointing_argument
 from helpers._files import OutputExistsError  # noqa: F401 (lesson 05 imports it from here, with save_adapter)
 from helpers._files import recover_all, refuse_existing, reporting_full_disk, save_folder, set_incomplete_checkpoints_aside
 from helpers._locks import claim
@@ -331,10 +331,7 @@ def training_arguments(settings: TrainSettings, checkpoint_dir: str | Path, *, m
         eval_strategy="steps", eval_steps=s.eval_steps, eval_on_start=True, logging_steps=s.logging_steps,
         save_strategy="steps", save_steps=s.save_steps, save_total_limit=s.save_total_limit,
         dataloader_pin_memory=gpu, report_to="none", seed=s.seed, disable_tqdm=True, **mixed_precision(s))
-    # transformers 5.2x renamed gradient_checkpointing to activation_checkpointing; Colab ships 5.15.
-    fields = TrainingArguments.__dataclass_fields__
-    kwargs["activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"] = (
-        gpu and s.gradient_checkpointing)
+    kwargs[checkpointing_argument()] = gpu and s.gradient_checkpointing
     return (args_class or TrainingArguments)(**(kwargs | overrides))
 
 

@@ -16,8 +16,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from transformers.utils.chat_template_utils import render_jinja_template
 
+from helpers._compat import render_chat_template
 from helpers.config import REPO_ROOT, TutorialError, home_dir
 
 IGNORE_INDEX = -100
@@ -138,9 +138,7 @@ def chat_template_for(chat_format: str, tokenizer=None) -> str:
 
 
 def _render(messages: list[dict], template: str, add_generation_prompt: bool, tokens: dict) -> str:
-    rendered, _ = render_jinja_template(conversations=[list(messages)], chat_template=template,
-                                        add_generation_prompt=add_generation_prompt, **tokens)
-    return rendered[0]
+    return render_chat_template(messages, template, add_generation_prompt, **tokens)
 
 
 def render_with_answers(messages: list[dict], chat_format: str = "llama2", *, tokenizer=None, add_generation_prompt: bool = True,
