@@ -17,10 +17,10 @@ from pathlib import Path
 
 from huggingface_hub import snapshot_download
 
-from helpers import local_hub
+from helpers import _local_hub as local_hub
 from helpers.config import output_dir
 from helpers.download import download_model, hub_errors
-from helpers.local_hub import LOCAL_REPO
+from helpers._local_hub import LOCAL_REPO
 from helpers.tiny import ensure_tiny_model
 from tests.hub_fixture import FaultyHub
 

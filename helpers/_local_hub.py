@@ -1,6 +1,7 @@
 """A Hugging Face Hub on 127.0.0.1 serving the tiny model (on no Hub), so notebooks/01_download_weights.ipynb
-runs offline: enough for ``snapshot_download``, ``model_info`` and ``verify_repo_checksums``; tests/hub_fixture.py
-adds resume and faults. One server per process, stopped at exit; ``HF_ENDPOINT`` untouched."""
+runs offline. Infrastructure: lesson 01 reaches it through helpers.download. Enough for ``snapshot_download``,
+``model_info`` and ``verify_repo_checksums``; tests/hub_fixture.py adds resume and faults. One server per
+process, stopped at exit; ``HF_ENDPOINT`` untouched."""
 
 from __future__ import annotations
 
@@ -133,7 +134,7 @@ def start_local_hub() -> ThreadingHTTPServer:
 
 
 @atexit.register
-def stop() -> None:
+def stop_local_hub() -> None:
     """Stop the loopback Hub if it runs (lesson 01's last cell, and at exit)."""
     global _HUB
     if _HUB is not None:

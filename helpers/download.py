@@ -15,10 +15,12 @@ from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 from urllib.parse import urlsplit
 
+from helpers._compat import hub_client_factory, hub_httpx
 from helpers._text import quote
 from helpers.config import DOWNLOAD_MARKER, HUGGINGFACE_CO, TutorialError, models_dir, output_dir
 from helpers.models import PROFILES
-from helpers.local_hub import LOCAL_BIN_REPO, LOCAL_REPO
+# Lesson 01 practises on a Hub on this machine (infrastructure, in a private module): it imports these from here.
+from helpers._local_hub import LOCAL_BIN_REPO, LOCAL_REPO, start_local_hub, stop_local_hub  # noqa: F401
 
 HUB_ENDPOINT = HUGGINGFACE_CO
 MIRROR_EXAMPLE = "https://hf-mirror.com"
@@ -111,18 +113,11 @@ class DownloadError(TutorialError):
         self.kind, self.original = kind, original
 
 
-def _httpx():
-    """The HTTP library of the installed huggingface_hub: ``httpx2`` (2.x) or ``httpx`` (1.x, Colab)."""
-    from huggingface_hub.utils import _http
-
-    return getattr(_http, "httpx2", None) or _http.httpx
-
-
 def translate_error(err: BaseException, **fields) -> DownloadError:
     """The :class:`DownloadError` for what huggingface_hub or its HTTP library raised (notebooks/01_download_weights.ipynb)."""
     from huggingface_hub import errors as hf
 
-    httpx, kind = _httpx(), "unexpected"
+    httpx, kind = hub_httpx(), "unexpected"
     response = getattr(err, "response", None)
     status = response.status_code if response is not None else None
     detail = f"{type(err).__name__}: {err}".splitlines()[0][:200]
@@ -175,8 +170,6 @@ def hub_errors(repo_id: str, endpoint: str, target=None):
     import huggingface_hub as hub
     from huggingface_hub import constants
     from huggingface_hub.errors import OfflineModeIsEnabled
-    from huggingface_hub.utils import _http
-
     fields = {"repo": repo_id, "endpoint": endpoint.rstrip("/"), "target": target or "—"}
     lift = constants.HF_HUB_OFFLINE and is_loopback(endpoint)
     if constants.HF_HUB_OFFLINE and not lift:
@@ -187,9 +180,9 @@ def hub_errors(repo_id: str, endpoint: str, target=None):
             raise OfflineModeIsEnabled(f"Cannot reach {request.url}: offline mode is enabled.")
 
     def factory():
-        return _httpx().Client(event_hooks={"request": [loopback_only]}, follow_redirects=True, timeout=None)
+        return hub_httpx().Client(event_hooks={"request": [loopback_only]}, follow_redirects=True, timeout=None)
 
-    previous = getattr(_http, "_GLOBAL_CLIENT_FACTORY", _http.default_client_factory)
+    previous = hub_client_factory()
     if lift:
         hub.set_client_factory(factory)
     try:

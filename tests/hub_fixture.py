@@ -1,6 +1,6 @@
 """A loopback Hub with fault injection for tests/test_download.py (lesson 01's error cases).
 
-Extends helpers.local_hub's Handler with what the real Hub and a bad network do: gated repos
+Extends helpers._local_hub's Handler with what the real Hub and a bad network do: gated repos
 (401 without a token, 403 for a token without access), invalid tokens, resumed downloads (``Range``,
 416 for a bad one), outages (5xx), connections cut mid-file, corrupted bytes, and a log of every
 request (Range, bytes sent, Authorization header).
@@ -13,8 +13,8 @@ import socket
 import threading
 import time
 
-from helpers import local_hub
-from helpers.local_hub import Handler, HubFile
+from helpers import _local_hub as local_hub
+from helpers._local_hub import Handler, HubFile
 
 GATED_REPO = "local/tiny-llama2-chat-gated"
 TOKEN = "hf_token_with_access"

@@ -1,4 +1,4 @@
-"""Lesson 01 (helpers/download.py, helpers/local_hub.py): the real snapshot_download against a loopback Hub.
+"""Lesson 01 (helpers/download.py, helpers/_local_hub.py): the real snapshot_download against a loopback Hub.
 
 tests/hub_fixture.py injects what a real Hub and a bad network do (gated repos, outages, cut
 connections, corrupted bytes) and logs every request, so resume, verification and the error cases
@@ -16,10 +16,10 @@ import pytest
 from huggingface_hub import constants
 
 from helpers import download as dl
-from helpers import local_hub
+from helpers import _local_hub as local_hub
 from helpers.config import DOWNLOAD_MARKER, REPO_ROOT
 from helpers.download import DownloadError, download_model
-from helpers.local_hub import LOCAL_REPO, HubFile
+from helpers._local_hub import LOCAL_REPO, HubFile
 from tests.error_text import both
 from tests.hub_fixture import GATED_REPO, TOKEN, TOKEN_NO_ACCESS, FaultyHub
 
@@ -180,7 +180,7 @@ def test_the_local_hub_serves_a_bin_only_repo_for_lesson_01():
         with hub_errors(local_hub.LOCAL_BIN_REPO, url):
             names = HfApi(endpoint=url, token=False).list_repo_files(local_hub.LOCAL_BIN_REPO)
     finally:
-        local_hub.stop()
+        local_hub.stop_local_hub()
     assert "pytorch_model.bin" in names and not [n for n in names if n.endswith(".safetensors")]
     assert "*.bin" in dl.allow_patterns_for(names)
 
@@ -398,7 +398,7 @@ def test_download_on_huggingface_hub_1_27(tmp_path):
         "import huggingface_hub, sys, tests.test_download as t\n"
         "assert huggingface_hub.__version__ == '1.27.0', huggingface_hub.__version__\n"
         "from tests.hub_fixture import FaultyHub\n"
-        "from helpers import local_hub\n"
+        "from helpers import _local_hub as local_hub\n"
         "from pathlib import Path\n"
         "files = local_hub.tiny_repo_files(sys.argv[1])\n"
         "hub = FaultyHub({t.LOCAL_REPO: files, t.GATED_REPO: files})\n"
@@ -431,7 +431,7 @@ def test_one_local_hub_per_process_never_touching_hf_endpoint(monkeypatch):
     try:
         assert local_hub.start_local_hub() is first and "HF_ENDPOINT" not in os.environ
     finally:
-        local_hub.stop()
+        local_hub.stop_local_hub()
     assert local_hub._HUB is None
 
 
@@ -460,7 +460,7 @@ def test_lesson_01_leaves_no_server_listening(monkeypatch):
     nb = nbformat.read(REPO_ROOT / "notebooks" / "01_download_weights.ipynb", 4)
     nb.cells.append(nbformat.v4.new_code_cell(
         "import socket, threading\n"
-        "from helpers import local_hub as _lh\n"
+        "from helpers import _local_hub as _lh\n"
         "from urllib.parse import urlsplit\n"
         "assert _lh._HUB is None and not [t for t in threading.enumerate() if t.name == 'local-hub']\n"
         "_u = urlsplit(ENDPOINT)\n"
