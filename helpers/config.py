@@ -8,8 +8,6 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DATA_DIR = REPO_ROOT / "data"
-# Lesson 01's record of a verified download, in the model folder: {"files": {path: {"size": ...}}}.
-DOWNLOAD_MARKER = Path(".cache") / "llama2-tutorial" / "verified.json"
 
 
 LANGUAGE_ENV = "LLAMA_TUTORIAL_LANG"  # "zh" (default) or "en": the language errors and notices are shown in

@@ -13,14 +13,19 @@ import shutil
 import time
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
+from typing import NamedTuple
 from urllib.parse import urlsplit
+
+from safetensors import SafetensorError, safe_open
 
 from helpers._compat import hub_client_factory, hub_httpx
 from helpers._text import quote
-from helpers.config import DOWNLOAD_MARKER, HUGGINGFACE_CO, TutorialError, models_dir, output_dir
-from helpers.models import PROFILES
+from helpers.config import HUGGINGFACE_CO, TutorialError, models_dir
 # Lesson 01 practises on a Hub on this machine (infrastructure, in a private module): it imports these from here.
 from helpers._local_hub import LOCAL_BIN_REPO, LOCAL_REPO, start_local_hub, stop_local_hub  # noqa: F401
+
+# What lesson 01 writes into a folder once every file is verified; the later lessons trust only a folder with it.
+DOWNLOAD_MARKER = Path(".cache") / "llama2-tutorial" / "verified.json"
 
 HUB_ENDPOINT = HUGGINGFACE_CO
 MIRROR_EXAMPLE = "https://hf-mirror.com"
@@ -248,13 +253,43 @@ def check_disk(needed: int, target, free: int | None = None) -> None:
                             detail=(f"{needed / 2**20:.1f} MiB（空闲 {free / 2**20:.1f} MiB）", f"{needed / 2**20:.1f} MiB ({free / 2**20:.1f} MiB free)"))
 
 
-def default_target(repo_id: str) -> Path:
-    """Where a download goes (notebooks/01_download_weights.ipynb): ``models_dir()/<profile>`` for a profile's repo,
-    where resolve_model looks; ``output_dir()/downloads/`` for the practice repos; else ``models_dir()/<owner>--<name>``."""
-    if repo_id in (LOCAL_REPO, LOCAL_BIN_REPO):
-        return output_dir() / "downloads" / repo_id.replace("/", "--")
-    profile = next((p.name for p in PROFILES.values() if p.repo_id == repo_id), None)
-    return models_dir() / (profile or repo_id.replace("/", "--"))
+# A file a model folder lacks or has damaged: its name, what is wrong with it, and the detail (data, not text).
+class MissingFile(NamedTuple):
+    name: str
+    problem: str  # "absent", "wrong_size" (detail: the size the marker lists) or "damaged" (detail: the error)
+    detail: object = None
+
+
+
+def missing_weights(folder: str | os.PathLike) -> list[MissingFile]:
+    """What a local model folder lacks (``[]``: complete): ``config.json``, then the files lesson 01's
+    ``DOWNLOAD_MARKER`` lists at their sizes, or else every shard readable by safetensors (lessons 00 and 02 check a folder with it)."""
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        return [MissingFile("config.json", "absent")]
+    try:
+        listed = json.loads((folder / DOWNLOAD_MARKER).read_text("utf-8"))["files"]
+        return [MissingFile(name, "absent" if not (folder / name).is_file() else "wrong_size", info.get("size"))
+                for name, info in listed.items()
+                if not (folder / name).is_file() or info.get("size") not in (None, (folder / name).stat().st_size)]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass  # no verified download: check the weight files themselves
+    index = folder / "model.safetensors.index.json"
+    shards = ["model.safetensors"]
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text("utf-8"))["weight_map"].values()))
+        except (ValueError, KeyError) as err:
+            return [MissingFile(index.name, "damaged", str(err))]
+    problems = []
+    for shard in shards:
+        try:
+            with safe_open(folder / shard, "pt"):
+                pass
+        except (SafetensorError, OSError) as err:
+            absent = not (folder / shard).exists()
+            problems.append(MissingFile(shard, "absent") if absent else MissingFile(shard, "damaged", str(err)))
+    return problems
 
 
 def allow_patterns_for(files) -> list[str]:
@@ -278,7 +313,7 @@ def check_weights_allowed(repo_id: str, files, allow_patterns) -> None:
         raise DownloadError("no_weights", repo=repo_id, detail=str(list(allow_patterns)))
 
 
-def download_model(repo_id: str, target=None, *, endpoint: str | None = None, token=None, allow_patterns=None,
+def download_model(repo_id: str, target, *, endpoint: str | None = None, token=None, allow_patterns=None,
                    repair: bool = False, overwrite: bool = False, free_bytes: int | None = None) -> dict:
     """notebooks/01_download_weights.ipynb's steps in one call: check, ``snapshot_download``, verify, write the marker.
 
@@ -292,7 +327,7 @@ def download_model(repo_id: str, target=None, *, endpoint: str | None = None, to
     from huggingface_hub.utils import filter_repo_objects
 
     endpoint = (endpoint or os.environ.get("HF_ENDPOINT") or HUB_ENDPOINT).rstrip("/")
-    target, token = Path(target or default_target(repo_id)).expanduser(), safe_token(endpoint, token)
+    target, token = Path(target).expanduser(), safe_token(endpoint, token)
     api = HfApi(endpoint=endpoint, token=token)
     with hub_errors(repo_id, endpoint, target):
         info = api.model_info(repo_id, files_metadata=True)

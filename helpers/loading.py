@@ -7,14 +7,13 @@ import gc
 import json
 import logging
 import os
-from collections import namedtuple
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 
-from helpers.config import DOWNLOAD_MARKER, TutorialError
+from helpers.config import TutorialError
+from helpers.download import missing_weights
 
 GIB = 1024**3
 MODES = ("full", "8bit", "4bit")  # "full" is the device's dtype (pick_dtype)
@@ -218,39 +217,9 @@ def check_fits(config, mode: str, dtype: torch.dtype | None = None, *, budget_by
         mode=mode, needed_gib=round(est.total / GIB, 2), available_gib=round(budget_bytes / GIB, 2), budget=budget)
 
 
-# A file a model folder lacks or has damaged: its name, and what is wrong with it in Chinese and in English.
-MissingFile = namedtuple("MissingFile", "name zh en")
-
-
-def missing_weights(folder: str | os.PathLike) -> list[MissingFile]:
-    """What a local model folder lacks (``[]``: complete): ``config.json``, then the files lesson 01's
-    ``DOWNLOAD_MARKER`` lists at their sizes, or else every shard readable by safetensors (lesson 02)."""
-    folder = Path(folder)
-    if not (folder / "config.json").is_file():
-        return [MissingFile("config.json", "不存在", "absent")]
-    try:
-        listed = json.loads((folder / DOWNLOAD_MARKER).read_text("utf-8"))["files"]
-        return [MissingFile(name, f"应有 {info.get('size')} 字节", f"{info.get('size')} bytes expected")
-                for name, info in listed.items()
-                if not (folder / name).is_file() or info.get("size") not in (None, (folder / name).stat().st_size)]
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        pass  # no verified download: check the weight files themselves
-    index = folder / "model.safetensors.index.json"
-    shards = ["model.safetensors"]
-    if index.is_file():
-        try:
-            shards = sorted(set(json.loads(index.read_text("utf-8"))["weight_map"].values()))
-        except (ValueError, KeyError) as err:
-            return [MissingFile(index.name, f"已损坏：{err}", f"damaged: {err}")]
-    problems = []
-    for shard in shards:
-        try:
-            with safe_open(folder / shard, "pt"):
-                pass
-        except (SafetensorError, OSError) as err:
-            absent = not (folder / shard).exists()
-            problems.append(MissingFile(shard, "不存在" if absent else str(err), "absent" if absent else str(err)))
-    return problems
+# How preflight_check names what is wrong with each file missing_weights reports.
+_PROBLEM_ZH = {"absent": "不存在", "wrong_size": "应有 {} 字节", "damaged": "已损坏：{}"}
+_PROBLEM_EN = {"absent": "absent", "wrong_size": "{} bytes expected", "damaged": "damaged: {}"}
 
 
 def preflight_check(path: str | os.PathLike, mode: str = "full", *, dtype: torch.dtype | None = None,
@@ -261,8 +230,8 @@ def preflight_check(path: str | os.PathLike, mode: str = "full", *, dtype: torch
 
     device, folder = device or pick_device(), Path(path).expanduser()
     if folder.is_dir() and (missing := missing_weights(folder)):
-        shown = "; ".join(f"{m.name}（{m.zh}）" for m in missing[:5])
-        shown_en = "; ".join(f"{m.name} ({m.en})" for m in missing[:5])
+        shown = "; ".join(f"{m.name}（{_PROBLEM_ZH[m.problem].format(m.detail)}）" for m in missing[:5])
+        shown_en = "; ".join(f"{m.name} ({_PROBLEM_EN[m.problem].format(m.detail)})" for m in missing[:5])
         if len(missing) > 5:
             shown, shown_en = f"{shown} …（共 {len(missing)} 项）", f"{shown} ... ({len(missing)} in all)"
         raise TutorialError("load.incomplete_folder",

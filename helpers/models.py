@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from helpers.config import REPO_ROOT, TutorialError, models_dir, output_dir
-from helpers.loading import missing_weights
+from helpers._local_hub import LOCAL_BIN_REPO, LOCAL_REPO
+from helpers.download import missing_weights
 from helpers.tiny import ensure_smollm2_model, ensure_tiny_model
 
 ENV_MODEL = "LLAMA_TUTORIAL_MODEL"
@@ -187,3 +188,12 @@ def _local_folder(spec: str) -> Path | None:
         f"{'has no config.json' if found else 'is not a local folder'}; looked at: {where}). Point it at a model "
         "folder (lesson 01 prints its path); a path is never taken as a Hub repo id.",
         spec=spec)
+
+
+def default_target(repo_id: str) -> Path:
+    """Where a download goes (notebooks/01_download_weights.ipynb): ``models_dir()/<profile>`` for a profile's
+    repo, where :func:`resolve_model` looks; ``output_dir()/downloads/`` for the practice repos; else ``models_dir()/<owner>--<name>``."""
+    if repo_id in (LOCAL_REPO, LOCAL_BIN_REPO):
+        return output_dir() / "downloads" / repo_id.replace("/", "--")
+    profile = next((p.name for p in PROFILES.values() if p.repo_id == repo_id), None)
+    return models_dir() / (profile or repo_id.replace("/", "--"))

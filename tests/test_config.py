@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from helpers import models
-from helpers.config import DOWNLOAD_MARKER, REPO_ROOT, TutorialError
+from helpers.config import REPO_ROOT, TutorialError
+from helpers.download import DOWNLOAD_MARKER
 from helpers.models import PROFILES, resolve_model
 from tests.error_text import both
 

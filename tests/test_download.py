@@ -17,7 +17,8 @@ from huggingface_hub import constants
 
 from helpers import download as dl
 from helpers import _local_hub as local_hub
-from helpers.config import DOWNLOAD_MARKER, REPO_ROOT
+from helpers.config import REPO_ROOT
+from helpers.download import DOWNLOAD_MARKER
 from helpers.download import DownloadError, download_model
 from helpers._local_hub import LOCAL_REPO, HubFile
 from tests.error_text import both
@@ -154,7 +155,7 @@ def test_a_bin_only_repo_downloads_its_bin_weights_and_loads(bin_hub, tmp_path):
     """Without allow_patterns, download_model reads the repo's file list and takes the .bin weights."""
     from transformers import AutoModelForCausalLM
 
-    from helpers.loading import missing_weights
+    from helpers.download import missing_weights
 
     target = tmp_path / "model"
     record = fetch(bin_hub, target, repo=local_hub.LOCAL_BIN_REPO)

@@ -26,9 +26,9 @@ from helpers.loading import (
     estimate_memory,
     load_model_and_tokenizer,
     memory_footprint,
-    missing_weights,
     preflight_check,
 )
+from helpers.download import missing_weights
 from tests.error_text import both
 from tests.model_fixtures import random_llama_folder
 
@@ -393,7 +393,7 @@ def test_truncated_shard_is_reported(tmp_path, tiny_path):
     data = (folder / "model.safetensors").read_bytes()
     (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
     (problem,) = missing_weights(folder)
-    assert problem.name == "model.safetensors" and "incomplete metadata" in problem.en
+    assert problem.name == "model.safetensors" and problem.problem == "damaged" and "incomplete metadata" in problem.detail
     with pytest.raises(TutorialError) as err:
         preflight_check(folder)
     assert err.value.code == "load.incomplete_folder" and err.value.fields["missing"] == [problem.name]
@@ -407,7 +407,7 @@ def test_folder_without_weights(tmp_path, tiny_path):
 
 def test_verified_download_marker_decides(tmp_path, tiny_path):
     """With lesson 01's marker, the files it lists (at their sizes) decide; each missing one is named."""
-    from helpers.config import DOWNLOAD_MARKER
+    from helpers.download import DOWNLOAD_MARKER
 
     folder = _copy_model(tiny_path, tmp_path / "model")
     listed = {f.name: {"size": f.stat().st_size} for f in folder.iterdir()}
