@@ -287,29 +287,30 @@ def start_server(gguf_path: str | Path, *, alias: str = "gguf", n_threads: int =
                  port: int | None = None, timeout: float = 120.0):
     """Start (or reuse) ``python -m llama_cpp.server`` for ``gguf_path`` on 127.0.0.1 with a random API key,
     and wait until it answers (notebooks/09_gguf_llama_cpp.ipynb). Returns a :class:`helpers.serve.Server`:
-    ``server.client()`` is an ``openai.OpenAI`` client for it, ``server.stop()`` ends it."""
-    from helpers import serve
+    ``server.client()`` is an ``openai.OpenAI`` client for it, ``server.stop()`` ends it. Starting, waiting
+    and stopping are the plumbing lesson 07's server uses too (helpers/_process.py)."""
+    from helpers import _process
+    from helpers.serve import Server
 
     require_llama_cpp()
     read_gguf(gguf_path)  # a clear message for a missing or cut file, before a process starts
     key = ("llama.cpp", str(Path(gguf_path).resolve()), alias, n_threads, n_ctx)
-    if key in serve._SERVERS and serve._SERVERS[key].alive():
-        return serve._SERVERS[key]
-    port = serve.free_port() if port is None else port
-    if not serve.port_is_free(port):
+    if (server := _process.running(key)) is not None:
+        return server
+    port = _process.free_port() if port is None else port
+    if not _process.port_is_free(port):
         raise TutorialError("gguf.port_in_use", f"端口 {port} 已被占用。换一个端口，或不传 port 自动挑选。",
                                       f"Port {port} is already in use. Pick another port, or pass none to get a free one.", port=port)
     api_key = secrets.token_urlsafe(16)
-    workdir = serve.new_workdir(f"llama-cpp-{port}-")
+    workdir = _process.new_workdir(f"llama-cpp-{port}-")
     # The key goes in the environment (pydantic-settings reads API_KEY), not on the command line `ps` shows.
     forced = {"API_KEY": api_key, "TMPDIR": str(workdir)}
     env = {**os.environ, **forced}
     for name in ("HOST", "PORT"):  # the server would let these override --host and --port
         env.pop(name, None)
     args = server_command(gguf_path, port=port, n_threads=n_threads, n_ctx=n_ctx, alias=alias)
-    server = serve.launch(key, args, env, list(forced), workdir, port, api_key, [alias], engine="llama.cpp",
-                          ready_path="/v1/models", timeout=timeout)
-    return server
+    return _process.launch(key, args, env, list(forced), workdir, port, api_key, [alias], engine="llama.cpp",
+                           ready_path="/v1/models", timeout=timeout, server_class=Server)
 
 
 if __name__ == "__main__":  # `make gguf-env`: the wheel and the converter scripts, once

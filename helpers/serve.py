@@ -1,42 +1,30 @@
 """A vLLM OpenAI-compatible server as a subprocess, for notebooks/07_serving_vllm.ipynb (``make serve``:
-scripts/serve.py). Checks before starting, a wait for ``/health`` that shows the log's tail on failure, and a
-stop of the whole process group, also when the kernel is interrupted or killed (atexit, PR_SET_PDEATHSIG)."""
+scripts/serve.py): the vLLM command line and environment, checks before starting (the python with vLLM, the
+port, the adapters), and the :class:`Server` a lesson talks to. Starting, waiting for ``/health`` and stopping
+the whole process group (also when the kernel is interrupted or killed) are helpers/_process.py's plumbing."""
 
 from __future__ import annotations
 
-import atexit
-import contextlib
-import ctypes
-import functools
 import importlib.util
 import json
 import os
 import secrets
-import shutil
-import signal
-import socket
-import subprocess
 import sys
-import tempfile
-import time
-import urllib.request
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 from transformers import AutoTokenizer
 
+from helpers._process import HOST, ServerProcess, free_port, launch, new_workdir, port_is_free, running
+from helpers._process import group_members  # noqa: F401  (lesson 07 checks with it that stop() left nothing running)
 from helpers.config import REPO_ROOT, TutorialError
 from helpers.models import resolve_model
 from helpers.prompts import TEMPLATES
 
 SERVE_PYTHON_ENV = "LLAMA_TUTORIAL_SERVE_PYTHON"
 SERVE_VENV = REPO_ROOT / ".venv-serve"
-HOST = "127.0.0.1"
 GUARD = "helpers._vllm_guard.RequireKey"  # the API key on every path but /health
-OWNER_FILE = "owner.pid"  # in a server's temporary folder: the pid of the process that started it
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the values vLLM's --max-lora-rank accepts
-_SERVERS: dict[tuple, "Server"] = {}  # one server per (model, adapters) in this process
 
 
 def serve_python() -> str:
@@ -52,24 +40,6 @@ def serve_python() -> str:
         f"或在 Colab/GPU 上 `pip install vllm`，或用 {SERVE_PYTHON_ENV} 指向装好 vllm 的 python。",
         f"No vLLM environment: no {SERVE_VENV} and no vllm in this python. Run `make serve-env` at the repository "
         f"root, or `pip install vllm` on Colab/a GPU, or point {SERVE_PYTHON_ENV} at a python that has vllm.")
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on right now: where start_server puts a server by default (lesson 07)."""
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return sock.getsockname()[1]
-
-
-def port_is_free(port: int) -> bool:
-    """Whether a server could listen on ``port`` now (SO_REUSEADDR, as servers bind: TIME_WAIT is free)."""
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((HOST, port))
-        except OSError:
-            return False
-    return True
 
 
 def check_adapter(adapter_dir: str | Path, choice) -> Path:
@@ -94,37 +64,10 @@ def check_adapter(adapter_dir: str | Path, choice) -> Path:
     return adapter_dir
 
 
-def group_members(pgid: int) -> list[int]:
-    """Running processes of the process group ``pgid`` (zombies left for init to reap do not count; Linux)."""
-    members = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError, IndexError):
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            if int(fields[2]) == pgid and fields[0] not in "ZX":
-                members.append(int(stat.parent.name))
-    return members
-
-
-_SPAWNER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vllm-spawner")  # its thread lives as long as we do
-
-
-def _die_with_parent(parent: int) -> None:
-    """preexec_fn: the kernel's death (even SIGKILL) sends SIGTERM to the server (Linux, as vLLM)."""
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    if os.getppid() != parent:  # the parent died before prctl took effect
-        os._exit(1)
-
-
-class Server:
-    """A running vLLM server (notebooks/07_serving_vllm.ipynb); stop() ends it."""
-
-    def __init__(self, key, process, base_url, api_key, models, log_path):
-        self.key, self.process, self.base_url, self.api_key = key, process, base_url, api_key
-        self.models, self.log_path = models, log_path  # models: the base's name first, then each adapter's
-        self.env: dict[str, str] = {}  # the variables of server_env() this server got
-
-    def alive(self) -> bool:
-        return self.process.poll() is None
+class Server(ServerProcess):
+    """A running vLLM server (notebooks/07_serving_vllm.ipynb; lesson 09's llama.cpp server too): ``base_url``,
+    ``api_key``, ``models``, ``process``, ``alive()``, and ``stop()``, which ends its whole process group
+    (helpers/_process.py)."""
 
     def command(self) -> str:
         """The command this server runs, as a shell line, with its API key masked (lesson 07 prints it)."""
@@ -135,24 +78,6 @@ class Server:
         from openai import OpenAI
 
         return OpenAI(base_url=self.base_url, api_key=self.api_key, timeout=timeout, max_retries=0)
-
-    def stop(self, timeout: float = 20.0, *, keep_log: bool = False) -> None:
-        """SIGTERM to the server's process group, SIGKILL to what is left after ``timeout`` s; idempotent.
-        Returns once no process of the group runs (the engine core too, even if the API server was killed),
-        then deletes the server's temporary folder (log, chat template) unless ``keep_log``."""
-        _SERVERS.pop(self.key, None)
-        # A dead API server cannot shut its children (the engine core) down: then SIGKILL at once.
-        for sig, wait in ((signal.SIGTERM, timeout if self.alive() else 0), (signal.SIGKILL, 10.0)):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, sig)
-            deadline = time.monotonic() + wait
-            while (self.alive() or group_members(self.process.pid)) and time.monotonic() < deadline:
-                time.sleep(0.1)
-        self.process.wait()
-        if keep_log:  # the error names the log: no later start may sweep it away
-            (self.log_path.parent / OWNER_FILE).unlink(missing_ok=True)
-        else:
-            shutil.rmtree(self.log_path.parent, ignore_errors=True)
 
 
 def adapter_rank(adapter_dir: str | Path) -> int:
@@ -223,18 +148,6 @@ def _forced_env(api_key: str | None, tmpdir: Path) -> dict[str, str]:
     return {"PYTHONPATH": path, "TMPDIR": str(tmpdir), **({"VLLM_API_KEY": api_key} if api_key else {})}
 
 
-def _remove_stale_workdirs() -> None:
-    """Delete the temporary folders of servers whose notebook kernel is gone (a SIGKILLed kernel cannot clean up)."""
-    for folder in [*Path(tempfile.gettempdir()).glob("vllm-*-*"), *Path(tempfile.gettempdir()).glob("llama-cpp-*-*")]:
-        try:
-            owner = int((folder / OWNER_FILE).read_text())
-            os.kill(owner, 0)
-        except ProcessLookupError:
-            shutil.rmtree(folder, ignore_errors=True)
-        except (OSError, ValueError):  # not ours, no owner recorded (a failed start's kept log), or alive
-            continue
-
-
 def format_command(args: list[str], env: dict[str, str] | None = None, *, hide: str | None = None) -> str:
     """A command as a learner would type it in a shell: ``env`` first, one option per line, ``hide`` masked."""
     import shlex
@@ -262,8 +175,8 @@ def start_server(model=None, *, adapters: dict[str, str | Path] | None = None, p
     adapters = {name: check_adapter(path, choice) for name, path in (adapters or {}).items()}
     extra_args = tuple(str(a) for a in extra_args)
     key = (choice.path, tuple(sorted((n, str(p.resolve())) for n, p in adapters.items())), quantization, extra_args)
-    if key in _SERVERS and _SERVERS[key].alive():
-        return _SERVERS[key]
+    if (server := running(key)) is not None:
+        return server
     python = serve_python()
     if port is None:
         port = free_port()
@@ -285,59 +198,4 @@ def start_server(model=None, *, adapters: dict[str, str | Path] | None = None, p
     env_set = server_env()
     forced = _forced_env(api_key, workdir / "tmp")
     return launch(key, args, {**env_set, **os.environ, **forced}, [*env_set, *forced], workdir, port, api_key,
-                  [choice.name, *adapters], engine="vLLM", ready_path="/health", timeout=timeout)
-
-
-def new_workdir(prefix: str) -> Path:
-    """A server's temporary folder (its log and whatever else it writes), owned by this process: stop() deletes
-    it, and a later start deletes those whose owner died (a SIGKILLed kernel cannot clean up)."""
-    _remove_stale_workdirs()
-    workdir = Path(tempfile.mkdtemp(prefix=prefix))
-    (workdir / OWNER_FILE).write_text(str(os.getpid()))
-    return workdir
-
-
-def launch(key, args: list[str], env: dict[str, str], shown_env: list[str], workdir: Path, port: int, api_key: str,
-           models: list[str], *, engine: str, ready_path: str, timeout: float) -> Server:
-    """Start ``args`` in its own process group with its log in ``workdir``, tied to this process (it dies with
-    the kernel), and wait until ``ready_path`` answers 200 (lessons 07 and 09); a failed start stops it."""
-    log_path = workdir / "server.log"
-    with open(log_path, "wb") as log:
-        # Forked from the module's one long-lived thread: PR_SET_PDEATHSIG fires when the *thread* that forked
-        # the server ends, so a server started from a short-lived thread (a widget callback) would die with it.
-        process = _SPAWNER.submit(subprocess.Popen, args, stdout=log, stderr=subprocess.STDOUT,
-                                  stdin=subprocess.DEVNULL, env=env, start_new_session=True,
-                                  preexec_fn=functools.partial(_die_with_parent, os.getpid())).result()
-    server = Server(key, process, f"http://{HOST}:{port}/v1", api_key, models, log_path)
-    server.env = {k: env[k] for k in shown_env}
-    _SERVERS[key] = server
-    try:
-        _wait_ready(server, f"http://{HOST}:{port}{ready_path}", engine, timeout)
-    except BaseException:  # a failed start or Ctrl-C while waiting: never leave the process behind
-        server.stop(keep_log=True)  # the error names the log
-        raise
-    return server
-
-
-def _wait_ready(server: Server, url: str, engine: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {server.api_key}"})
-    while server.alive() and time.monotonic() < deadline:
-        with contextlib.suppress(OSError), urllib.request.urlopen(request, timeout=2) as reply:
-            if reply.status == 200:
-                return
-        time.sleep(0.5)
-    code = server.process.poll()
-    error, zh, en = (("serve.start_failed", f"{engine} 服务器启动失败（退出码 {code}）", f"The {engine} server failed to start (exit code {code})")
-                     if code is not None else ("serve.not_ready", f"{engine} 服务器 {timeout:.0f} 秒内没有就绪（{url} 无响应），已停止它",
-                                               f"The {engine} server was not ready within {timeout:.0f} s ({url} did not answer); it was stopped"))
-    tail = "\n".join(server.log_path.read_text("utf-8", errors="replace").splitlines()[-25:])
-    raise TutorialError(error, f"{zh}。日志 {server.log_path} 的最后几行：\n{tail}", f"{en}. Last lines of {server.log_path}:\n{tail}",
-                        engine=engine, returncode=code, log_path=str(server.log_path), log=tail)
-
-
-@atexit.register
-def stop_all() -> None:
-    """Stop every server this process started (also runs at exit)."""
-    for server in list(_SERVERS.values()):
-        server.stop()
+                  [choice.name, *adapters], engine="vLLM", ready_path="/health", timeout=timeout, server_class=Server)

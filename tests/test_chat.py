@@ -21,7 +21,7 @@ from helpers.config import REPO_ROOT, TutorialError
 from helpers.models import resolve_model
 from helpers.loading import load_model_and_tokenizer
 from helpers.prompts import PromptFormatError, encode
-from helpers.serve import free_port
+from helpers._process import free_port
 from scripts import gradio_chat
 
 GREEDY = GenerationParams(do_sample=False, max_new_tokens=40)

@@ -187,7 +187,7 @@ def test_an_existing_file_is_kept_unless_overwrite(tmp_path, f16):
 def test_the_server_wants_its_key_listens_on_loopback_and_stops_with_its_children(f16):
     import openai
 
-    from helpers.serve import group_members
+    from helpers._process import group_members
 
     server = start_server(f16, alias="tiny-gguf", n_threads=1, n_ctx=256)
     try:

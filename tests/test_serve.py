@@ -24,12 +24,13 @@ import openai
 import pytest
 import torch
 
-from helpers import serve
+from helpers import _process, serve
 from helpers.config import REPO_ROOT, TutorialError
 from helpers.models import resolve_model
 from helpers.evaluation import load_questions, question_messages
 from helpers.prompts import SYSTEM_PROMPT_ARTICLE, encode
-from helpers.serve import check_adapter, group_members, port_is_free, start_server
+from helpers._process import group_members, port_is_free
+from helpers.serve import check_adapter, start_server
 from tests.lesson_code import lesson_definitions, script_module
 
 NEW_TOKENS = 24
@@ -320,7 +321,7 @@ def test_a_server_keeps_its_temporary_files_in_its_own_folder_and_dead_kernels_f
     stale, alive = root / "vllm-1-stale-test", root / "vllm-2-alive-test"
     for folder, pid in ((stale, dead.pid), (alive, os.getpid())):
         (folder / "tmp").mkdir(parents=True, exist_ok=True)
-        (folder / serve.OWNER_FILE).write_text(str(pid))
+        (folder / _process.OWNER_FILE).write_text(str(pid))
     try:
         server = start_server(choice, timeout=60)
         seen = json.loads((tmp_path / "argv.json").read_text())
