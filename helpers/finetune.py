@@ -238,11 +238,11 @@ def resume_point(ckpt_dir: str | Path, fingerprint: dict) -> str | None:
         raise TutorialError("train.other_run",
             f"{ckpt_dir} 里的检查点属于另一次训练（不同的：{what}），这次不能接着它训练；那次训练仍可以用原来的设置继续，"
             f"所以这里什么都没有改动。要用新设置训练，换一个适配器目录，例如 {free.name}"
-            f"（第 05 课：ADAPTER_DIR = new_adapter_dir(name=\"{free.name}\")；train_adapter(..., adapter_dir=...)）。",
+            f"（第 05 课：plan_run(..., adapter_dir=\"{free}\")；train_adapter 也接受 adapter_dir=...）。",
             f"The checkpoints in {ckpt_dir} belong to another run (different {what}); that run can still be resumed "
             f"with its own settings, so nothing was changed. To train with the new settings use another adapter "
-            f"folder, for instance {free.name} (lesson 05: ADAPTER_DIR = new_adapter_dir(name=\"{free.name}\"); "
-            "train_adapter(..., adapter_dir=...)).",
+            f"folder, for instance {free.name} (lesson 05: plan_run(..., adapter_dir=\"{free}\"); train_adapter takes "
+            "adapter_dir=... too).",
             checkpoints=str(ckpt_dir), differs=[k for k in fingerprint if old.get(k) != fingerprint[k]], free=free.name)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     if old != fingerprint:  # all ranks of a torchrun get here at once: a reader sees the whole file or none

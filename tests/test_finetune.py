@@ -307,7 +307,8 @@ def test_resume_refuses_checkpoints_of_another_run(small_run, choice, tok, tmp_p
         assert err.value.fields["free"] == "lora-adapter-2"
         message = both(err.value)
         assert "删除" not in message and "delete" not in message, "never suggest deleting a run that can resume"
-        assert 'new_adapter_dir(name="lora-adapter-2")' in message, "names a free folder and how to use it"
+        free = ckpt.with_name("lora-adapter-2")
+        assert f'plan_run(..., adapter_dir="{free}")' in message, "names a free folder and how to use it"
     assert ft.resume_point(ckpt, same).endswith("checkpoint-6"), "a refused resume changes nothing"
 
 
