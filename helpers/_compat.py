@@ -41,9 +41,9 @@ def end_distributed_process(code: int) -> NoReturn:
     Bridges pytorch/pytorch#56297 (open in torch 2.13): when Python frees the last reference to a gloo process
     group (held by ``torch.distributed``'s registry, a DDP ``Reducer`` or an FSDP state), ``~ProcessGroupGloo``
     joins its worker threads while holding the GIL. A worker still freeing a finished collective's tensors needs
-    the GIL to drop them, so the two wait for each other forever. Seen here under transformers 5.15 on a loaded
-    2-core machine, about one two-process run in 18 (three loops at once): rank 0 printed the adapter folder, then hung in
-    ``~ProcessGroupGloo`` (py-spy), and the launcher waited for it. ``destroy_process_group`` can run that
+    the GIL to drop them, so the two wait for each other forever. It shows as a hang at the end of lesson 08's
+    two-process run: rank 0 has printed the adapter folder and waits in ``~ProcessGroupGloo``, and the launcher waits
+    for it. ``destroy_process_group`` can run that
     destructor too, so it is skipped along with the interpreter's teardown. Call this only after every file
     the process writes is written and closed, and after the last collective.
     """

@@ -69,7 +69,9 @@ SETTINGS: dict[str, TrainSettings] = {
         eval_steps=12, save_steps=24, torch_threads=None, merge_dtype="float16", generation_batch_size=8,
         generation={"max_new_tokens": 128, "do_sample": True, "temperature": 0.6, "top_p": 0.9,
                     "repetition_penalty": 1.1}),
-    # The tiny model on a CPU: fp32, a much higher learning rate, no dropout, one thread (measured).
+    # The tiny model on a CPU: fp32, a much higher learning rate, no dropout, one thread (a model this small
+    # learns only with a large step; its matrices are too small to gain from a second thread: bench/threads.py
+    # --model tiny compares one and two).
     "cpu_tiny": TrainSettings(
         name="cpu_tiny", description="tiny 模型 fp32 LoRA（CPU 或 GPU）", quantization=None,
         gradient_checkpointing=False, max_length=256, lora_dropout=0.0, learning_rate=5e-3,
@@ -77,9 +79,9 @@ SETTINGS: dict[str, TrainSettings] = {
         eval_steps=24, save_steps=24, torch_threads=1, merge_dtype="float32", generation_batch_size=36,
         generation={"max_new_tokens": 64, "do_sample": True, "temperature": 0.6, "top_p": 0.9,
                     "repetition_penalty": 1.2}),
-    # SmolLM2-135M-Instruct on a 2-core CPU: fp32, 40 steps of 4 rows (160 of the 377 rows), the dev set
-    # evaluated at the start and the end only, in batches of 4 (less padding: 30 s a pass here against 46 s
-    # in batches of 24). Measured with bench/experiment.py: Chinese answers 49 -> 89 of 91.
+    # SmolLM2-135M-Instruct on a 2-core CPU: fp32, 40 steps of 4 rows (160 of the 377 rows) keep the lesson short
+    # and already turn most answers Chinese; the dev set is evaluated at the start and the end only, in batches of 4
+    # (less padding than larger batches). bench/experiment.py prints what this recipe does to the answers.
     "cpu_smollm2": TrainSettings(
         name="cpu_smollm2", description="SmolLM2-135M fp32 LoRA（CPU 或 GPU）", quantization=None,
         gradient_checkpointing=False, max_length=320, lora_dropout=0.05, learning_rate=1e-3,

@@ -150,7 +150,7 @@ def test_failed_build_says_why_and_caches_nothing(monkeypatch, tmp_path):
 
 
 def test_lesson_00_answer_is_english_like_for_the_tiny_model():
-    """What lesson 00 shows and interprets (but no longer asserts, since it must hold for any model):
+    """What lesson 00 shows and interprets (it asserts nothing about the answer, since it must hold for any model):
     loaded through the course's loader, prompted through the course's template, the tiny model answers
     the lesson's Chinese question in English-like text, as it was trained to."""
     from helpers.models import resolve_model
