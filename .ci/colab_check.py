@@ -29,6 +29,9 @@ from pathlib import Path
 from notebook_conventions import INSTALL_CELL  # beside this script in .ci/ (a script's folder is on sys.path)
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # tests.lesson_code: how tests find a lesson's cell by its '#| tested:' marker
+
+from tests.lesson_code import lesson_cell  # noqa: E402
 
 PINS = ROOT / ".ci" / "colab-preinstalled.txt"
 TORCH = "torch==2.13.0"
@@ -112,8 +115,6 @@ LESSON_CELLS = [("09_gguf_llama_cpp.ipynb", "colab_build_llama_cpp")]
 
 
 def run_install_cell(python: Path) -> None:
-    from tests.lesson_code import lesson_cell
-
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     env.update(COLAB_RELEASE_TAG="colab-check", LLAMA_TUTORIAL_SOURCE=str(ROOT), PIP_NO_INPUT="1")
     start = time.perf_counter()

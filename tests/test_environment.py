@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 import tomllib
 
+import pytest
 import yaml
 
 from helpers.config import REPO_ROOT
@@ -75,3 +79,13 @@ def test_colab_runtime_does_not_get_local_tools():
     """`pip install -e .` (what the Colab cell runs) installs only what lessons need."""
     deps = {_name(s) for s in tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["dependencies"]}
     assert not deps & {"jupyterlab", "playwright", "pytest", "nbval", "nbstripout", "hypothesis", "notebook"}
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("script", ["colab_check.py", "run_all.py", "notebook_conventions.py"])
+def test_maintainer_scripts_start_from_any_folder(script, tmp_path):
+    """`make colab-check` and `make run-all` run .ci/'s scripts as files: whatever they import (tests.lesson_code,
+    notebook_conventions) must resolve without pytest's pythonpath, from any working folder."""
+    run = subprocess.run([sys.executable, str(REPO_ROOT / ".ci" / script), "--help"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120, env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert run.returncode == 0 and "usage" in run.stdout, run.stderr[-2000:]
