@@ -45,6 +45,19 @@ def port_is_free(port: int) -> bool:
     return True
 
 
+def claim_port(port: int | None) -> int:
+    """The port a new server listens on: ``port`` if nothing listens there, a free one when it is None
+    (``start_server`` in lessons 07 and 09)."""
+    if port is None:
+        return free_port()
+    if not port_is_free(port):
+        raise TutorialError("server.port_in_use",
+            f"端口 {port} 已被占用（也许是还没停掉的服务器，`lsof -i :{port}` 可查）。换一个端口，或不传 port 自动挑选。",
+            f"Port {port} is already in use (perhaps a server still running; `lsof -i :{port}` tells). Pick another "
+            "port, or pass none to get a free one.", port=port)
+    return port
+
+
 def group_members(pgid: int) -> list[int]:
     """Running processes of the process group ``pgid`` (zombies left for init to reap do not count; Linux)."""
     members = []

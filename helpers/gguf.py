@@ -15,6 +15,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from helpers import _process
 from helpers.config import REPO_ROOT, TutorialError, home_dir
 
 LLAMA_CPP_PYTHON = "0.3.36"  # pinned, with the sdist's hash, in scripts/llama-cpp-requirements.txt
@@ -274,7 +275,7 @@ def run_converter(args: list[str], outfile: str | Path, *, overwrite: bool = Fal
 def server_command(gguf_path: str | Path, *, port: int, n_threads: int, n_ctx: int = 2048, alias: str | None = None,
                    lora_path: str | Path | None = None) -> list[str]:
     """llama-cpp-python's OpenAI-compatible server on loopback for one GGUF file (lesson 09 prints it)."""
-    args = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf_path), "--host", "127.0.0.1",
+    args = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf_path), "--host", _process.HOST,
             "--port", str(port), "--n_ctx", str(n_ctx), "--n_threads", str(n_threads)]
     if alias:
         args += ["--model_alias", alias]
@@ -289,7 +290,6 @@ def start_server(gguf_path: str | Path, *, alias: str = "gguf", n_threads: int =
     and wait until it answers (notebooks/09_gguf_llama_cpp.ipynb). Returns a :class:`helpers.serve.Server`:
     ``server.client()`` is an ``openai.OpenAI`` client for it, ``server.stop()`` ends it. Starting, waiting
     and stopping are the plumbing lesson 07's server uses too (helpers/_process.py)."""
-    from helpers import _process
     from helpers.serve import Server
 
     require_llama_cpp()
@@ -297,10 +297,7 @@ def start_server(gguf_path: str | Path, *, alias: str = "gguf", n_threads: int =
     key = ("llama.cpp", str(Path(gguf_path).resolve()), alias, n_threads, n_ctx)
     if (server := _process.running(key)) is not None:
         return server
-    port = _process.free_port() if port is None else port
-    if not _process.port_is_free(port):
-        raise TutorialError("gguf.port_in_use", f"端口 {port} 已被占用。换一个端口，或不传 port 自动挑选。",
-                                      f"Port {port} is already in use. Pick another port, or pass none to get a free one.", port=port)
+    port = _process.claim_port(port)
     api_key = secrets.token_urlsafe(16)
     workdir = _process.new_workdir(f"llama-cpp-{port}-")
     # The key goes in the environment (pydantic-settings reads API_KEY), not on the command line `ps` shows.

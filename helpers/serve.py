@@ -15,8 +15,9 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
-from helpers._process import HOST, ServerProcess, free_port, launch, new_workdir, port_is_free, running
-from helpers._process import group_members  # noqa: F401  (lesson 07 checks with it that stop() left nothing running)
+from helpers._process import HOST, ServerProcess, claim_port, launch, new_workdir, running
+# Lesson 07 checks with these that stop() left nothing running and freed the port.
+from helpers._process import group_members, port_is_free  # noqa: F401
 from helpers.config import REPO_ROOT, TutorialError
 from helpers.models import resolve_model
 from helpers.prompts import TEMPLATES
@@ -178,13 +179,7 @@ def start_server(model=None, *, adapters: dict[str, str | Path] | None = None, p
     if (server := running(key)) is not None:
         return server
     python = serve_python()
-    if port is None:
-        port = free_port()
-    elif not port_is_free(port):
-        raise TutorialError("serve.port_in_use",
-            f"端口 {port} 已被占用（也许是还没停掉的服务器，`lsof -i :{port}` 可查）。换一个端口，或不传 port 自动挑选。",
-            f"Port {port} is already in use (perhaps a server still running; `lsof -i :{port}` tells). Pick another "
-            "port, or pass none to get a free one.", port=port)
+    port = claim_port(port)
     api_key = secrets.token_urlsafe(16)
     workdir = new_workdir(f"vllm-{port}-")  # log, chat template, vLLM's TMPDIR; stop() deletes it
     (workdir / "tmp").mkdir()

@@ -205,6 +205,23 @@ def test_the_server_wants_its_key_listens_on_loopback_and_stops_with_its_childre
     assert not server.alive() and not group_members(server.process.pid)
 
 
+@pytest.mark.gguf
+def test_a_port_in_use_is_refused_before_a_process_starts(f16, monkeypatch):
+    import socket
+
+    from helpers import _process
+    from helpers.config import TutorialError
+
+    monkeypatch.setattr(_process, "launch", lambda *args, **kwargs: pytest.fail("a server process was started"))
+    with socket.socket() as sock:
+        sock.bind((_process.HOST, 0))
+        sock.listen()
+        port = sock.getsockname()[1]
+        with pytest.raises(TutorialError) as err:
+            start_server(f16, alias="tiny-gguf", n_threads=1, n_ctx=256, port=port)
+    assert err.value.code == "server.port_in_use" and err.value.fields == {"port": port}
+
+
 def test_the_server_refuses_a_bad_file_before_starting_a_process(tmp_path):
     with pytest.raises(GGUFError) as err:
         start_server(tmp_path / "nothing.gguf")
