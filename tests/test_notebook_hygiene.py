@@ -159,3 +159,45 @@ def test_a_missing_or_doubled_marker_fails_naming_the_lesson_and_the_marker(tmp_
     nbformat.write(nbformat.v4.new_notebook(cells=nb.cells[:1]), tmp_path / "notebooks" / lesson)
     with pytest.raises(LookupError, match=rf"{lesson}: no cell is marked `tested: missing` \(markers there: twice\)"):
         lesson_code.lesson_cell(lesson, "missing")
+
+
+
+def _text(node) -> str | None:
+    """A string literal's text, an f-string's with its fields as "…"; None for anything else."""
+    if isinstance(node, ast.JoinedStr):
+        return "".join(v.value if isinstance(v, ast.Constant) else "…" for v in node.values)
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        return node.value
+    return None
+
+
+def _course_messages() -> tuple[list[str], list[str]]:
+    """Every string in helpers/ (where the course's Chinese messages live), and the English text of every coded
+    error, ``SomeError("area.problem", zh, en, ...)``."""
+    texts, english = [], []
+    for path in sorted((REPO_ROOT / "helpers").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text("utf-8"))):
+            if (text := _text(node)) is not None:
+                texts.append(text)
+            if isinstance(node, ast.Call) and len(node.args) >= 3 and re.fullmatch(r"[a-z_0-9]+\.[a-z_0-9.]+", _text(node.args[0]) or ""):
+                english.append(_text(node.args[2]) or "")
+    return texts, english
+
+
+def test_a_course_message_a_lesson_quotes_is_the_one_the_learner_sees(nb):
+    """A common-errors entry that quotes one of the course's own messages quotes the Chinese one a learner sees by
+    default, as helpers/ words it: each Chinese piece between the elisions (…, ..., numbers) is in one message, in
+    order. Pieces with no Chinese may be a tool's own output (a converter's log tail) and are not checked; an entry
+    of several words with no Chinese must not be a course error's English text."""
+    messages, english = _course_messages()
+    prose = "\n".join(c.source for c in nb.cells if c.cell_type == "markdown")
+    for text in re.findall(r"^- \*\*`([^`]+)`", prose, flags=re.M):
+        pieces = [p.strip() for p in re.split(r"…|\.\.\.|\d+", text)]
+        chinese = [p for p in pieces if re.search(r"[\u4e00-\u9fff]", p)]
+        if chinese:
+            pattern = re.compile(".*?".join(re.escape(p) for p in chinese), re.S)
+            assert any(pattern.search(m) for m in messages), f"{nb.path.name} quotes {text!r}, which no helpers message says"
+        elif " " in text.strip():  # a message, not a name such as `config.json`
+            pattern = re.compile(".*?".join(re.escape(p) for p in pieces if p), re.S)
+            shown = [m for m in english if pattern.search(m)]
+            assert not shown, f"{nb.path.name} quotes the English of a course error, {text!r}; a learner sees the Chinese one"
