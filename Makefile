@@ -92,8 +92,9 @@ test: setup
 	  $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder) $(PYTEST_ARGS)
 
 # The maintainers' fast loop: the unit tests that carry none of the markers below (pyproject.toml registers them),
-# so nothing needs the serving env, the real vocabulary, llama.cpp, SmolLM2, a server, a browser or a second
-# process, and nothing marked slow runs. It needs the course env only; a missing tiny model is built on first use.
+# so nothing needs the serving env, the real vocabulary, llama.cpp, SmolLM2, a server, a browser or a multi-process
+# run, and nothing marked slow runs; a test may start a short child process (python -c, make clean). It needs the
+# course env only; a missing tiny model is built on first use.
 CHECK_MARKERS := not slow and not serve_env and not vocab and not gguf and not smollm2 and not server and not browser
 check: $(STAMP)
 	$(PY) -m pytest tests -m "$(CHECK_MARKERS)" -q -rs --durations=10 \

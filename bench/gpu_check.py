@@ -53,7 +53,6 @@ from helpers.loading import (
     quiet_bitsandbytes,
 )
 
-RESULTS_DIR = GPU_RESULTS_DIR  # package data of helpers: lesson 02 shows what is committed there
 TIME_BUDGET_S = 7 * 60  # the whole GPU run must end within 8 minutes
 
 
@@ -364,7 +363,7 @@ def main(argv=None) -> dict:
     out = args.json
     if out is None and torch.cuda.is_available():
         name = results["machine"]["device"].replace(" ", "-").replace("/", "-")
-        out = RESULTS_DIR / f"gpu-check-{name}.json"
+        out = GPU_RESULTS_DIR / f"gpu-check-{name}.json"  # package data of helpers: lesson 02 shows it
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(results, indent=1, ensure_ascii=False), "utf-8")

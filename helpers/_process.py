@@ -51,7 +51,7 @@ def claim_port(port: int | None) -> int:
     if port is None:
         return free_port()
     if not port_is_free(port):
-        raise TutorialError("server.port_in_use",
+        raise TutorialError("serve.port_in_use",
             f"端口 {port} 已被占用（也许是还没停掉的服务器，`lsof -i :{port}` 可查）。换一个端口，或不传 port 自动挑选。",
             f"Port {port} is already in use (perhaps a server still running; `lsof -i :{port}` tells). Pick another "
             "port, or pass none to get a free one.", port=port)

@@ -260,7 +260,6 @@ class MissingFile(NamedTuple):
     detail: object = None
 
 
-
 def missing_weights(folder: str | os.PathLike) -> list[MissingFile]:
     """What a local model folder lacks (``[]``: complete): ``config.json``, then the files lesson 01's
     ``DOWNLOAD_MARKER`` lists at their sizes, or else every shard readable by safetensors (lessons 00 and 02 check a folder with it)."""

@@ -132,7 +132,7 @@ def _free_dir(name: str, overwrite: bool, take) -> Path:
     raise TutorialError("output.no_free_name", f"{name} 的编号已用完。", f"No free name next to {name}.", name=str(name))
 
 
-def new_adapter_dir(overwrite: bool = False, *, name: str = ADAPTER_DIR_NAME, fingerprint: dict | None = None) -> Path:
+def new_adapter_dir(overwrite: bool = False, *, fingerprint: dict | None = None) -> Path:
     """``outputs/lora-adapter``, or if it exists and ``overwrite`` is false, ``lora-adapter-2``, ``-3`` ...;
     a name whose checkpoints another running training holds is skipped too, and with ``fingerprint`` a name
     whose checkpoints belong to another run (they stay as they are). :func:`plan_run` picks the adapter folder
@@ -141,7 +141,7 @@ def new_adapter_dir(overwrite: bool = False, *, name: str = ADAPTER_DIR_NAME, fi
         ckpt_dir = checkpoint_dir_for(path)
         return not (fingerprint is not None and _holds_another_run(ckpt_dir, fingerprint)) and claim(ckpt_dir)
 
-    return _free_dir(name, overwrite, free)
+    return _free_dir(ADAPTER_DIR_NAME, overwrite, free)
 
 
 def merged_model_dir(overwrite: bool = False) -> Path:
@@ -290,7 +290,13 @@ def plan_run(choice, settings: TrainSettings, rows: SFTRows, *, adapter_dir: str
     if not overwrite:
         refuse_existing(adapter_dir, ("适配器", "adapter"))  # before any training
     ckpt_dir = checkpoint_dir_for(adapter_dir)
-    claim(ckpt_dir)
+    if not claim(ckpt_dir):  # save_total_limit would prune the other run's checkpoints, and both would save here
+        raise TutorialError("train.folder_busy",
+            f"另一个正在运行的训练在往 {ckpt_dir} 写检查点，两次训练不能共用一个目录。等它结束，或者换一个适配器目录："
+            "plan_run(..., adapter_dir=...)，或不传 adapter_dir 自动挑选。",
+            f"Another running training is writing checkpoints to {ckpt_dir}; two trainings cannot share one folder. "
+            "Wait for it to end, or use another adapter folder: plan_run(..., adapter_dir=...), or pass none to get a "
+            "free one.", checkpoints=str(ckpt_dir))
     return RunPlan(adapter_dir, ckpt_dir, fingerprint, resume_point(ckpt_dir, fingerprint))
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-
 from helpers._compat import render_chat_template
 from helpers.config import REPO_ROOT, TutorialError, home_dir
 
@@ -137,10 +136,6 @@ def chat_template_for(chat_format: str, tokenizer=None) -> str:
     return TEMPLATES[chat_format]
 
 
-def _render(messages: list[dict], template: str, add_generation_prompt: bool, tokens: dict) -> str:
-    return render_chat_template(messages, template, add_generation_prompt, **tokens)
-
-
 def render_with_answers(messages: list[dict], chat_format: str = "llama2", *, tokenizer=None, add_generation_prompt: bool = True,
                         bos: str = "<s>", eos: str = "</s>") -> tuple[str, list[tuple[int, int]]]:
     """The text of the conversation and the character span of each answer (with the end-of-turn token the
@@ -154,13 +149,13 @@ def render_with_answers(messages: list[dict], chat_format: str = "llama2", *, to
     tokens = dict(tokenizer.special_tokens_map) if tokenizer is not None else {}
     tokens.update(bos_token=tokenizer.bos_token if tokenizer is not None else bos,
                   eos_token=tokenizer.eos_token if tokenizer is not None else eos)
-    text = _render(messages, template, add_generation_prompt, tokens)
+    text = render_chat_template(messages, template, add_generation_prompt, **tokens)
     spans = []
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        before = _render(messages[:i], template, True, tokens)
-        upto = _render(messages[: i + 1], template, False, tokens)
+        before = render_chat_template(messages[:i], template, True, **tokens)
+        upto = render_chat_template(messages[: i + 1], template, False, **tokens)
         if not (upto.startswith(before) and text.startswith(upto)):
             raise PromptFormatError("prompt.template_rewrites",
                 f"这个对话模板在加上第 {i + 1} 条消息（回答）时改写了前面的文本，无法确定回答从哪里开始，"

@@ -1,6 +1,6 @@
 """Fixtures shared by the test files.
 
-The markers that sort tests into tiers (``slow``, ``serve_env``, ``vocab``, ``server``, ``browser``, ``gguf``)
+The markers that sort tests into tiers (``slow``, ``serve_env``, ``vocab``, ``gguf``, ``smollm2``, ``server``, ``browser``)
 are registered in pyproject.toml; ``make check`` runs the tests that carry none of them.
 """
 

@@ -492,6 +492,27 @@ def test_a_second_training_process_gets_its_own_folder(tmp_path, monkeypatch):
     assert ft.new_adapter_dir() == tmp_path / "lora-adapter", "a finished writer frees its name"
 
 
+def test_a_folder_another_training_is_writing_is_refused(choice, tok, tmp_path):
+    """plan_run with an adapter_dir whose checkpoints another live process trains into stops before touching them."""
+    settings = ft.settings_for(choice)
+    rows = td.validate_sft_file(DATA_DIR / "train_sft.csv", tok, chat_format=choice.chat_format, max_length=settings.max_length)
+    mine = tmp_path / "my-adapter"
+    code = ("import sys; from pathlib import Path; from helpers._locks import claim; "
+            "print(claim(Path(sys.argv[1])), flush=True); sys.stdin.read()")
+    other = subprocess.Popen([sys.executable, "-c", code, str(ft.checkpoint_dir_for(mine))], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        assert other.stdout.readline().strip() == "True"
+        with pytest.raises(TutorialError) as err:
+            ft.plan_run(choice, settings, rows, adapter_dir=mine)
+        assert err.value.code == "train.folder_busy" and err.value.fields == {"checkpoints": str(ft.checkpoint_dir_for(mine))}
+        assert "adapter_dir" in err.value.zh and "adapter_dir" in err.value.en
+        assert not ft.checkpoint_dir_for(mine).exists(), "nothing written into the other run's folder"
+    finally:
+        other.communicate("")
+    assert ft.plan_run(choice, settings, rows, adapter_dir=mine).resume_from is None, "free once the other run ends"
+
+
 def test_ensure_adapter_finds_the_newest_adapter_of_this_model(small_run, choice, tmp_path, monkeypatch):
     """Lesson 05 reruns write lora-adapter-2; lesson 06's ensure_adapter returns it."""
     _, run, _, _ = small_run

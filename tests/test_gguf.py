@@ -219,7 +219,7 @@ def test_a_port_in_use_is_refused_before_a_process_starts(f16, monkeypatch):
         port = sock.getsockname()[1]
         with pytest.raises(TutorialError) as err:
             start_server(f16, alias="tiny-gguf", n_threads=1, n_ctx=256, port=port)
-    assert err.value.code == "server.port_in_use" and err.value.fields == {"port": port}
+    assert err.value.code == "serve.port_in_use" and err.value.fields == {"port": port}
 
 
 def test_the_server_refuses_a_bad_file_before_starting_a_process(tmp_path):

@@ -138,7 +138,7 @@ def test_a_port_in_use_is_refused_with_how_to_find_who_holds_it():
         assert not port_is_free(port)
         with pytest.raises(TutorialError) as err:
             _process.claim_port(port)
-    assert err.value.code == "server.port_in_use" and err.value.fields == {"port": port}
+    assert err.value.code == "serve.port_in_use" and err.value.fields == {"port": port}
     assert f"lsof -i :{port}" in err.value.zh and f"lsof -i :{port}" in err.value.en
     assert _process.claim_port(port) == port  # free again once the socket is closed
     assert port_is_free(_process.claim_port(None))
@@ -154,7 +154,7 @@ def test_port_in_use_is_refused_before_starting(choice):
         port = sock.getsockname()[1]
         with pytest.raises(TutorialError) as err:
             start_server(choice, port=port)
-        assert err.value.code == "server.port_in_use" and err.value.fields == {"port": port}
+        assert err.value.code == "serve.port_in_use" and err.value.fields == {"port": port}
 
 
 def test_adapter_for_another_base_is_refused(choice, tmp_path):
